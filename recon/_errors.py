@@ -1,0 +1,23 @@
+"""The one exception type for bad input.
+
+A :class:`ReconError` carries a single line that says what is wrong and how to fix it; the CLI prints it
+without a traceback and exits with code 2. Failures during the work itself are ordinary exceptions (exit 1).
+"""
+
+from __future__ import annotations
+
+
+class ReconError(ValueError):
+    """Bad input from the user (recipe, flag, layer or method name): one line, what is wrong and the fix."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A task's loss became NaN or infinite during training; names the task and the step."""
+
+    def __init__(self, task: str, step: int, value: float) -> None:
+        super().__init__(
+            f"loss of task {task!r} is {value} at step {step}; lower the learning rate or check the data"
+        )
+        self.task = task
+        self.step = step
+        self.value = value
