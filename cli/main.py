@@ -1,0 +1,46 @@
+"""The ``recon`` console script: a thin Typer layer over the library, one module per command."""
+
+from __future__ import annotations
+
+import typer
+
+from cli._common import STATE, guarded
+
+app = typer.Typer(
+    name="recon",
+    help="Find the shared layers where task gradients conflict, branch them, retrain (Recon, ICLR 2023).",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for every error.")) -> None:
+    STATE["debug"] = debug
+
+
+def _register() -> None:
+    from cli.profile import profile_command
+
+    app.command("profile")(guarded(profile_command))
+    for module, name in (("cli.split", "split"), ("cli.train", "train"), ("cli.methods", "methods"), ("cli.report", "report")):
+        try:
+            mod = __import__(module, fromlist=["_"])
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        app.command(name)(guarded(getattr(mod, f"{name}_command")))
+
+
+_register()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""``recon profile MODEL_PY``: stage 1, the warm-up run that records layer-wise cosines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import typer
+
+import recon
+from cli._common import EXIT_FAILURE, EXIT_INTERRUPTED, console, err_console, fail, frame_table, resolve_device
+from recon import _io
+from recon._errors import NonFiniteLossError
+from recon._recipe import check_recipe, load_recipe
+from recon._runs import Run
+
+
+def profile_command(
+    model_py: Path = typer.Argument(..., help="The recipe file (build_model, losses, train_data, ...)."),
+    steps: int | None = typer.Option(None, "--steps", min=1, help="Profile this many steps (default: full epochs)."),
+    epochs: int = typer.Option(1, "--epochs", min=1, help="Warm-up epochs when --steps is not given."),
+    S: float = typer.Option(0.0, "--S", "-S", help="Conflict threshold S, -1 < S <= 0 (cos < S counts)."),
+    method: str = typer.Option("joint", "--method", help="Warm-up update of the shared layers (see `recon methods`)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the model's initialisation and the data order."),
+    out: Path | None = typer.Option(None, "--out", help="Run folder (default: runs/<recipe>-<time>)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    leaf: str = typer.Option("", "--leaf", help="Comma-separated module names torch.fx should treat as opaque."),
+    show: int = typer.Option(10, "--show", min=0, help="How many top layers to print."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing profile in the run folder."),
+) -> None:
+    """Stage 1: warm-up training that records every shared layer's layer-wise cosines, then ranks layers."""
+    recipe = load_recipe(model_py)
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    model = check_recipe(recipe, device=dev)
+    run = Run.create(recipe=model_py, tasks=recipe.tasks, seed=seed, out=out)
+    folder = run.stage("profile", force=force)
+    run.record_command()
+    leaf_modules = tuple(n for n in leaf.split(",") if n)
+    try:
+        prof = recon.profile(
+            model, recipe.train_data, recipe.losses,
+            steps=steps, epochs=epochs, S=S, method=method, seed=seed, device=dev, leaf_modules=leaf_modules,
+            optimizer=recipe.make_optimizer(model.parameters()), out=folder, progress=True,
+        )  # fmt: skip
+    except (KeyboardInterrupt, NonFiniteLossError) as e:
+        prof = getattr(e, "profile", None)
+        if prof is not None:
+            _finish(prof, folder, show)
+            err_console.print(f"[yellow]kept {prof.steps} recorded steps, marked partial, in {folder}[/]")
+        if isinstance(e, KeyboardInterrupt):
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise fail(str(e), EXIT_FAILURE) from None
+    _finish(prof, folder, show)
+    console.print(f"profile written to [bold]{folder}[/]  ·  next: [bold]recon split --top-k 4[/]")
+
+
+def _finish(prof: recon.ConflictProfile, folder: Path, show: int) -> None:
+    """Heatmap and the table of the top layers (the data files are already written by the profiler)."""
+    from recon import plots
+
+    if prof.layers and prof.steps:
+        fig = plots.conflict_heatmap(prof)
+        _io.save_figure(folder / "heatmap.png", fig, dpi=120)
+        plots.plt.close(fig)
+    if not prof.layers:
+        console.print("[yellow]no shared layers: every layer with parameters is used by one task only[/]")
+        return
+    top = prof.scores().head(show)
+    pairs = len(prof.pairs) * prof.steps
+    title = (
+        f"top {len(top)} of {len(prof.layers)} shared layers by S-conflict score "
+        f"(S = {prof.S:g}, {prof.steps} steps x {len(prof.pairs)} pairs = max {pairs}"
+        f"{', partial' if prof.partial else ''}, discovery: {prof.discovery})"
+    )
+    view = top[["score", "conflict_rate", "mean_cos", "params", "type"]].rename(
+        columns={"conflict_rate": "in conflict", "mean_cos": "mean cos"}
+    )
+    console.print(
+        frame_table(view, title=title, index="layer", fmt={"in conflict": lambda v: f"{v:.1%}", "mean cos": "+.3f", "params": ","})
+    )

@@ -1,0 +1,524 @@
+"""Stage 1: the conflict profiler and :class:`ConflictProfile`.
+
+Recon (Shi et al., "Recon: Reducing Conflicting Gradients From the Root for Multi-Task Learning", ICLR 2023)
+measures, during a warm-up run, the layer-wise cosine ``cos_ij^(k)`` between task i's and task j's gradients
+w.r.t. every shared layer k, and scores each layer by how often it falls below a threshold S (Definition 3,
+the S-conflict score): ``score_k = sum_t sum_{i<j} 1[cos_ij^(k)(t) < S]``.
+
+Per step the profiler runs one forward, one ``torch.autograd.grad`` per task over the trainable parameters (the
+floor any exact profiler pays), accumulates each shared layer's K x K Gram matrix of task gradients with one
+small matmul per parameter, and keeps the cosines on the device until a chunk is full. Nothing is cloned per
+parameter and nothing moves to the host per layer, unlike the official code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from recon import _io
+from recon._cosines import CosineRecorder, open_cosines
+from recon._errors import NonFiniteLossError, ReconError
+from recon._outputs import call_model, move_to, task_outputs
+from recon._progress import progress_bar
+from recon._recipe import check_batch, compute_losses, validate_tasks
+
+PROFILE_FILE = "profile.json"
+COSINES_FILE = "cosines.npy"
+LOSSES_FILE = "losses.csv"
+
+
+def check_threshold(S: float) -> float:
+    """CONTRACT.md: ``-1 < S <= 0``."""
+    S = float(S)
+    if not (-1.0 < S <= 0.0):
+        raise ReconError(f"S = {S} is out of range; the S-conflict threshold must satisfy -1 < S <= 0")
+    return S
+
+
+def owner_name(param_name: str) -> str:
+    """The layer (module) that directly owns a parameter: ``layer1.0.bn1.weight`` -> ``layer1.0.bn1``."""
+    return param_name.rpartition(".")[0]
+
+
+@dataclass
+class ConflictProfile:
+    """The result of stage 1: every shared layer's recorded layer-wise cosines, and scores derived from them.
+
+    ``cosines`` is the long table of every record; ``scores(S)`` recomputes S-conflict scores for any threshold
+    from the stored cosines, without re-profiling.
+    """
+
+    tasks: list[str]
+    layers: list[str]
+    folder: Path
+    S: float = 0.0
+    layer_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    partial: bool = False
+    discovery: str = "fx"
+    meta: dict[str, Any] = field(default_factory=dict)
+    _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return list(combinations(self.tasks, 2))
+
+    @property
+    def cosine_array(self) -> np.ndarray:
+        """``(steps, layers, pairs)`` float32 (memory-mapped); NaN where a task's layer gradient was zero."""
+        return open_cosines(self.folder / COSINES_FILE)
+
+    @property
+    def steps(self) -> int:
+        return int(self.cosine_array.shape[0])
+
+    @property
+    def cosines(self) -> pd.DataFrame:
+        """Every record: columns ``step, layer, task_a, task_b, cos`` (NaN = skipped, zero gradient)."""
+        arr = np.asarray(self.cosine_array)
+        T, L, P = arr.shape
+        pairs = self.pairs
+        return pd.DataFrame(
+            {
+                "step": np.repeat(np.arange(T), L * P),
+                "layer": pd.Categorical(np.tile(np.repeat(np.array(self.layers, dtype=object), P), T)),
+                "task_a": np.tile(np.array([a for a, _ in pairs], dtype=object), T * L),
+                "task_b": np.tile(np.array([b for _, b in pairs], dtype=object), T * L),
+                "cos": arr.reshape(-1),
+            }
+        )
+
+    @property
+    def losses(self) -> pd.DataFrame:
+        """Per-step training loss of every task (columns ``step`` and one per task)."""
+        path = self.folder / LOSSES_FILE
+        if not path.exists():
+            return pd.DataFrame(columns=["step", *self.tasks])
+        return pd.read_csv(path)
+
+    def _counts(self, S: float, block: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per layer: count of cos < S, count of recorded (non-skipped) cosines, sum of cosines; per pair too."""
+        arr = self.cosine_array
+        L, P = arr.shape[1:]
+        below = np.zeros(L, dtype=np.int64)
+        valid = np.zeros(L, dtype=np.int64)
+        total = np.zeros(L, dtype=np.float64)
+        below_pair = np.zeros((L, P), dtype=np.int64)
+        valid_pair = np.zeros((L, P), dtype=np.int64)
+        for start in range(0, arr.shape[0], block):
+            chunk = np.asarray(arr[start : start + block], dtype=np.float32)
+            ok = ~np.isnan(chunk)
+            hit = chunk < S  # NaN compares False: skipped pairs never count (CONTRACT.md)
+            below_pair += hit.sum(axis=0)
+            valid_pair += ok.sum(axis=0)
+            total += np.where(ok, chunk, 0.0).sum(axis=(0, 2))
+        below[:] = below_pair.sum(axis=1)
+        valid[:] = valid_pair.sum(axis=1)
+        return below, valid, total, below_pair / np.maximum(valid_pair, 1)
+
+    def scores(self, S: float | None = None) -> pd.DataFrame:
+        """S-conflict scores (Definition 3 of the paper), indexed by layer, sorted by ``score`` descending.
+
+        Columns: ``score`` (int), ``conflict_rate`` (share of recorded pairs with cos < S), ``mean_cos``,
+        ``params``, ``type`` and ``tasks``. Ties keep the model's layer order.
+        """
+        S = self.S if S is None else check_threshold(S)
+        below, valid, total, _ = self._counts(S)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rate = np.where(valid > 0, below / np.maximum(valid, 1), np.nan)
+            mean = np.where(valid > 0, total / np.maximum(valid, 1), np.nan)
+        frame = pd.DataFrame(
+            {
+                "score": below.astype(int),
+                "conflict_rate": rate,
+                "mean_cos": mean,
+                "params": [int(self.layer_info.get(n, {}).get("params", 0)) for n in self.layers],
+                "type": [self.layer_info.get(n, {}).get("type", "") for n in self.layers],
+                "tasks": [",".join(self.layer_info.get(n, {}).get("tasks", self.tasks)) for n in self.layers],
+            },
+            index=pd.Index(self.layers, name="layer"),
+        )
+        return frame.sort_values("score", ascending=False, kind="stable")
+
+    def conflict_rates(self, S: float | None = None) -> pd.DataFrame:
+        """Layers x task pairs: the share of recorded steps where ``cos < S`` (the heatmap's data)."""
+        S = self.S if S is None else check_threshold(S)
+        rates = self._counts(S)[3]
+        cols = [f"{a}-{b}" for a, b in self.pairs]
+        return pd.DataFrame(rates, index=pd.Index(self.layers, name="layer"), columns=cols)
+
+    def top_layers(self, k: int, S: float | None = None) -> list[str]:
+        """The ``k`` layers with the highest S-conflict scores."""
+        if not isinstance(k, int) or k < 0:
+            raise ReconError(f"top-k = {k!r} must be a non-negative integer")
+        if k > len(self.layers):
+            raise ReconError(
+                f"top-k = {k} exceeds the {len(self.layers)} shared layers; choose k <= {len(self.layers)} "
+                f"(shared layers: {', '.join(self.layers)})"
+            )
+        return list(self.scores(S).index[:k])
+
+    # --- persistence -------------------------------------------------------------------------------------
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "tasks": self.tasks,
+            "layers": self.layers,
+            "pairs": [list(p) for p in self.pairs],
+            "S": self.S,
+            "steps": self.steps,
+            "partial": self.partial,
+            "discovery": self.discovery,
+            "layer_info": self.layer_info,
+            **{k: v for k, v in self.meta.items() if k not in {"tasks", "layers", "pairs", "S", "steps"}},
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``profile.json``, ``cosines.npy``, ``losses.csv``, ``scores.csv`` and ``scores.json``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for name in (COSINES_FILE, LOSSES_FILE):
+            src = self.folder / name
+            if src.exists() and src.resolve() != (path / name).resolve():
+                _copy(src, path / name)
+        scores = self.scores()
+        _io.write_text(path / "scores.csv", scores.to_csv(float_format="%.6g"))
+        self.export_scores_json(path / "scores.json")
+        _io.write_json(path / PROFILE_FILE, self._meta())
+        if self._tmp is None:
+            return path
+        self.folder, self._tmp = path, None  # the saved copy becomes the home; the temporary one goes
+        return path
+
+    def export_scores_json(self, path: str | os.PathLike, S: float | None = None) -> Path:
+        """The official Recon code's format: ``{layer: score}``, sorted descending."""
+        scores = self.scores(S)["score"]
+        return _io.write_json(path, {layer: int(v) for layer, v in scores.items()})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ConflictProfile:
+        path = Path(path)
+        file = path / PROFILE_FILE
+        if not file.exists():
+            raise ReconError(f"{path} holds no profile ({PROFILE_FILE} missing); run `recon profile MODEL_PY`")
+        meta = json.loads(file.read_text())
+        if not (path / COSINES_FILE).exists():
+            raise ReconError(f"{path}/{COSINES_FILE} is missing; the profile is incomplete, profile again")
+        known = {"tasks", "layers", "S", "layer_info", "partial", "discovery"}
+        return cls(
+            tasks=list(meta["tasks"]),
+            layers=list(meta["layers"]),
+            folder=path,
+            S=float(meta.get("S", 0.0)),
+            layer_info=meta.get("layer_info", {}),
+            partial=bool(meta.get("partial", False)),
+            discovery=meta.get("discovery", "fx"),
+            meta={k: v for k, v in meta.items() if k not in known},
+        )
+
+
+def _copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def read_scores_json(path: str | os.PathLike) -> dict[str, int]:
+    """Read an official-format ``{layer: score}`` file, sorted by score descending."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ReconError(f"{path}: no such file; pass a scores.json written by `recon profile`") from None
+    except json.JSONDecodeError as e:
+        raise ReconError(f"{path} is not valid JSON ({e}); pass a {{layer: score}} file") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, (int, float)) for v in raw.values()):
+        raise ReconError(f"{path} is not a {{layer: score}} mapping; pass the official scores format")
+    return dict(sorted(((str(k), int(v)) for k, v in raw.items()), key=lambda kv: -kv[1]))
+
+
+# --- shared-layer discovery --------------------------------------------------------------------------------
+def layer_usage_fx(model: nn.Module, tasks: Sequence[str], leaf_modules: Sequence[str] = ()) -> dict[str, frozenset]:
+    """Per layer, the tasks whose output it reaches in the torch.fx graph (raises ``TraceError``)."""
+    from recon._graph import layer_tasks
+
+    return layer_tasks(model, list(tasks), leaf_modules=tuple(leaf_modules))
+
+
+def layer_usage_autograd(
+    names: Sequence[str], task_grads: Mapping[str, Sequence[torch.Tensor | None]]
+) -> dict[str, frozenset]:
+    """Per layer, the tasks that give any of its parameters a gradient (autograd fallback for any module)."""
+    usage: dict[str, set[str]] = {}
+    for i, name in enumerate(names):
+        users = usage.setdefault(owner_name(name), set())
+        users.update(t for t, grads in task_grads.items() if grads[i] is not None)
+    return {layer: frozenset(users) for layer, users in usage.items()}
+
+
+# --- the profiler -----------------------------------------------------------------------------------------
+class _Aggregate:
+    """The warm-up update: the joint mean of task gradients (default), or any method of ``recon.methods``."""
+
+    def __init__(self, method: Any, n_tasks: int) -> None:
+        self.mean = method in ("joint", "mean")
+        self.sum = method == "sum"
+        self.fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+        if not (self.mean or self.sum):
+            from recon.methods import resolve
+
+            self.fn = resolve(method)
+        self.n_tasks = n_tasks
+
+    def __call__(self, params: list[nn.Parameter], rows: list[list[torch.Tensor | None]]) -> None:
+        """``rows[k][i]``: task k's gradient for parameter i (None if unused). Sets ``.grad``."""
+        shared: list[int] = []
+        for i, p in enumerate(params):
+            got = [r[i] for r in rows if r[i] is not None]
+            if len(got) == 0:
+                p.grad = None
+            elif len(got) == 1:
+                p.grad = got[0]
+            else:
+                shared.append(i)
+        if not shared:
+            return
+        if self.fn is None:
+            scale = 1.0 / self.n_tasks if self.mean else 1.0
+            for i in shared:
+                acc = None
+                for r in rows:
+                    g = r[i]
+                    if g is not None:
+                        acc = g if acc is None else acc.add_(g)  # each g is a fresh tensor: safe in place
+                params[i].grad = acc.mul_(scale) if scale != 1.0 else acc
+            return
+        J = torch.stack(
+            [
+                torch.cat([(r[i] if r[i] is not None else torch.zeros_like(params[i])).reshape(-1) for i in shared])
+                for r in rows
+            ]
+        )
+        update = self.fn(J)
+        offset = 0
+        for i in shared:
+            n = params[i].numel()
+            params[i].grad = update[offset : offset + n].view_as(params[i]).clone()
+            offset += n
+
+
+def _batches(data: Any) -> Iterable:
+    return data() if callable(data) else data
+
+
+def profile(
+    model: nn.Module,
+    data: Any,
+    losses: Mapping[str, Callable] | Callable[[], Mapping[str, Callable]],
+    *,
+    steps: int | None = None,
+    epochs: int = 1,
+    S: float = 0.0,
+    method: Any = "joint",
+    optimizer: torch.optim.Optimizer | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    tasks: Sequence[str] | None = None,
+    leaf_modules: Sequence[str] = (),
+    out: str | os.PathLike | None = None,
+    progress: bool = False,
+    chunk: int = 256,
+) -> ConflictProfile:
+    """Warm-up training that records every shared layer's pairwise layer-wise cosines (Recon, stage 1).
+
+    Args:
+        model: any ``nn.Module`` whose forward returns ``{task: output}`` or a tuple in the order of ``losses``.
+        data: an iterable of ``(inputs, {task: target})`` batches, or a function returning one (called per epoch).
+        losses: ``{task: loss_fn(output, target)}``.
+        steps: stop after this many steps (cycling over epochs as needed); default: ``epochs`` full passes.
+        S: default threshold of :meth:`ConflictProfile.scores`, ``-1 < S <= 0``.
+        method: the warm-up update of the shared parameters: ``"joint"`` (mean of task gradients) or any method
+            accepted by :func:`recon.methods.get` / a callable ``(K, P) -> (P,)``.
+        optimizer: default Adam(lr=1e-3) over the model's parameters.
+        device: where to profile; default: where the model's parameters are.
+        out: folder to stream ``cosines.npy`` into (default: a temporary folder; :meth:`ConflictProfile.save`).
+
+    On Ctrl-C or a non-finite loss, what was recorded is kept: the exception is re-raised with the partial
+    profile attached as ``exc.profile``.
+    """
+    if callable(losses) and not isinstance(losses, Mapping):
+        losses = losses()
+    loss_fns = dict(losses)
+    task_names = validate_tasks(tasks if tasks is not None else list(loss_fns), "profile")
+    missing = [t for t in task_names if t not in loss_fns]
+    if missing:
+        raise ReconError(f"no loss for task(s) {missing}; `losses` must have one entry per task")
+    if len(task_names) < 2:
+        raise ReconError(f"profiling needs at least two tasks, got {task_names}; conflicts are between tasks")
+    S = check_threshold(S)
+    if steps is not None and steps < 1:
+        raise ReconError(f"steps = {steps} must be at least 1")
+    if epochs < 1:
+        raise ReconError(f"epochs = {epochs} must be at least 1")
+
+    torch.manual_seed(seed)
+    if device is not None:
+        model.to(device)
+    dev = next(model.parameters()).device
+    model.train()
+    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
+    names, params = list(names), list(params)
+    opt = optimizer if optimizer is not None else torch.optim.Adam(params, lr=1e-3)
+    update = _Aggregate(method, len(task_names))
+
+    try:
+        usage = layer_usage_fx(model, task_names, leaf_modules)
+        discovery = "fx"
+    except (ReconError, ImportError):  # TraceError is a ReconError: fall back to autograd on the first step
+        usage = None
+        discovery = "autograd"
+
+    tmp = None
+    if out is None:
+        tmp = tempfile.TemporaryDirectory(prefix="recon-profile-")
+        folder = Path(tmp.name)
+    else:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+
+    K = len(task_names)
+    pair_i, pair_j = torch.triu_indices(K, K, offset=1, device=dev)
+    recorder: CosineRecorder | None = None
+    layer_params: list[tuple[int, int]] = []  # (layer index, parameter index) for parameters of shared layers
+    shared_layers: list[str] = []
+    loss_log: list[list[float]] = []
+    total = steps if steps is not None else _count_steps(data, epochs)
+
+    def setup(task_grads: dict[str, list]) -> None:
+        nonlocal recorder, usage, shared_layers
+        if usage is None:
+            usage = layer_usage_autograd(names, task_grads)
+        owners = [owner_name(n) for n in names]
+        shared_layers = [ln for ln in dict.fromkeys(owners) if len(usage.get(ln, ())) >= 2]
+        index = {ln: k for k, ln in enumerate(shared_layers)}
+        layer_params.extend((index[o], i) for i, o in enumerate(owners) if o in index)
+        recorder = CosineRecorder(folder / "cosines.npy", len(shared_layers), len(pair_i), device=dev, chunk=chunk)
+
+    def result(partial: bool) -> ConflictProfile:
+        if recorder is not None:
+            recorder.close()
+        else:  # interrupted before the first step completed: an empty but valid record
+            CosineRecorder(folder / "cosines.npy", 0, len(pair_i), device=dev).close()
+        _io.write_text(
+            folder / LOSSES_FILE,
+            pd.DataFrame(loss_log, columns=task_names).rename_axis("step").to_csv(float_format="%.6g"),
+        )
+        modules = dict(model.named_modules())
+        info = {
+            ln: {
+                "params": sum(p.numel() for p in modules[ln].parameters(recurse=False)),
+                "type": type(modules[ln]).__name__,
+                "tasks": sorted(usage.get(ln, ()), key=task_names.index) if usage else [],
+            }
+            for ln in shared_layers
+        }
+        prof = ConflictProfile(
+            tasks=task_names,
+            layers=shared_layers,
+            folder=folder,
+            S=S,
+            layer_info=info,
+            partial=partial,
+            discovery=discovery,
+            meta={"method": method if isinstance(method, str) else type(method).__name__, "seed": seed},
+            _tmp=tmp,
+        )
+        if out is not None:
+            prof.save(folder)
+        return prof
+
+    step = 0
+    try:
+        with progress_bar(total, "profiling", enabled=progress) as bar:
+            for _epoch in range(epochs if steps is None else 10**12):
+                for batch in _batches(data):
+                    if steps is not None and step >= steps:
+                        break
+                    inputs, targets = check_batch(batch, task_names, "data")
+                    outputs = task_outputs(call_model(model, move_to(inputs, dev)), task_names)
+                    values = compute_losses(loss_fns, outputs, move_to(targets, dev), "losses")
+                    row = torch.stack(list(values.values())).detach().tolist()
+                    for t, v in zip(task_names, row, strict=True):
+                        if not math.isfinite(v):
+                            raise NonFiniteLossError(t, step, v)
+                    task_grads = {
+                        t: list(torch.autograd.grad(values[t], params, retain_graph=k < K - 1, allow_unused=True))
+                        for k, t in enumerate(task_names)
+                    }
+                    if recorder is None:
+                        setup(task_grads)
+                    rows = list(task_grads.values())
+                    recorder.append(_layer_cosines(rows, layer_params, len(shared_layers), pair_i, pair_j, dev))
+                    opt.zero_grad(set_to_none=True)
+                    update(params, rows)
+                    opt.step()
+                    loss_log.append(row)
+                    step += 1
+                    bar.advance(dict(zip(task_names, row, strict=True)))
+                else:
+                    continue
+                break
+    except (KeyboardInterrupt, NonFiniteLossError) as e:
+        e.profile = result(partial=True)  # type: ignore[attr-defined]
+        raise
+    except BaseException:
+        if recorder is not None:
+            recorder.close()
+        raise
+    if step == 0:
+        raise ReconError("the data yielded no batch; give at least one (inputs, targets) batch")
+    return result(partial=False)
+
+
+def _layer_cosines(
+    rows: list[list[torch.Tensor | None]],
+    layer_params: list[tuple[int, int]],
+    n_layers: int,
+    pair_i: torch.Tensor,
+    pair_j: torch.Tensor,
+    device: torch.device,
+) -> torch.Tensor:
+    """``(layers, pairs)`` cosines from per-parameter K x K Gram matrices summed per layer; NaN if a norm is 0."""
+    K = len(rows)
+    gram = torch.zeros((n_layers, K, K), dtype=torch.float32, device=device)
+    for layer, i in layer_params:
+        grads = [r[i] for r in rows]
+        if all(g is None for g in grads):
+            continue
+        like = next(g for g in grads if g is not None)
+        M = torch.stack([(g if g is not None else torch.zeros_like(like)).reshape(-1) for g in grads])
+        gram[layer] += (M @ M.T).float()
+    norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()  # (L, K)
+    denom = norms[:, pair_i] * norms[:, pair_j]
+    cos = gram[:, pair_i, pair_j] / denom
+    return torch.where(denom > 0, cos, torch.full_like(cos, float("nan")))
+
+
+def _count_steps(data: Any, epochs: int) -> int | None:
+    try:
+        return len(_batches(data)) * epochs  # type: ignore[arg-type]
+    except TypeError:
+        return None

@@ -1,0 +1,155 @@
+"""The run folder (CONTRACT.md): ``runs/<name>/`` with ``run.json`` and one sub-folder per stage.
+
+``recon split`` and ``recon report`` find the most recent run by itself; no command overwrites another run's
+results unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from recon import _io
+from recon._errors import ReconError
+
+RUNS_ROOT = Path("runs")
+RUN_FILE = "run.json"
+
+
+def versions() -> dict[str, str]:
+    import torch
+
+    from recon import __version__
+
+    out = {"recon": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import torchjd  # noqa: F401
+        from importlib.metadata import version
+
+        out["torchjd"] = version("torchjd")
+    except Exception:  # torchjd missing or without metadata: versions are informative only
+        pass
+    return out
+
+
+@dataclass
+class Run:
+    """One run folder. ``info`` mirrors ``run.json``."""
+
+    dir: Path
+    info: dict[str, Any]
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        recipe: str | Path,
+        tasks: list[str],
+        seed: int,
+        out: str | Path | None = None,
+        root: str | Path = RUNS_ROOT,
+    ) -> Run:
+        """A new run folder: ``out`` if given (it may exist: stages inside it are guarded), else a fresh name."""
+        if out is not None:
+            run_dir = Path(out)
+        else:
+            root = Path(root)
+            stem = Path(recipe).stem
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            run_dir = root / f"{stem}-{stamp}"
+            n = 1
+            while run_dir.exists():
+                n += 1
+                run_dir = root / f"{stem}-{stamp}-{n}"
+        if (run_dir / RUN_FILE).exists():
+            run = cls.open(run_dir)
+            if run.info.get("tasks") != list(tasks):
+                raise ReconError(
+                    f"{run_dir} holds a run for tasks {run.info.get('tasks')}, not {list(tasks)}; "
+                    "pass another --out"
+                )
+            return run
+        info = {
+            "recipe": str(Path(recipe).resolve()),
+            "tasks": list(tasks),
+            "seed": seed,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "created_unix": time.time(),
+            "versions": versions(),
+            "commands": [],
+        }
+        run = cls(run_dir, info)
+        run.save()
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path | None = None, *, root: str | Path = RUNS_ROOT) -> Run:
+        """The run at ``path``, or the most recent one under ``root`` when ``path`` is None."""
+        if path is None:
+            path = latest_run(root)
+        path = Path(path)
+        file = path / RUN_FILE
+        if not file.exists():
+            raise ReconError(f"{path} is not a run folder (no {RUN_FILE}); pass a folder made by `recon profile`")
+        try:
+            info = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ReconError(f"{file} is not valid JSON ({e}); repair or remove it") from None
+        return cls(path, info)
+
+    @property
+    def recipe(self) -> Path:
+        return Path(self.info["recipe"])
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.info["tasks"])
+
+    def save(self) -> None:
+        _io.write_json(self.dir / RUN_FILE, self.info)
+
+    def record_command(self, argv: list[str] | None = None) -> None:
+        """Append the command line that writes into this run to ``run.json``."""
+        argv = list(sys.argv if argv is None else argv)
+        if argv:
+            argv[0] = Path(argv[0]).name
+        self.info.setdefault("commands", []).append(
+            {"argv": argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        )
+        self.save()
+
+    def stage(self, *parts: str, force: bool = False) -> Path:
+        """The folder of a stage (``profile``, ``split``, ``train/<label>``), guarded against overwrite."""
+        folder = self.dir.joinpath(*parts)
+        if folder.exists() and any(folder.iterdir()):
+            if not force:
+                raise ReconError(
+                    f"{folder} already holds results; pass --force to overwrite them or --out for another run"
+                )
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+
+def latest_run(root: str | Path = RUNS_ROOT) -> Path:
+    """The most recently created run under ``root`` (by the creation time recorded in ``run.json``)."""
+    root = Path(root)
+    runs = [p.parent for p in root.glob(f"*/{RUN_FILE}")] if root.is_dir() else []
+    if not runs:
+        raise ReconError(
+            f"no run found in {root}/; run `recon profile MODEL_PY` first, or pass the run folder explicitly"
+        )
+
+    def created(run_dir: Path) -> tuple[float, str]:
+        try:
+            return float(json.loads((run_dir / RUN_FILE).read_text()).get("created_unix", 0.0)), run_dir.name
+        except (json.JSONDecodeError, OSError, ValueError):
+            return 0.0, run_dir.name
+
+    return max(runs, key=created)
