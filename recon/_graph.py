@@ -1,0 +1,538 @@
+"""Graph analysis over a symbolically traced model (analysis only; the rewriting lives in ``_split``).
+
+In the style of torch.fx passes, this module never changes a graph: it traces a model with clear errors,
+finds which node produces each task's output, and answers "which tasks does this layer feed?" by
+reachability in a networkx ``DiGraph`` over the fx nodes.
+
+Vocabulary (CONTRACT.md): a *layer* is a module that directly owns parameters, named as in
+``model.named_modules()``; a parameter read through ``get_attr`` belongs to its owning module's name.
+A *shared layer* is a layer used by two or more tasks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import linecache
+import operator
+import os
+import traceback
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+
+from recon._errors import ReconError
+
+__all__ = [
+    "TraceError",
+    "trace",
+    "output_tasks",
+    "layer_tasks",
+    "shared_layers",
+    "layer_names",
+    "node_tasks",
+    "task_roots",
+    "mutated_input",
+    "to_digraph",
+]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_THIS_FILE = os.path.abspath(__file__)
+
+
+class TraceError(ReconError):
+    """The model cannot be symbolically traced: names the module and the source line, and the way out."""
+
+
+# --------------------------------------------------------------------------------------------- tracing
+LeafSpec = str | type
+
+
+def _resolve_leaves(model: nn.Module, leaf_modules: Iterable[LeafSpec]) -> tuple[frozenset[str], tuple]:
+    names: set[str] = set()
+    types: list[type] = []
+    known = dict(model.named_modules())
+    for leaf in leaf_modules or ():
+        if isinstance(leaf, type) and issubclass(leaf, nn.Module):
+            types.append(leaf)
+        elif isinstance(leaf, str):
+            if leaf not in known or leaf == "":
+                valid = [n for n, m in known.items() if n and next(m.children(), None) is not None]
+                raise ReconError(
+                    f"unknown leaf module {leaf!r}; give names from model.named_modules(), for example "
+                    f"{valid[:12]}"
+                )
+            names.add(leaf)
+        else:
+            raise ReconError(
+                f"leaf_modules takes module names or nn.Module classes, got {leaf!r} ({type(leaf).__name__})"
+            )
+    return frozenset(names), tuple(types)
+
+
+def leaf_names(model: nn.Module, leaf_modules: Iterable[LeafSpec] = ()) -> list[str]:
+    """The names (``named_modules()`` order) of the modules that ``leaf_modules`` selects: JSON-able."""
+    names, types = _resolve_leaves(model, leaf_modules)
+    return [n for n, m in model.named_modules() if n and (n in names or isinstance(m, types))]
+
+
+class _Tracer(fx.Tracer):
+    """fx's default tracer plus user leaves, and a stack of the modules being traced through."""
+
+    def __init__(self, leaf_names: frozenset[str] = frozenset(), leaf_types: tuple = ()) -> None:
+        super().__init__()
+        self._leaf_names = leaf_names
+        self._leaf_types = leaf_types
+        self._recon_stack: list[str] = []
+        self.failed_stack: list[str] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
+            return True
+        if getattr(m, "_recon_tasks", None) is not None:  # a per-task container made by recon.split
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):  # noqa: ANN001 - fx signature
+        try:
+            path = self.path_of_module(m)
+        except NameError:
+            path = type(m).__name__
+        self._recon_stack.append(path)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_stack is None:
+                self.failed_stack = list(self._recon_stack)
+            raise
+        finally:
+            self._recon_stack.pop()
+
+
+def _user_frame(exc: BaseException) -> tuple[str, int, str] | None:
+    """The innermost traceback frame in user code (not torch, not recon's tracer): (file, line, source)."""
+    best = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        filename = os.path.abspath(frame.filename)
+        if filename.startswith(_TORCH_DIR) or filename == _THIS_FILE:
+            continue
+        best = (frame.filename, frame.lineno or 0, (frame.line or "").strip())
+    if best is not None and not best[2]:
+        best = (best[0], best[1], linecache.getline(best[0], best[1]).strip())
+    return best
+
+
+def _trace_error(model: nn.Module, tracer: _Tracer, exc: BaseException) -> TraceError:
+    stack = tracer.failed_stack or []
+    module = stack[-1] if stack else ""
+    where = _user_frame(exc)
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if module:
+        try:
+            what = f"module {module!r} ({type(model.get_submodule(module)).__name__})"
+        except AttributeError:
+            what = f"module {module!r}"
+    else:
+        what = f"the forward of {type(model).__name__}"
+    loc = ""
+    if where:
+        loc = f" at {where[0]}:{where[1]}" + (f" `{where[2]}`" if where[2] else "")
+    if module:
+        fix = (
+            f"pass leaf_modules=[{module!r}] (CLI: --leaf {module}) to treat it as one opaque call, "
+            "or concrete_args= to fix the input that drives it"
+        )
+    else:
+        fix = (
+            "move the data-dependent code into a submodule and pass it as leaf_modules= (CLI: --leaf NAME), "
+            "or fix the input that drives it with concrete_args="
+        )
+    return TraceError(
+        f"cannot trace {type(model).__name__} with torch.fx: {what}{loc}: {type(exc).__name__}: "
+        f"{first_line}; {fix}"
+    )
+
+
+def trace(
+    model: nn.Module,
+    *,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Symbolically trace ``model`` into a ``GraphModule``, or raise a :class:`TraceError` that says where.
+
+    ``leaf_modules`` (names as in ``named_modules()``, or classes) are recorded as single opaque calls, on
+    top of fx's default leaves (the modules of ``torch.nn`` except ``Sequential``). The returned module
+    shares its submodules with ``model`` (fx semantics); copy the model first if you will change it.
+    """
+    return _trace(model, leaf_modules, concrete_args)
+
+
+def _trace(
+    model: nn.Module,
+    leaf_modules: Iterable[LeafSpec],
+    concrete_args: dict[str, Any] | None,
+    record_stack_traces: bool = False,
+) -> fx.GraphModule:
+    if not isinstance(model, nn.Module):
+        raise ReconError(f"expected an nn.Module, got {type(model).__name__}")
+    names, types = _resolve_leaves(model, leaf_modules)
+    tracer = _Tracer(names, types)
+    tracer.record_stack_traces = record_stack_traces
+    try:
+        graph = tracer.trace(model, concrete_args)
+    except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... from user code
+        raise _trace_error(model, tracer, exc) from exc
+    return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+
+
+def graph_signature(graph: fx.Graph) -> list[tuple[str, str, str, str, str]]:
+    """A comparable description of a graph's structure: (name, op, target, args, kwargs) per node."""
+
+    def target(t: Any) -> str:
+        return t if isinstance(t, str) else getattr(t, "__qualname__", None) or repr(t)
+
+    return [(n.name, n.op, target(n.target), repr(n.args), repr(n.kwargs)) for n in graph.nodes]
+
+
+def trace_modes(
+    model: nn.Module,
+    *,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Trace in train and in eval mode; refuse with a clear :class:`TraceError` if the graphs differ.
+
+    A graph that depends on ``self.training`` (``if self.training:``, ``F.dropout(x, training=self.training)``)
+    would freeze one mode into the rewritten model. Modules such as ``nn.Dropout``/``nn.BatchNorm2d`` are
+    leaves, so they keep switching modes at run time and are fine. Returns the graph traced in the model's
+    current mode; the model's modes are restored.
+    """
+    modes = {name: m.training for name, m in model.named_modules()}
+    current = model.training
+    try:
+        model.train(not current)
+        other = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    finally:
+        for name, m in model.named_modules():
+            m.training = modes.get(name, current)
+    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    a, b = graph_signature(gm.graph), graph_signature(other.graph)
+    if a != b:
+        index = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        traced = _trace(model, leaf_modules, concrete_args, record_stack_traces=True)
+        nodes = list(traced.graph.nodes)
+        node = nodes[min(index, len(nodes) - 1)] if nodes else None
+        line = _last_frame(node.stack_trace) if node is not None and node.stack_trace else ""
+        stack = (node.meta.get("nn_module_stack") if node is not None else None) or {}
+        module = next(reversed(stack.keys()), "") if stack else ""
+        module = _stack_key_to_name(stack, module)
+        where = f" in module {module!r}" if module else ""
+        at = f" at {line}" if line else ""
+        detail = f" (first difference at node {a[index][0]!r}{where}{at})" if index < len(a) else ""
+        leaf = f"pass leaf_modules=[{module!r}] (CLI: --leaf {module}), or " if module else ""
+        raise TraceError(
+            f"the traced graph of {type(model).__name__} differs between train and eval mode{detail}, "
+            f"so a rewritten model would freeze one mode; {leaf}use mode-aware modules (nn.Dropout, "
+            "nn.BatchNorm) instead of branching on self.training in forward"
+        )
+    return gm
+
+
+def _last_frame(stack_trace: str) -> str:
+    """``file:line `source``` of the innermost user-code frame of an fx ``node.stack_trace``."""
+    lines = [ln.strip() for ln in stack_trace.strip().splitlines() if ln.strip()]
+    best = ""
+    for i, line in enumerate(lines):
+        if not line.startswith("File "):
+            continue
+        parts = line.split('"')
+        file = parts[1] if len(parts) > 2 else "?"
+        if os.path.abspath(file).startswith(_TORCH_DIR) or os.path.abspath(file) == _THIS_FILE:
+            continue
+        number = line.split("line ")[-1].split(",")[0]
+        source = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+        if not source and file != "?":
+            source = linecache.getline(file, int(number) if number.isdigit() else 0).strip()
+        best = f"{file}:{number}" + (f" `{source}`" if source else "")
+    return best
+
+
+def _stack_key_to_name(stack: Mapping[str, Any], key: str) -> str:
+    value = stack.get(key) if key else None
+    if isinstance(value, tuple) and value and isinstance(value[0], str):
+        return value[0]
+    return key
+
+
+# -------------------------------------------------------------------------------------------- analysis
+def layer_names(model: nn.Module) -> list[str]:
+    """Names of the modules that directly own parameters, in ``named_modules()`` order."""
+    return [n for n, m in model.named_modules() if any(p is not None for p in m._parameters.values())]
+
+
+_INPLACE_OPERATORS = {
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ifloordiv,
+    operator.imod,
+    operator.ipow,
+    operator.iand,
+    operator.ior,
+    operator.ixor,
+    operator.ilshift,
+    operator.irshift,
+    operator.imatmul,
+    operator.setitem,
+}
+_NOT_MUTATING = {"requires_grad_", "share_memory_", "retain_grad_", "record_stream_"}
+_SIGNATURES: dict[Any, inspect.Signature | None] = {}
+
+
+def _signature(fn: Any) -> inspect.Signature | None:
+    try:
+        return _SIGNATURES[fn]
+    except (KeyError, TypeError):
+        pass
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        sig = None
+    try:
+        _SIGNATURES[fn] = sig
+    except TypeError:
+        pass
+    return sig
+
+
+def _is_inplace_name(name: str) -> bool:
+    return name.endswith("_") and not name.startswith("_") and name not in _NOT_MUTATING
+
+
+def mutated_input(node: fx.Node, modules: Mapping[str, nn.Module]) -> fx.Node | None:
+    """The input node an in-place operation writes into (its first argument), or None.
+
+    Recognises modules with ``inplace=True`` (``nn.ReLU(inplace=True)``), functions called with
+    ``inplace=True`` (``F.relu(x, inplace=True)``), trailing-underscore methods and functions
+    (``x.add_(y)``, ``torch.relu_(x)``), and the augmented-assignment operators.
+    """
+    first = node.args[0] if node.args else None
+    if not isinstance(first, fx.Node):
+        return None
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        return first if getattr(module, "inplace", False) is True else None
+    if node.op == "call_method":
+        return first if _is_inplace_name(str(node.target)) else None
+    if node.op == "call_function":
+        target = node.target
+        if target in _INPLACE_OPERATORS:
+            return first
+        if node.kwargs.get("inplace") is True:
+            return first
+        if _is_inplace_name(getattr(target, "__name__", "")):
+            return first
+        sig = _signature(target)
+        if sig is not None and "inplace" in sig.parameters:
+            try:
+                bound = sig.bind(*node.args, **node.kwargs)
+            except TypeError:
+                return None
+            return first if bound.arguments.get("inplace") is True else None
+    return None
+
+
+def to_digraph(gm: fx.GraphModule) -> nx.DiGraph:
+    """A ``DiGraph`` over the fx nodes: an edge for each data dependency, plus the hidden ones of in-place
+    operations (an op that mutates ``x`` feeds every later user of ``x``)."""
+    g = nx.DiGraph()
+    modules = dict(gm.named_modules())
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for n in gm.graph.nodes:
+        g.add_node(n)
+        for a in n.all_input_nodes:
+            g.add_edge(a, n)
+    for n in gm.graph.nodes:
+        m = mutated_input(n, modules)
+        if m is None:
+            continue
+        for u in m.users:
+            if u is not n and order[u] > order[n]:
+                g.add_edge(n, u)
+    return g
+
+
+def _check_task_name(task: Any) -> str:
+    if not isinstance(task, str) or not task.isidentifier():
+        raise ReconError(
+            f"task name {task!r} is not a valid Python identifier; name tasks like 'seg' or 'depth' "
+            "(they become submodule names)"
+        )
+    return task
+
+
+def _output_node(gm: fx.GraphModule) -> fx.Node:
+    return next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+
+
+def output_tasks(gm: fx.GraphModule, tasks: Sequence[str] | None = None) -> dict[str, Any]:
+    """``{task: output}`` read off the graph's output node, in task order.
+
+    The value is the fx node that produces the task's output (a nested tuple/dict of nodes when a task
+    returns several tensors). Dict outputs name themselves (``tasks`` may pick a subset of the keys; the
+    others are not tasks); tuple/list outputs need ``tasks``, one name per position.
+    """
+    out = _output_node(gm).args[0]
+    if isinstance(out, Mapping):
+        keys = list(out.keys())
+        if tasks is None:
+            tasks = keys
+        tasks = [_check_task_name(t) for t in tasks]
+        missing = [t for t in tasks if t not in out]
+        if missing:
+            raise ReconError(
+                f"the model returns a dict with keys {keys} but no output for task(s) {missing}; "
+                "return one entry per task or pass the right tasks="
+            )
+        return {t: out[t] for t in tasks}
+    if isinstance(out, (tuple, list)):
+        if tasks is None:
+            raise ReconError(
+                f"the model returns a {type(out).__name__} of {len(out)} outputs, so recon cannot name "
+                "its tasks; pass tasks=[...] (one name per output, in order) or return a dict {task: output}"
+            )
+        tasks = [_check_task_name(t) for t in tasks]
+        if len(tasks) != len(out):
+            raise ReconError(
+                f"the model returns a {type(out).__name__} of {len(out)} outputs but {len(tasks)} tasks "
+                f"{list(tasks)} were given; give one task name per output, in order"
+            )
+        return dict(zip(tasks, out, strict=True))
+    what = f"node {out.name!r}" if isinstance(out, fx.Node) else type(out).__name__
+    raise ReconError(
+        f"the traced forward of {type(gm).__name__} returns one opaque value ({what}), so recon cannot tell "
+        "the tasks apart; build the dict {task: output} (or a tuple) in forward itself, and do not make "
+        "the module that builds it a leaf"
+    )
+
+
+def task_roots(gm: fx.GraphModule, tasks: Sequence[str] | None = None) -> dict[str, list[fx.Node]]:
+    """``{task: [nodes that make up the task's output]}`` (usually one node per task)."""
+    roots: dict[str, list[fx.Node]] = {}
+    for task, value in output_tasks(gm, tasks).items():
+        nodes: list[fx.Node] = []
+        fx.node.map_arg(value, lambda n: nodes.append(n) or n)  # noqa: B023
+        roots[task] = nodes
+    return roots
+
+
+def node_tasks(
+    gm: fx.GraphModule, tasks: Sequence[str] | None = None, graph: nx.DiGraph | None = None
+) -> dict[fx.Node, frozenset[str]]:
+    """For every node, the tasks whose output it reaches (itself included)."""
+    roots = task_roots(gm, tasks)
+    g = graph if graph is not None else to_digraph(gm)
+    reach: dict[fx.Node, set[str]] = {n: set() for n in gm.graph.nodes}
+    for task, nodes in roots.items():
+        for root in nodes:
+            reach[root].add(task)
+            for a in nx.ancestors(g, root):
+                reach[a].add(task)
+    return {n: frozenset(s) for n, s in reach.items()}
+
+
+def _is_task_call(node: fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "_recon_task_call", False)
+
+
+def _walk(module: nn.Module, prefix: str, task: str | None) -> Iterator[str]:
+    """Names of ``module`` and its descendants whose parameters a call of it (for ``task``) may use."""
+    yield prefix
+    tasks = getattr(module, "_recon_tasks", None)
+    for name, child in module._modules.items():
+        if child is None:
+            continue
+        if tasks is not None and name in tasks and task is not None and name != task:
+            continue
+        yield from _walk(child, f"{prefix}.{name}" if prefix else name, task)
+
+
+def modules_in_call(root: nn.Module, target: str, task: str | None = None) -> list[str]:
+    """Names of the modules whose parameters a call of ``root.get_submodule(target)`` uses.
+
+    A per-task copy made by :func:`recon.split` (``layer.seg``) also uses the children that its container
+    keeps shared (``layer.<child>``); inside a per-task container only the current task's copy is used.
+    """
+    parent, _, last = target.rpartition(".")
+    container = root.get_submodule(parent) if target and "." in target else (root if target else None)
+    if target and container is not None and last in (getattr(container, "_recon_tasks", None) or ()):
+        names = [target]
+        for name, child in container._modules.items():
+            if name not in container._recon_tasks:
+                names.extend(_walk(child, f"{parent}.{name}" if parent else name, last))
+        names.extend(list(_walk(root.get_submodule(target), target, last))[1:])
+        return names
+    return list(_walk(root.get_submodule(target), target, task))
+
+
+def node_layers(gm: fx.GraphModule, node: fx.Node, layers: frozenset[str] | set[str]) -> set[str]:
+    """The layers whose parameters ``node`` uses directly (a module call, a ``get_attr`` of a parameter)."""
+    if node.op == "call_module":
+        return {n for n in modules_in_call(gm, str(node.target)) if n in layers}
+    if node.op == "get_attr":
+        owner, _, attr = str(node.target).rpartition(".")
+        try:
+            module = gm.get_submodule(owner)
+        except AttributeError:
+            return set()
+        if attr in module._parameters and owner in layers:
+            return {owner}
+        return set()
+    if _is_task_call(node):
+        module_node, task = node.args[0], node.args[1]
+        if isinstance(module_node, fx.Node) and module_node.op == "get_attr":
+            return {n for n in modules_in_call(gm, str(module_node.target), task) if n in layers}
+    return set()
+
+
+def layer_tasks(
+    model: nn.Module,
+    tasks: Sequence[str] | None = None,
+    *,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> dict[str, frozenset[str]]:
+    """``{layer: tasks whose output is reachable from any use of the layer}`` for every layer of ``model``.
+
+    Layers are named as in ``model.named_modules()``; a layer that reaches no task output maps to an empty
+    set. A ``GraphModule`` (for example a model made by :func:`recon.split`) is analysed as it is; any other
+    module is traced first (:func:`trace`), which raises :class:`TraceError` when it cannot be.
+    """
+    gm = model if isinstance(model, fx.GraphModule) else trace(
+        model, leaf_modules=leaf_modules, concrete_args=concrete_args
+    )
+    return _layer_tasks(gm, tasks, layer_names(model))
+
+
+def _layer_tasks(
+    gm: fx.GraphModule, tasks: Sequence[str] | None, names: list[str]
+) -> dict[str, frozenset[str]]:
+    reach = node_tasks(gm, tasks)
+    wanted = frozenset(names)
+    usage: dict[str, set[str]] = {n: set() for n in names}
+    for node in gm.graph.nodes:
+        if not reach[node]:
+            continue
+        for layer in node_layers(gm, node, wanted):
+            usage[layer] |= reach[node]
+    return {n: frozenset(usage[n]) for n in names}
+
+
+def shared_layers(usage: Mapping[str, frozenset[str]]) -> list[str]:
+    """The layers used by two or more tasks, in the order of ``usage`` (``named_modules()`` order)."""
+    return [name for name, tasks in usage.items() if len(tasks) >= 2]
