@@ -32,6 +32,7 @@ from torch import nn
 from recon import _io
 from recon._cosines import CosineRecorder, open_cosines
 from recon._errors import NonFiniteLossError, ReconError
+from recon._gram import layer_cosines
 from recon._outputs import call_model, move_to, task_outputs
 from recon._progress import progress_bar
 from recon._recipe import check_batch, compute_losses, validate_tasks
@@ -471,7 +472,7 @@ def profile(
                     if recorder is None:
                         setup(task_grads)
                     rows = list(task_grads.values())
-                    recorder.append(_layer_cosines(rows, layer_params, len(shared_layers), pair_i, pair_j, dev))
+                    recorder.append(layer_cosines(rows, layer_params, len(shared_layers), pair_i, pair_j, dev))
                     opt.zero_grad(set_to_none=True)
                     update(params, rows)
                     opt.step()
@@ -491,30 +492,6 @@ def profile(
     if step == 0:
         raise ReconError("the data yielded no batch; give at least one (inputs, targets) batch")
     return result(partial=False)
-
-
-def _layer_cosines(
-    rows: list[list[torch.Tensor | None]],
-    layer_params: list[tuple[int, int]],
-    n_layers: int,
-    pair_i: torch.Tensor,
-    pair_j: torch.Tensor,
-    device: torch.device,
-) -> torch.Tensor:
-    """``(layers, pairs)`` cosines from per-parameter K x K Gram matrices summed per layer; NaN if a norm is 0."""
-    K = len(rows)
-    gram = torch.zeros((n_layers, K, K), dtype=torch.float32, device=device)
-    for layer, i in layer_params:
-        grads = [r[i] for r in rows]
-        if all(g is None for g in grads):
-            continue
-        like = next(g for g in grads if g is not None)
-        M = torch.stack([(g if g is not None else torch.zeros_like(like)).reshape(-1) for g in grads])
-        gram[layer] += (M @ M.T).float()
-    norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()  # (L, K)
-    denom = norms[:, pair_i] * norms[:, pair_j]
-    cos = gram[:, pair_i, pair_j] / denom
-    return torch.where(denom > 0, cos, torch.full_like(cos, float("nan")))
 
 
 def _count_steps(data: Any, epochs: int) -> int | None:
