@@ -69,7 +69,9 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def frame_table(frame: pd.DataFrame, *, title: str | None = None, index: str | None = None, fmt: dict | None = None) -> Table:
+def frame_table(
+    frame: pd.DataFrame, *, title: str | None = None, index: str | None = None, fmt: dict | None = None
+) -> Table:
     """A rich table of a DataFrame; ``fmt`` maps a column to a format string or function."""
     fmt = fmt or {}
     table = Table(title=title, title_justify="left", header_style="bold")

@@ -25,7 +25,12 @@ def _register() -> None:
     from cli.profile import profile_command
 
     app.command("profile")(guarded(profile_command))
-    for module, name in (("cli.split", "split"), ("cli.train", "train"), ("cli.methods", "methods"), ("cli.report", "report")):
+    for module, name in (
+        ("cli.split", "split"),
+        ("cli.train", "train"),
+        ("cli.methods", "methods"),
+        ("cli.report", "report"),
+    ):
         try:
             mod = __import__(module, fromlist=["_"])
         except ModuleNotFoundError as e:

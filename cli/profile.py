@@ -8,7 +8,15 @@ import torch
 import typer
 
 import recon
-from cli._common import EXIT_FAILURE, EXIT_INTERRUPTED, console, err_console, fail, frame_table, resolve_device
+from cli._common import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    console,
+    err_console,
+    fail,
+    frame_table,
+    resolve_device,
+)
 from recon import _io
 from recon._errors import NonFiniteLossError
 from recon._recipe import check_recipe, load_recipe
@@ -77,5 +85,10 @@ def _finish(prof: recon.ConflictProfile, folder: Path, show: int) -> None:
         columns={"conflict_rate": "in conflict", "mean_cos": "mean cos"}
     )
     console.print(
-        frame_table(view, title=title, index="layer", fmt={"in conflict": lambda v: f"{v:.1%}", "mean cos": "+.3f", "params": ","})
+        frame_table(
+            view,
+            title=title,
+            index="layer",
+            fmt={"in conflict": lambda v: f"{v:.1%}", "mean cos": "+.3f", "params": ","},
+        )
     )

@@ -36,6 +36,7 @@ whole-set mIoU needs the accumulating interface (``update``/``compute``), see ``
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -48,7 +49,7 @@ from recon import dense
 def _sibling(name: str):
     """Import ``<this folder>/<name>.py`` (works whether or not this folder is on sys.path)."""
     path = Path(__file__).resolve().with_name(f"{name}.py")
-    key = f"recon_examples_{name}_{abs(hash(str(path)))}"
+    key = f"recon_examples_{name}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
     if key not in sys.modules:
         spec = importlib.util.spec_from_file_location(key, path)
         module = importlib.util.module_from_spec(spec)

@@ -15,9 +15,7 @@ class NonFiniteLossError(RuntimeError):
     """A task's loss became NaN or infinite during training; names the task and the step."""
 
     def __init__(self, task: str, step: int, value: float) -> None:
-        super().__init__(
-            f"loss of task {task!r} is {value} at step {step}; lower the learning rate or check the data"
-        )
+        super().__init__(f"loss of task {task!r} is {value} at step {step}; lower the learning rate or check the data")
         self.task = task
         self.step = step
         self.value = value

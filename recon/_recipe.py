@@ -48,9 +48,7 @@ class Recipe:
             return torch.optim.Adam(params, lr=1e-3)
         opt = self.optimizer(params)
         if not isinstance(opt, torch.optim.Optimizer):
-            raise ReconError(
-                f"{self.path}: optimizer(params) returned {describe(opt)}; return a torch.optim.Optimizer"
-            )
+            raise ReconError(f"{self.path}: optimizer(params) returned {describe(opt)}; return a torch.optim.Optimizer")
         return opt
 
 
@@ -129,7 +127,9 @@ def load_recipe(path: str | Path) -> Recipe:
     tasks = validate_tasks(losses, str(path))
     not_callable = [t for t in tasks if not callable(losses[t])]
     if not_callable:
-        raise ReconError(f"{path}: losses for {not_callable} are not functions; map each task to loss_fn(output, target)")
+        raise ReconError(
+            f"{path}: losses for {not_callable} are not functions; map each task to loss_fn(output, target)"
+        )
 
     metrics = getattr(module, "metrics", None)
     if metrics is not None:
@@ -141,13 +141,17 @@ def _check_metrics(metrics: Any, tasks: list[str], path: Path) -> dict:
     if callable(metrics) and not isinstance(metrics, Mapping):
         metrics = metrics()
     if not isinstance(metrics, Mapping):
-        raise ReconError(f"{path}: `metrics` is {describe(metrics)}; make it {{task: {{name: (fn, 'higher'|'lower')}}}}")
+        raise ReconError(
+            f"{path}: `metrics` is {describe(metrics)}; make it {{task: {{name: (fn, 'higher'|'lower')}}}}"
+        )
     unknown = [t for t in metrics if t not in tasks]
     if unknown:
         raise ReconError(f"{path}: `metrics` names unknown task(s) {unknown}; use tasks from `losses`: {tasks}")
     for task, named in metrics.items():
         if not isinstance(named, Mapping):
-            raise ReconError(f"{path}: metrics[{task!r}] is {describe(named)}; make it {{name: (fn, 'higher'|'lower')}}")
+            raise ReconError(
+                f"{path}: metrics[{task!r}] is {describe(named)}; make it {{name: (fn, 'higher'|'lower')}}"
+            )
         for name, spec in named.items():
             ok = isinstance(spec, (tuple, list)) and len(spec) == 2 and callable(spec[0])
             if not ok or spec[1] not in ("higher", "lower"):
@@ -180,7 +184,10 @@ def check_batch(batch: Any, tasks: list[str], where: str) -> tuple[Any, dict[str
 
 
 def compute_losses(
-    losses: Mapping[str, LossFn], outputs: Mapping[str, Any], targets: Mapping[str, Any], where: str = "recipe"
+    losses: Mapping[str, LossFn],
+    outputs: Mapping[str, Any],
+    targets: Mapping[str, Any],
+    where: str = "recipe",
 ) -> dict[str, torch.Tensor]:
     """Evaluate every task's loss and check each one is a scalar tensor."""
     values = {}

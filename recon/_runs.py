@@ -29,8 +29,9 @@ def versions() -> dict[str, str]:
 
     out = {"recon": __version__, "python": platform.python_version(), "torch": torch.__version__}
     try:
-        import torchjd  # noqa: F401
         from importlib.metadata import version
+
+        import torchjd  # noqa: F401
 
         out["torchjd"] = version("torchjd")
     except Exception:  # torchjd missing or without metadata: versions are informative only
@@ -71,8 +72,7 @@ class Run:
             run = cls.open(run_dir)
             if run.info.get("tasks") != list(tasks):
                 raise ReconError(
-                    f"{run_dir} holds a run for tasks {run.info.get('tasks')}, not {list(tasks)}; "
-                    "pass another --out"
+                    f"{run_dir} holds a run for tasks {run.info.get('tasks')}, not {list(tasks)}; pass another --out"
                 )
             return run
         info = {
@@ -119,9 +119,7 @@ class Run:
         argv = list(sys.argv if argv is None else argv)
         if argv:
             argv[0] = Path(argv[0]).name
-        self.info.setdefault("commands", []).append(
-            {"argv": argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        )
+        self.info.setdefault("commands", []).append({"argv": argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
         self.save()
 
     def stage(self, *parts: str, force: bool = False) -> Path:

@@ -32,11 +32,11 @@ and also offers ``reset()``, ``update(output, target)`` and ``compute()`` to acc
   mean over images of per-image values (exactly what Recon's evaluation computes, with validation batch size
   1; MTAN and CAGrad average per-batch values over batches of 2 or 8 images, which differs slightly); for
   segmentation the mIoU and pixel accuracy of one confusion matrix accumulated over every valid pixel of the
-  set (CAGrad, Nash-MTL and Recon; MTAN since Oct 2019).
+  set (CAGrad, Nash-MTL, Recon, and MTAN's current code, which keeps the old formula as "legacy").
 * The per-image segmentation values that ``fn(output, target)`` returns follow MTAN's original ("legacy")
   ``compute_miou``/``compute_iou``: each image's mIoU is the mean IoU over the classes present in that image's
   prediction or ground truth on valid pixels, then averaged over images. This is **not** the whole-set mIoU:
-  a trainer that only averages per-batch values reports MTAN-2019-style numbers for segmentation, which are
+  a trainer that only averages per-batch values reports MTAN-legacy numbers for segmentation, which are
   not comparable to the CAGrad/Nash-MTL/Recon tables. Use ``update``/``compute`` (or :func:`evaluate`) for
   those.
 
@@ -53,7 +53,7 @@ reference code's 0/0.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -84,7 +84,6 @@ __all__ = [
     "depth_loss",
     "depth_metrics",
     "depth_rel_error",
-    "evaluate",
     "mean_iou",
     "miou_from_confusion",
     "normal_angle_errors",
@@ -124,17 +123,13 @@ def _depth_pair(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
     output, target = _as_4d(output, "depth output"), _as_4d(target, "depth target")
     _check_same_hw(output, target, "depth")
     if output.shape[1] != 1 or target.shape[1] != 1:
-        raise ReconError(
-            f"depth: output {tuple(output.shape)} / target {tuple(target.shape)} must have one channel"
-        )
+        raise ReconError(f"depth: output {tuple(output.shape)} / target {tuple(target.shape)} must have one channel")
     return output, target
 
 
 def _normal_pair(output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if output.dim() != 4 or target.dim() != 4 or output.shape[1] != 3 or target.shape[1] != 3:
-        raise ReconError(
-            f"normal: output {tuple(output.shape)} / target {tuple(target.shape)} must be (B, 3, H, W)"
-        )
+        raise ReconError(f"normal: output {tuple(output.shape)} / target {tuple(target.shape)} must be (B, 3, H, W)")
     _check_same_hw(output, target, "normal")
     return output, target
 
@@ -397,7 +392,8 @@ class ConfusionMetric(PerImageMetric):
     """Segmentation metric: per-image legacy value per batch, whole-set confusion-matrix value from
     ``compute()``.
 
-    With ``whole_set=False``, ``compute()`` returns the mean of the per-image values instead (MTAN 2019).
+    With ``whole_set=False``, ``compute()`` returns the mean of the per-image values instead (MTAN's legacy
+    formula).
     """
 
     def __init__(
@@ -523,86 +519,3 @@ def normal_metrics() -> dict[str, tuple[Any, str]]:
     for t in WITHIN_DEGREES:
         out[_threshold_name(t)] = (NormalWithin(t), "higher")
     return out
-
-
-# -------------------------------------------------------------------------------------- evaluation
-
-
-def _to(x: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return x
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, Mapping):
-        return {k: _to(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    return x
-
-
-def _batch_size(target: Any) -> int:
-    return int(target.shape[0]) if isinstance(target, torch.Tensor) and target.dim() > 0 else 1
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    data: Iterable,
-    metrics: Mapping[str, Mapping[str, Any]],
-    *,
-    tasks: Sequence[str] | None = None,
-    device: torch.device | str | None = None,
-) -> dict[str, dict[str, float]]:
-    """Whole-set values of a recipe's ``metrics`` on ``data`` (batches ``(inputs, {task: target})``).
-
-    A metric with ``reset``/``update``/``compute`` is accumulated over the set (the papers' numbers); a plain
-    ``fn(output, target)`` is averaged over batches weighted by batch size. ``metrics`` values are ``fn`` or
-    ``(fn, direction)``. The model runs in eval mode and is put back in its previous mode. A model returning a
-    tuple/list is read in the order of ``tasks`` (default: the order of ``metrics``).
-    """
-    device = torch.device(device) if isinstance(device, str) else device
-    order = list(tasks) if tasks is not None else list(metrics)
-    fns = {
-        t: {n: (m[0] if isinstance(m, tuple) else m) for n, m in named.items()}
-        for t, named in metrics.items()
-    }
-    plain: dict[tuple[str, str], list[float]] = {}
-    for named in fns.values():
-        for fn in named.values():
-            if hasattr(fn, "reset"):
-                fn.reset()
-    was_training = model.training
-    model.eval()
-    try:
-        for inputs, targets in data:
-            inputs = _to(inputs, device)
-            if isinstance(inputs, Mapping):
-                out = model(**inputs)
-            elif isinstance(inputs, (tuple, list)):
-                out = model(*inputs)
-            else:
-                out = model(inputs)
-            if not isinstance(out, Mapping):
-                out = dict(zip(order, out, strict=True))
-            for task, named in fns.items():
-                output, target = out[task], _to(targets[task], device)
-                for name, fn in named.items():
-                    if hasattr(fn, "update") and hasattr(fn, "compute"):
-                        fn.update(output, target)
-                    else:
-                        acc = plain.setdefault((task, name), [0.0, 0.0])
-                        b = _batch_size(target)
-                        acc[0] += float(fn(output, target)) * b
-                        acc[1] += b
-    finally:
-        model.train(was_training)
-    result: dict[str, dict[str, float]] = {}
-    for task, named in fns.items():
-        result[task] = {}
-        for name, fn in named.items():
-            if hasattr(fn, "update") and hasattr(fn, "compute"):
-                result[task][name] = float(fn.compute())
-            else:
-                total, count = plain.get((task, name), (0.0, 0.0))
-                result[task][name] = total / count if count else math.nan
-    return result

@@ -17,10 +17,14 @@ torch.set_num_threads(2)
 
 def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the real ``recon`` console script; small data so it stays quick."""
-    full_env = {**os.environ, "RECON_DIGITS_TRAIN": "256", "RECON_DIGITS_VAL": "128", "COLUMNS": "160", **(env or {})}
-    return subprocess.run(
-        [str(RECON), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    full_env = {
+        **os.environ,
+        "RECON_DIGITS_TRAIN": "256",
+        "RECON_DIGITS_VAL": "128",
+        "COLUMNS": "160",
+        **(env or {}),
+    }
+    return subprocess.run([str(RECON), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture

@@ -73,17 +73,35 @@ def test_existing_profile_is_not_overwritten(cli, tmp_path):
     [
         (lambda p: p.unlink(), "no such file"),
         (lambda p: p.write_text(p.read_text() + "\ndef broken(:\n"), "syntax error"),
-        (lambda p: p.write_text(p.read_text().replace("def build_model", "def build_it")), "no `build_model`"),
+        (
+            lambda p: p.write_text(p.read_text().replace("def build_model", "def build_it")),
+            "no `build_model`",
+        ),
         (lambda p: p.write_text(p.read_text().replace("losses = ", "losses_ = ")), "no `losses`"),
-        (lambda p: p.write_text(p.read_text().replace('return {"a": self.a(z), "b": self.b(z)}', "return z")),
-         "returned a tensor of shape"),
-        (lambda p: p.write_text(p.read_text().replace('"b": F.cross_entropy}', '"b": lambda o, t: o.sum(1)}')),
-         "not a scalar tensor"),
-        (lambda p: p.write_text(p.read_text().replace('{"a": F.cross_entropy', '{"a-1": F.cross_entropy')),
-         "not valid Python identifiers"),
+        (
+            lambda p: p.write_text(p.read_text().replace('return {"a": self.a(z), "b": self.b(z)}', "return z")),
+            "returned a tensor of shape",
+        ),
+        (
+            lambda p: p.write_text(p.read_text().replace('"b": F.cross_entropy}', '"b": lambda o, t: o.sum(1)}')),
+            "not a scalar tensor",
+        ),
+        (
+            lambda p: p.write_text(p.read_text().replace('{"a": F.cross_entropy', '{"a-1": F.cross_entropy')),
+            "not valid Python identifiers",
+        ),
         (lambda p: p.write_text(p.read_text() + "\nraise RuntimeError('boom')\n"), "RuntimeError: boom"),
     ],
-    ids=["missing-file", "syntax", "no-build-model", "no-losses", "wrong-output", "non-scalar-loss", "bad-task", "import-error"],
+    ids=[
+        "missing-file",
+        "syntax",
+        "no-build-model",
+        "no-losses",
+        "wrong-output",
+        "non-scalar-loss",
+        "bad-task",
+        "import-error",
+    ],
 )
 def test_bad_recipe_is_one_clear_line(cli, tmp_path, mutate, expected):
     path = recipe(tmp_path)

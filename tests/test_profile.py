@@ -43,7 +43,11 @@ class BranchyNet(nn.Module):
 
     def forward(self, x):
         z = self.fc(self.block(self.stem(x)).mean(dim=(2, 3)))
-        return {"a": self.heads["a"](torch.tanh(self.only_a(z))), "b": self.heads["b"](z), "c": self.heads["c"](z)}
+        return {
+            "a": self.heads["a"](torch.tanh(self.only_a(z))),
+            "b": self.heads["b"](z),
+            "c": self.heads["c"](z),
+        }
 
 
 LOSSES = {t: F.cross_entropy for t in TASKS}
@@ -103,7 +107,7 @@ def test_cosines_match_independent_autograd():
     # every pair the oracle defines among shared layers was recorded
     recorded = {(r.step, r.layer, r.task_a, r.task_b) for r in frame.itertuples()}
     for step, rec in enumerate(expected):
-        for (layer, a, b) in rec:
+        for layer, a, b in rec:
             if layer in prof.layers:
                 assert (step, layer, a, b) in recorded
 

@@ -1,0 +1,434 @@
+"""Stage 3: train a (split) network from scratch with any gradient method; evaluation and Δm%.
+
+``recon.train`` is a plain epoch loop around :func:`recon.backward`: forward, per-task losses, the method's
+update of the shared parameters (task-specific parameters get their own task's gradient), optimizer step.
+Each epoch it evaluates on ``val_data`` with the recipe's metrics and, given ``out``, writes ``metrics.csv``,
+``checkpoint.pt`` and ``summary.json`` atomically; ``resume=True`` continues from the checkpoint and ends
+exactly where an uninterrupted run ends (model, optimizer, method state and every RNG are restored).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from recon import _io
+from recon._errors import NonFiniteLossError, ReconError
+from recon._outputs import call_model, move_to, task_outputs
+from recon._progress import progress_bar
+from recon._recipe import check_batch, compute_losses, validate_tasks
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.csv"
+SUMMARY = "summary.json"
+
+Metrics = Mapping[str, Mapping[str, tuple[Callable[[Any, Any], float], str]]]
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the per-epoch history and the final validation metrics."""
+
+    history: pd.DataFrame
+    final: dict[str, dict[str, float]] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    #: every recorded layer-wise cosine of the still-shared layers, ``(steps, layers, pairs)``, when asked for
+    cosines: np.ndarray | None = None
+
+
+class ConflictMeter:
+    """Layer-wise cosines of the shared layers at each training step (the paper's Figures 1 and 3).
+
+    Shared layers are found with autograd on the first step (any module, split or not); each measurement
+    takes one extra ``autograd.grad`` per task, so it is off unless asked for.
+    """
+
+    def __init__(self, net: nn.Module, tasks: Sequence[str]) -> None:
+        self.tasks = list(tasks)
+        self.names, self.params = map(
+            list, zip(*[(n, p) for n, p in net.named_parameters() if p.requires_grad], strict=True)
+        )
+        self.layers: list[str] | None = None
+        self._layer_params: list[tuple[int, int]] = []
+        self.rows: list[np.ndarray] = []
+
+    def measure(self, values: Mapping[str, torch.Tensor]) -> None:
+        from recon._gram import layer_cosines
+        from recon._profile import layer_usage_autograd, owner_name
+
+        grads = {
+            t: list(torch.autograd.grad(values[t], self.params, retain_graph=True, allow_unused=True))
+            for t in self.tasks
+        }
+        if self.layers is None:
+            usage = layer_usage_autograd(self.names, grads)
+            owners = [owner_name(n) for n in self.names]
+            self.layers = [ln for ln in dict.fromkeys(owners) if len(usage.get(ln, ())) >= 2]
+            index = {ln: k for k, ln in enumerate(self.layers)}
+            self._layer_params = [(index[o], i) for i, o in enumerate(owners) if o in index]
+        K = len(self.tasks)
+        dev = self.params[0].device
+        pi, pj = torch.triu_indices(K, K, offset=1, device=dev)
+        cos = layer_cosines(list(grads.values()), self._layer_params, len(self.layers), pi, pj, dev)
+        self.rows.append(cos.cpu().numpy())
+
+    def take_epoch(self) -> float:
+        """Share of this epoch's recorded cosines below 0 (skipped pairs excluded); resets the epoch."""
+        if not self.rows:
+            return float("nan")
+        block = np.stack(self.rows)
+        self._all = [*getattr(self, "_all", []), block]
+        self.rows = []
+        valid = ~np.isnan(block)
+        return float((block < 0).sum() / max(valid.sum(), 1))
+
+    def all(self) -> np.ndarray | None:
+        blocks = getattr(self, "_all", [])
+        return np.concatenate(blocks) if blocks else None
+
+
+def delta_m(
+    final: Mapping[str, Mapping[str, float]],
+    baseline: Mapping[str, Mapping[str, float]],
+    directions: Mapping[str, Mapping[str, str]],
+) -> float:
+    """Δm% (Maninis et al. 2019; as in MTAN, CAGrad, Nash-MTL and Recon): lower is better.
+
+    ``Δm% = 100/N * sum_{task, metric} (-1)^{h} (M - M_b) / M_b`` over the N (task, metric) pairs, where
+    ``h = 1`` when higher is better for that metric and ``M_b`` is the single-task baseline's value.
+    """
+    terms = []
+    for task, named in directions.items():
+        for metric, direction in named.items():
+            m, b = final[task][metric], baseline[task][metric]
+            if b == 0:
+                raise ReconError(f"baseline {task}/{metric} is 0: Δm% divides by it; use a metric that is never 0")
+            sign = -1.0 if direction == "higher" else 1.0
+            terms.append(sign * (m - b) / abs(b))
+    if not terms:
+        raise ReconError("Δm% needs at least one metric; define `metrics` in the recipe")
+    return 100.0 * float(np.mean(terms))
+
+
+@torch.no_grad()
+def evaluate(
+    net: nn.Module, data: Iterable, tasks: Sequence[str], metrics: Metrics | None, *, device=None
+) -> dict[str, dict[str, float]]:
+    """Every metric over the whole of ``data``, in eval mode.
+
+    A plain metric ``fn(output, target) -> float`` is averaged over batches weighted by batch size; a metric
+    object with ``reset()``, ``update(output, target)`` and ``compute()`` (e.g. ``recon.dense``'s whole-set
+    mIoU) accumulates over the set instead.
+    """
+    was_training = net.training
+    net.eval()
+    named = {t: dict((metrics or {}).get(t, {})) for t in tasks}
+    for t in tasks:
+        for fn, _ in named[t].values():
+            if hasattr(fn, "update") and hasattr(fn, "compute"):
+                fn.reset()
+    sums: dict[str, dict[str, float]] = {t: {} for t in tasks}
+    count = 0
+    try:
+        for batch in data() if callable(data) else data:
+            inputs, targets = check_batch(batch, list(tasks), "val_data")
+            outputs = task_outputs(call_model(net, move_to(inputs, device)), tasks)
+            targets = move_to(targets, device)
+            n = _batch_size(targets[tasks[0]])
+            count += n
+            for t in tasks:
+                for name, (fn, _) in named[t].items():
+                    if hasattr(fn, "update") and hasattr(fn, "compute"):
+                        fn.update(outputs[t], targets[t])
+                    else:
+                        sums[t][name] = sums[t].get(name, 0.0) + float(fn(outputs[t], targets[t])) * n
+    finally:
+        net.train(was_training)
+    out: dict[str, dict[str, float]] = {}
+    for t in tasks:
+        out[t] = {}
+        for name, (fn, _) in named[t].items():
+            stateful = hasattr(fn, "update") and hasattr(fn, "compute")
+            out[t][name] = float(fn.compute()) if stateful else sums[t].get(name, float("nan")) / max(count, 1)
+    return out
+
+
+def _batch_size(target: Any) -> int:
+    return int(target.shape[0]) if isinstance(target, torch.Tensor) and target.dim() > 0 else 1
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every RNG, as tensors and plain Python values so ``torch.load(weights_only=True)`` reads it back."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": [version, list(py_state), gauss],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, py_state, gauss = state["python"]
+    random.setstate((version, tuple(py_state), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def train(
+    net: nn.Module,
+    data: Any,
+    losses: Mapping[str, Callable] | Callable[[], Mapping[str, Callable]],
+    *,
+    method: Any = "joint",
+    epochs: int = 1,
+    optimizer: torch.optim.Optimizer | None = None,
+    val_data: Any = None,
+    metrics: Metrics | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    tasks: Sequence[str] | None = None,
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    sparse: Any = None,
+    meta: Mapping[str, Any] | None = None,
+    record_cosines: bool = False,
+    on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train ``net`` from its current parameters with a gradient method (Recon, stage 3).
+
+    Args:
+        net: the model (original or split by :func:`recon.split`).
+        data: iterable of ``(inputs, {task: target})`` batches, or a function returning one (called per epoch).
+        losses: ``{task: loss_fn(output, target)}``; ``tasks`` may restrict training to some of them
+            (a single task gives the single-task baseline of Δm%).
+        method: a name of ``recon.methods``, a method instance, a torchjd ``Aggregator``, or a callable
+            ``(K, P) -> (P,)``. Learnable method parameters (e.g. uncertainty weights) join the optimizer.
+        optimizer: default Adam(lr=1e-3) over the network's and the method's parameters.
+        val_data, metrics: evaluated after every epoch; the mean over batches, weighted by batch size.
+        out: folder for ``metrics.csv``, ``checkpoint.pt`` (every epoch) and ``summary.json``.
+        resume: continue from ``out/checkpoint.pt``; the result equals an uninterrupted run's.
+        sparse: a ``recon.methods.SparseTraining`` (or ratio) applied to the shared parameters before training.
+        record_cosines: measure the shared layers' layer-wise cosines every step (costs one more backward per
+            task): the history gets ``conflict_share`` (share of cosines < 0) and the result ``cosines``.
+    """
+    from recon._backward import backward
+    from recon.methods import resolve
+
+    if callable(losses) and not isinstance(losses, Mapping):
+        losses = losses()
+    loss_fns = dict(losses)
+    task_names = validate_tasks(tasks if tasks is not None else list(loss_fns), "train")
+    unknown = [t for t in task_names if t not in loss_fns]
+    if unknown:
+        raise ReconError(f"no loss for task(s) {unknown}; tasks must be keys of `losses`: {list(loss_fns)}")
+    if epochs < 1:
+        raise ReconError(f"epochs = {epochs} must be at least 1")
+    if resume and out is None:
+        raise ReconError("resume=True needs `out`, the folder holding checkpoint.pt")
+    all_tasks = list(loss_fns)
+
+    seed_everything(seed)
+    if device is not None:
+        net.to(device)
+    dev = next(net.parameters()).device
+    agg = resolve(method)
+    if hasattr(agg, "bind"):
+        agg.bind(task_names)  # methods with learnable weights create them here, before the optimizer sees them
+    extra = [p for p in agg.parameters()] if isinstance(agg, nn.Module) else []
+    if isinstance(agg, nn.Module):
+        agg.to(dev)
+    if optimizer is None:
+        optimizer = torch.optim.Adam([*net.parameters(), *extra], lr=1e-3)
+    elif extra:
+        optimizer.add_param_group({"params": extra})
+    if sparse is not None:
+        sparse = _attach_sparse(sparse, net, data, task_names, loss_fns, dev)
+
+    folder = Path(out) if out is not None else None
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if resume:
+        start_epoch, history = _load_checkpoint(folder, net, optimizer, agg, sparse)
+    elif folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+
+    directions = {t: {n: d for n, (_, d) in (metrics or {}).get(t, {}).items()} for t in task_names}
+    meter = ConflictMeter(net, task_names) if record_cosines and len(task_names) > 1 else None
+    steps_per_epoch = _len(data)
+    total = None if steps_per_epoch is None else steps_per_epoch * (epochs - start_epoch)
+    step = start_epoch * (steps_per_epoch or 0)
+    with progress_bar(total, f"training {_method_name(method)}", enabled=progress) as bar:
+        for epoch in range(start_epoch, epochs):
+            t0 = time.perf_counter()
+            net.train()
+            sums = dict.fromkeys(task_names, 0.0)
+            n_batches = 0
+            for batch in data() if callable(data) else data:
+                inputs, targets = check_batch(batch, task_names, "train_data")
+                outputs = task_outputs(call_model(net, move_to(inputs, dev)), all_tasks)
+                values = compute_losses({t: loss_fns[t] for t in task_names}, outputs, move_to(targets, dev), "losses")
+                row = torch.stack(list(values.values())).detach().tolist()
+                for t, v in zip(task_names, row, strict=True):
+                    if not math.isfinite(v):
+                        raise NonFiniteLossError(t, step, v)
+                if meter is not None:
+                    meter.measure(values)
+                optimizer.zero_grad(set_to_none=True)
+                backward(values, net, agg)
+                if sparse is not None:
+                    sparse.mask_gradients()
+                optimizer.step()
+                if sparse is not None:
+                    sparse.apply()
+                for t, v in zip(task_names, row, strict=True):
+                    sums[t] += v
+                n_batches += 1
+                step += 1
+                bar.advance(dict(zip(task_names, row, strict=True)))
+            if n_batches == 0:
+                raise ReconError("train_data yielded no batch; give at least one (inputs, targets) batch")
+            mean_losses = {t: s / n_batches for t, s in sums.items()}
+            if hasattr(agg, "end_epoch"):
+                agg.end_epoch(mean_losses)
+            record: dict[str, Any] = {"epoch": epoch + 1}
+            record.update({f"train_loss_{t}": v for t, v in mean_losses.items()})
+            if meter is not None:
+                record["conflict_share"] = meter.take_epoch()
+            if val_data is not None:
+                scores = evaluate(net, val_data, task_names, metrics, device=dev)
+                for t in task_names:
+                    record.update({f"val_{t}_{k}": v for k, v in scores[t].items()})
+            record["seconds"] = time.perf_counter() - t0
+            history.append(record)
+            if folder is not None:
+                _io.write_text(folder / METRICS, pd.DataFrame(history).to_csv(index=False, float_format="%.6g"))
+                _save_checkpoint(folder, epoch + 1, net, optimizer, agg, sparse, history, meta)
+            if on_epoch is not None:
+                on_epoch(epoch + 1, record)
+
+    frame = pd.DataFrame(history)
+    final = _final_metrics(frame, task_names, directions)
+    summary = {
+        "method": _method_name(method),
+        "epochs": epochs,
+        "seed": seed,
+        "tasks": task_names,
+        "params": sum(p.numel() for p in net.parameters()),
+        "final": final,
+        "directions": directions,
+        "train_loss": {t: float(frame[f"train_loss_{t}"].iloc[-1]) for t in task_names},
+        **dict(meta or {}),
+    }
+    if folder is not None:
+        _io.write_json(folder / SUMMARY, summary)
+    if meter is not None:
+        summary["conflict_share"] = float(np.nanmean(frame["conflict_share"]))
+        if folder is not None:
+            _io.write_json(folder / SUMMARY, summary)
+    return TrainResult(frame, final, summary, meter.all() if meter is not None else None)
+
+
+def _len(data: Any) -> int | None:
+    try:
+        return len(data() if callable(data) else data)
+    except TypeError:
+        return None
+
+
+def _method_name(method: Any) -> str:
+    if isinstance(method, str):
+        return method
+    return getattr(method, "name", type(method).__name__)
+
+
+def _final_metrics(frame: pd.DataFrame, tasks: Sequence[str], directions) -> dict[str, dict[str, float]]:
+    last = frame.iloc[-1]
+    return {t: {m: float(last[f"val_{t}_{m}"]) for m in directions[t] if f"val_{t}_{m}" in last} for t in tasks}
+
+
+def _state(obj: Any) -> Any:
+    return obj.state_dict() if hasattr(obj, "state_dict") else None
+
+
+def _save_checkpoint(folder, epoch, net, optimizer, agg, sparse, history, meta) -> None:
+    _io.save_torch(
+        folder / CHECKPOINT,
+        {
+            "epoch": epoch,
+            "model": net.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "method": _state(agg),
+            "sparse": _state(sparse),
+            "history": json.dumps(history),
+            "rng": _rng_state(),
+            "meta": json.dumps(dict(meta or {}), default=str),
+        },
+    )
+
+
+def _load_checkpoint(folder, net, optimizer, agg, sparse) -> tuple[int, list[dict[str, Any]]]:
+    path = Path(folder) / CHECKPOINT
+    if not path.exists():
+        raise ReconError(f"{path} does not exist; nothing to resume, train without --resume")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    net.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("method") is not None and hasattr(agg, "load_state_dict"):
+        agg.load_state_dict(ckpt["method"])
+    if ckpt.get("sparse") is not None and sparse is not None:
+        sparse.load_state_dict(ckpt["sparse"])
+    _set_rng_state(ckpt["rng"])
+    return int(ckpt["epoch"]), json.loads(ckpt["history"])
+
+
+def _attach_sparse(sparse: Any, net: nn.Module, data: Any, tasks, loss_fns, device) -> Any:
+    """Sparse training on the shared parameters (found with autograd on the first batch)."""
+    from recon.methods import SparseTraining
+
+    if isinstance(sparse, (int, float)):
+        sparse = SparseTraining(ratio=float(sparse))
+    inputs, targets = check_batch(next(iter(data() if callable(data) else data)), list(tasks), "train_data")
+    outputs = task_outputs(call_model(net, move_to(inputs, device)), list(loss_fns))
+    values = compute_losses({t: loss_fns[t] for t in tasks}, outputs, move_to(targets, device), "losses")
+    params = [p for p in net.parameters() if p.requires_grad]
+    used = [torch.autograd.grad(values[t], params, retain_graph=True, allow_unused=True) for t in tasks]
+    shared = [p for i, p in enumerate(params) if sum(g[i] is not None for g in used) >= 2]
+    sparse.attach(shared)
+    return sparse
+
+
+def load_baselines(train_dir: str | os.PathLike, tasks: Sequence[str]) -> dict[str, dict[str, float]] | None:
+    """The single-task baselines' final metrics ``{task: {metric: value}}``, or None unless every task has one."""
+    found: dict[str, dict[str, float]] = {}
+    for file in sorted(Path(train_dir).glob(f"single-*/{SUMMARY}")):
+        summary = json.loads(file.read_text())
+        task = summary.get("single_task")
+        if task and summary.get("final", {}).get(task):
+            found[task] = summary["final"][task]
+    return found if all(t in found for t in tasks) else None

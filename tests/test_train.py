@@ -1,0 +1,137 @@
+"""Stage 3: recon.train, exact resume, Δm%, and `recon train` through the console script."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import recon
+from recon._errors import ReconError
+from recon._train import delta_m
+from tests.conftest import EXAMPLE
+
+TASKS = ("a", "b")
+
+
+class DictData(TensorDataset):
+    def __getitem__(self, i):
+        x, ya, yb = super().__getitem__(i)
+        return x, {"a": ya, "b": yb}
+
+
+def loader(n=64, seed=0, shuffle=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g)
+    ya = (x[:, 0] > 0).long()
+    yb = (x[:, 1] + x[:, 0] > 0).long()
+    return DataLoader(DictData(x, ya, yb), batch_size=16, shuffle=shuffle)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 16), nn.ReLU())
+        self.a = nn.Linear(16, 2)
+        self.b = nn.Linear(16, 2)
+
+    def forward(self, x):
+        z = self.trunk(x)
+        return {"a": self.a(z), "b": self.b(z)}
+
+
+def acc(out, y):
+    return (out.argmax(1) == y).float().mean().item()
+
+
+LOSSES = {t: F.cross_entropy for t in TASKS}
+METRICS = {t: {"acc": (acc, "higher")} for t in TASKS}
+
+
+def fresh(seed=0):
+    torch.manual_seed(seed)
+    return Net()
+
+
+def test_train_writes_metrics_checkpoint_summary(tmp_path):
+    res = recon.train(
+        fresh(), lambda: loader(), LOSSES, method="joint", epochs=2, val_data=lambda: loader(shuffle=False),
+        metrics=METRICS, out=tmp_path,
+    )  # fmt: skip
+    assert list(res.history.columns[:3]) == ["epoch", "train_loss_a", "train_loss_b"]
+    assert "val_a_acc" in res.history and len(res.history) == 2
+    assert (tmp_path / "metrics.csv").exists() and (tmp_path / "checkpoint.pt").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final"]["a"]["acc"] == pytest.approx(res.history["val_a_acc"].iloc[-1])
+    assert summary["directions"] == {"a": {"acc": "higher"}, "b": {"acc": "higher"}}
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # no pickled code in checkpoints
+    assert ckpt["epoch"] == 2
+
+
+def test_training_lowers_the_losses():
+    res = recon.train(fresh(), lambda: loader(256), LOSSES, method="joint", epochs=8)
+    first, last = res.history.iloc[0], res.history.iloc[-1]
+    assert last["train_loss_a"] < first["train_loss_a"] and last["train_loss_b"] < first["train_loss_b"]
+
+
+@pytest.mark.parametrize("method", ["joint", "pcgrad"])
+def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, method):
+    kwargs = dict(method=method, epochs=3, val_data=lambda: loader(shuffle=False), metrics=METRICS, seed=5)
+    full = recon.train(fresh(), lambda: loader(), LOSSES, out=tmp_path / "full", **kwargs)
+    full_state = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+
+    def stop_after_first(epoch, record):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        recon.train(fresh(), lambda: loader(), LOSSES, out=tmp_path / "cut", on_epoch=stop_after_first, **kwargs)
+    resumed = recon.train(fresh(99), lambda: loader(), LOSSES, out=tmp_path / "cut", resume=True, **kwargs)
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["model"]
+    for key, value in full_state.items():
+        assert torch.equal(value, state[key]), key
+    cols = [c for c in full.history.columns if c != "seconds"]
+    assert full.history[cols].equals(resumed.history[cols])
+
+
+def test_resume_without_checkpoint_is_clear(tmp_path):
+    with pytest.raises(ReconError, match="nothing to resume"):
+        recon.train(fresh(), lambda: loader(), LOSSES, out=tmp_path, resume=True)
+
+
+def test_delta_m_hand_derived():
+    final = {"a": {"acc": 0.9}, "b": {"err": 0.2}}
+    base = {"a": {"acc": 0.8}, "b": {"err": 0.25}}
+    dirs = {"a": {"acc": "higher"}, "b": {"err": "lower"}}
+    # a: -(0.9-0.8)/0.8 = -0.125 ; b: +(0.2-0.25)/0.25 = -0.2 ; mean -0.1625 -> -16.25 %
+    assert delta_m(final, base, dirs) == pytest.approx(-16.25)
+    assert delta_m(base, base, dirs) == 0.0
+
+
+def test_cli_train_single_task_then_joint_gives_delta_m(cli, tmp_path):
+    res = cli("train", str(EXAMPLE), "--single-task", "--epochs", "1", "--split", "none", "--out", "runs/r")
+    assert res.returncode == 0, res.stderr
+    res = cli("train", str(EXAMPLE), "--method", "pcgrad", "--epochs", "1", "--split", "none", "--out", "runs/r")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "runs/r/train/pcgrad/summary.json").read_text())
+    singles = [json.loads((tmp_path / f"runs/r/train/single-{t}/summary.json").read_text()) for t in ("left", "right")]
+    base = {s["single_task"]: s["final"][s["single_task"]] for s in singles}
+    assert summary["delta_m"] == pytest.approx(delta_m(summary["final"], base, summary["directions"]))
+    assert "Δm%" in res.stdout
+
+
+def test_cli_train_unknown_method_lists_choices(cli):
+    res = cli("train", str(EXAMPLE), "--method", "gradsurgery")
+    assert res.returncode == 2
+    assert "pcgrad" in res.stderr and "cagrad" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_train_existing_variant_needs_force(cli, tmp_path):
+    args = ("train", str(EXAMPLE), "--epochs", "1", "--split", "none", "--out", "runs/r")
+    assert cli(*args).returncode == 0
+    again = cli(*args)
+    assert again.returncode == 2 and "--force" in again.stderr
