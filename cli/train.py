@@ -80,6 +80,9 @@ def train_command(
         None, "--sparse", help="Sparse training: ratio of shared weights kept trainable."
     ),
     label: str | None = typer.Option(None, "--label", help="Name of the variant folder under train/."),
+    record_cosines: bool = typer.Option(
+        False, "--record-cosines", help="Record the shared layers' cosines every step (one more backward per task)."
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing variant."),
 ) -> None:
@@ -104,7 +107,9 @@ def train_command(
                 raise ReconError(f"{folder}/checkpoint.pt does not exist; nothing to resume, drop --resume")
         else:
             folder = run.stage("train", name, force=force)
-        _train_variant(recipe, run, folder, name, method, agg, plan, list(tasks), epochs, seed, dev, resume, sparse)
+        _train_variant(
+            recipe, run, folder, name, agg, plan, list(tasks), epochs, seed, dev, resume, sparse, record_cosines
+        )
     _print_results(run, recipe)
 
 
@@ -115,7 +120,7 @@ def _label(method: str, plan, sparse: float | None, single: tuple[str, ...] | No
 
 
 def _train_variant(
-    recipe: Recipe, run: Run, folder: Path, name, method, agg, plan, tasks, epochs, seed, dev, resume, sparse
+    recipe: Recipe, run: Run, folder: Path, name, agg, plan, tasks, epochs, seed, dev, resume, sparse, record_cosines
 ):
     seed_everything(seed)
     model = recipe.build_model()
@@ -132,6 +137,7 @@ def _train_variant(
         net, recipe.train_data, recipe.losses, method=agg, epochs=epochs,
         optimizer=recipe.make_optimizer(net.parameters()), val_data=recipe.val_data, metrics=recipe.metrics,
         seed=seed, device=dev, tasks=tasks, out=folder, resume=resume, progress=True, sparse=sparse, meta=meta,
+        record_cosines=record_cosines,
     )  # fmt: skip
     summary = dict(result.summary)
     baseline = load_baselines(run.dir / "train", recipe.tasks)

@@ -56,7 +56,7 @@ def make_pairs(split: str, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
     return x, y
 
 
-class _Targets(TensorDataset):
+class TaskTargets(TensorDataset):
     """Yields ``(image, {task: label})`` so the default collate builds the recipe's target dict."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, tasks: tuple[str, ...]) -> None:
@@ -125,14 +125,16 @@ def accuracy(output: torch.Tensor, target: torch.Tensor) -> float:
 metrics = {t: {"acc": (accuracy, "higher")} for t in TASKS}
 
 
-def _loader(split: str, n: int, shuffle: bool) -> DataLoader:
+def loader(split: str, n: int, shuffle: bool, tasks: tuple[str, ...] = TASKS, labels=None) -> DataLoader:
+    """Batches of ``(images, {task: labels})``; ``labels(y)`` derives extra task columns from ``(n, 2)`` digits."""
     x, y = make_pairs(split, n)
-    return DataLoader(_Targets(x, y, TASKS), batch_size=BATCH_SIZE, shuffle=shuffle, drop_last=shuffle)
+    y = y if labels is None else labels(y)
+    return DataLoader(TaskTargets(x, y, tasks), batch_size=BATCH_SIZE, shuffle=shuffle, drop_last=shuffle)
 
 
 def train_data() -> DataLoader:
-    return _loader("train", N_TRAIN, shuffle=True)
+    return loader("train", N_TRAIN, shuffle=True)
 
 
 def val_data() -> DataLoader:
-    return _loader("val", N_VAL, shuffle=False)
+    return loader("val", N_VAL, shuffle=False)

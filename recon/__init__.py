@@ -1,20 +1,47 @@
 """recon: find the shared layers where multi-task gradients conflict, branch them, retrain.
 
 After "Recon: Reducing Conflicting Gradients From the Root for Multi-Task Learning" (Shi et al., ICLR 2023).
+
+The three stages::
+
+    prof = recon.profile(model, data, losses)             # 1. layer-wise cosines, S-conflict scores
+    net = recon.split(model, prof.top_layers(4))          # 2. torch.fx rewrite: per-task copies
+    recon.train(net, data, losses, method="cagrad")       # 3. retrain from scratch with any method
+
+and, in one's own loop, ``recon.backward(losses, net, method)``.
 """
 
+from recon import methods
+from recon._backward import BackwardResult, backward
 from recon._errors import NonFiniteLossError, ReconError
+from recon._graph import TraceError, layer_tasks
 from recon._profile import ConflictProfile, profile, read_scores_json
 from recon._recipe import Recipe, load_recipe
+from recon._split import SplitPlan, load_split, shared_parameters, split, task_parameters
+from recon._train import TrainResult, delta_m, evaluate, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackwardResult",
     "ConflictProfile",
     "NonFiniteLossError",
     "Recipe",
     "ReconError",
+    "SplitPlan",
+    "TraceError",
+    "TrainResult",
+    "backward",
+    "delta_m",
+    "evaluate",
+    "layer_tasks",
     "load_recipe",
+    "load_split",
+    "methods",
     "profile",
     "read_scores_json",
+    "shared_parameters",
+    "split",
+    "task_parameters",
+    "train",
 ]

@@ -2,11 +2,20 @@
 
 For each shared layer k, the K x K Gram matrix ``G_k = J_k J_k^T`` of the task gradients restricted to the
 layer's parameters gives every pairwise cosine at once: ``cos_ij = G_ij / sqrt(G_ii G_jj)``.
+
+On the CPU each parameter's gradients are streamed through one small reusable block (``K x block`` floats,
+about 512 KiB, so it stays in cache): ``torch.stack(..., out=block)`` then ``gram.addmm_(block, block.T)``. Each
+gradient element is read from memory once, nothing of parameter size is allocated (no ``K x numel`` stack, no
+zero tensors for tasks that do not reach a parameter), and the float32 sum is blocked, which is also more
+accurate than one long dot product. On other devices one ``stack`` + ``addmm_`` per parameter is used: launches
+cost more there than bandwidth.
 """
 
 from __future__ import annotations
 
 import torch
+
+_BLOCK_BYTES = 1 << 19  # per-block working set on the CPU (K rows together)
 
 
 def layer_cosines(
@@ -17,16 +26,44 @@ def layer_cosines(
     pair_j: torch.Tensor,
     device: torch.device,
 ) -> torch.Tensor:
-    """``(layers, pairs)`` cosines from per-parameter K x K Gram matrices summed per layer; NaN if a norm is 0."""
+    """``(layers, pairs)`` cosines from per-parameter K x K Gram matrices summed per layer; NaN if a norm is 0.
+
+    ``rows[k][i]`` is task k's gradient of parameter i (None where the task does not reach it: a zero row);
+    ``layer_params`` lists ``(layer index, parameter index)``; ``pair_i, pair_j`` index the task pairs.
+    """
     K = len(rows)
     gram = torch.zeros((n_layers, K, K), dtype=torch.float32, device=device)
+    block = max(1024, _BLOCK_BYTES // (4 * K))
+    work: torch.Tensor | None = None
     for layer, i in layer_params:
-        grads = [r[i] for r in rows]
-        if all(g is None for g in grads):
+        present = [k for k in range(K) if rows[k][i] is not None]
+        if not present:
             continue
-        like = next(g for g in grads if g is not None)
-        M = torch.stack([(g if g is not None else torch.zeros_like(like)).reshape(-1) for g in grads])
-        gram[layer] += (M @ M.T).float()
+        flats = [rows[k][i].reshape(-1) for k in present]
+        p = len(present)
+        dtype = torch.promote_types(flats[0].dtype, torch.float32)
+        direct = p == K and dtype == torch.float32 and flats[0].device == gram.device
+        acc = gram[layer] if direct else torch.zeros((p, p), dtype=dtype, device=flats[0].device)
+        if flats[0].device.type != "cpu":
+            M = torch.stack(flats).to(dtype)
+            acc.addmm_(M, M.T)
+        else:
+            if work is None or work.dtype != dtype:
+                work = torch.empty(K * block, dtype=dtype)
+            same = flats[0].dtype == dtype
+            whole = work[: p * block].view(p, block)
+            for pieces in zip(*(f.split(block) for f in flats), strict=True):
+                m = pieces[0].numel()
+                blk = whole if m == block else work[: p * m].view(p, m)
+                if same:
+                    torch.stack(pieces, out=blk)
+                else:
+                    for r, piece in enumerate(pieces):
+                        blk[r].copy_(piece)
+                acc.addmm_(blk, blk.T)
+        if not direct:
+            idx = torch.tensor(present, device=gram.device)
+            gram[layer].index_put_((idx[:, None], idx[None, :]), acc.to(gram), accumulate=True)
     norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()  # (L, K)
     denom = norms[:, pair_i] * norms[:, pair_j]
     cos = gram[:, pair_i, pair_j] / denom

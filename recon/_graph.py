@@ -28,15 +28,19 @@ from recon._errors import ReconError
 
 __all__ = [
     "TraceError",
-    "trace",
-    "output_tasks",
-    "layer_tasks",
-    "shared_layers",
     "layer_names",
-    "node_tasks",
-    "task_roots",
+    "layer_tasks",
+    "leaf_names",
+    "modules_in_call",
     "mutated_input",
+    "node_layers",
+    "node_tasks",
+    "output_tasks",
+    "shared_layers",
+    "task_roots",
     "to_digraph",
+    "trace",
+    "trace_modes",
 ]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -62,8 +66,7 @@ def _resolve_leaves(model: nn.Module, leaf_modules: Iterable[LeafSpec]) -> tuple
             if leaf not in known or leaf == "":
                 valid = [n for n, m in known.items() if n and next(m.children(), None) is not None]
                 raise ReconError(
-                    f"unknown leaf module {leaf!r}; give names from model.named_modules(), for example "
-                    f"{valid[:12]}"
+                    f"unknown leaf module {leaf!r}; give names from model.named_modules(), for example {valid[:12]}"
                 )
             names.add(leaf)
         else:
@@ -151,8 +154,7 @@ def _trace_error(model: nn.Module, tracer: _Tracer, exc: BaseException) -> Trace
             "or fix the input that drives it with concrete_args="
         )
     return TraceError(
-        f"cannot trace {type(model).__name__} with torch.fx: {what}{loc}: {type(exc).__name__}: "
-        f"{first_line}; {fix}"
+        f"cannot trace {type(model).__name__} with torch.fx: {what}{loc}: {type(exc).__name__}: {first_line}; {fix}"
     )
 
 
@@ -513,15 +515,15 @@ def layer_tasks(
     set. A ``GraphModule`` (for example a model made by :func:`recon.split`) is analysed as it is; any other
     module is traced first (:func:`trace`), which raises :class:`TraceError` when it cannot be.
     """
-    gm = model if isinstance(model, fx.GraphModule) else trace(
-        model, leaf_modules=leaf_modules, concrete_args=concrete_args
+    gm = (
+        model
+        if isinstance(model, fx.GraphModule)
+        else trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
     )
     return _layer_tasks(gm, tasks, layer_names(model))
 
 
-def _layer_tasks(
-    gm: fx.GraphModule, tasks: Sequence[str] | None, names: list[str]
-) -> dict[str, frozenset[str]]:
+def _layer_tasks(gm: fx.GraphModule, tasks: Sequence[str] | None, names: list[str]) -> dict[str, frozenset[str]]:
     reach = node_tasks(gm, tasks)
     wanted = frozenset(names)
     usage: dict[str, set[str]] = {n: set() for n in names}

@@ -267,14 +267,14 @@ def train(
         optimizer = torch.optim.Adam([*net.parameters(), *extra], lr=1e-3)
     elif extra:
         optimizer.add_param_group({"params": extra})
-    if sparse is not None:
-        sparse = _attach_sparse(sparse, net, data, task_names, loss_fns, dev)
+    if sparse is not None:  # masks come from the fresh weights, so a resumed run re-derives the same ones
+        sparse = _attach_sparse(sparse, net, data, task_names, loss_fns, dev, optimizer)
 
     folder = Path(out) if out is not None else None
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if resume:
-        start_epoch, history = _load_checkpoint(folder, net, optimizer, agg, sparse)
+        start_epoch, history = _load_checkpoint(folder, net, optimizer, agg)
     elif folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -301,11 +301,7 @@ def train(
                     meter.measure(values)
                 optimizer.zero_grad(set_to_none=True)
                 backward(values, net, agg)
-                if sparse is not None:
-                    sparse.mask_gradients()
                 optimizer.step()
-                if sparse is not None:
-                    sparse.apply()
                 for t, v in zip(task_names, row, strict=True):
                     sums[t] += v
                 n_batches += 1
@@ -328,10 +324,12 @@ def train(
             history.append(record)
             if folder is not None:
                 _io.write_text(folder / METRICS, pd.DataFrame(history).to_csv(index=False, float_format="%.6g"))
-                _save_checkpoint(folder, epoch + 1, net, optimizer, agg, sparse, history, meta)
+                _save_checkpoint(folder, epoch + 1, net, optimizer, agg, history, meta)
             if on_epoch is not None:
                 on_epoch(epoch + 1, record)
 
+    if sparse is not None:
+        sparse.remove()  # the returned network carries no hooks
     frame = pd.DataFrame(history)
     final = _final_metrics(frame, task_names, directions)
     summary = {
@@ -350,6 +348,9 @@ def train(
     if meter is not None:
         summary["conflict_share"] = float(np.nanmean(frame["conflict_share"]))
         if folder is not None:
+            cosines = meter.all()
+            if cosines is not None:
+                _io.write_bytes(folder / "cosines.npy", _npy_bytes(cosines))
             _io.write_json(folder / SUMMARY, summary)
     return TrainResult(frame, final, summary, meter.all() if meter is not None else None)
 
@@ -376,7 +377,7 @@ def _state(obj: Any) -> Any:
     return obj.state_dict() if hasattr(obj, "state_dict") else None
 
 
-def _save_checkpoint(folder, epoch, net, optimizer, agg, sparse, history, meta) -> None:
+def _save_checkpoint(folder, epoch, net, optimizer, agg, history, meta) -> None:
     _io.save_torch(
         folder / CHECKPOINT,
         {
@@ -384,7 +385,6 @@ def _save_checkpoint(folder, epoch, net, optimizer, agg, sparse, history, meta) 
             "model": net.state_dict(),
             "optimizer": optimizer.state_dict(),
             "method": _state(agg),
-            "sparse": _state(sparse),
             "history": json.dumps(history),
             "rng": _rng_state(),
             "meta": json.dumps(dict(meta or {}), default=str),
@@ -392,7 +392,7 @@ def _save_checkpoint(folder, epoch, net, optimizer, agg, sparse, history, meta) 
     )
 
 
-def _load_checkpoint(folder, net, optimizer, agg, sparse) -> tuple[int, list[dict[str, Any]]]:
+def _load_checkpoint(folder, net, optimizer, agg) -> tuple[int, list[dict[str, Any]]]:
     path = Path(folder) / CHECKPOINT
     if not path.exists():
         raise ReconError(f"{path} does not exist; nothing to resume, train without --resume")
@@ -401,13 +401,11 @@ def _load_checkpoint(folder, net, optimizer, agg, sparse) -> tuple[int, list[dic
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("method") is not None and hasattr(agg, "load_state_dict"):
         agg.load_state_dict(ckpt["method"])
-    if ckpt.get("sparse") is not None and sparse is not None:
-        sparse.load_state_dict(ckpt["sparse"])
     _set_rng_state(ckpt["rng"])
     return int(ckpt["epoch"]), json.loads(ckpt["history"])
 
 
-def _attach_sparse(sparse: Any, net: nn.Module, data: Any, tasks, loss_fns, device) -> Any:
+def _attach_sparse(sparse: Any, net: nn.Module, data: Any, tasks, loss_fns, device, optimizer) -> Any:
     """Sparse training on the shared parameters (found with autograd on the first batch)."""
     from recon.methods import SparseTraining
 
@@ -419,8 +417,7 @@ def _attach_sparse(sparse: Any, net: nn.Module, data: Any, tasks, loss_fns, devi
     params = [p for p in net.parameters() if p.requires_grad]
     used = [torch.autograd.grad(values[t], params, retain_graph=True, allow_unused=True) for t in tasks]
     shared = [p for i, p in enumerate(params) if sum(g[i] is not None for g in used) >= 2]
-    sparse.attach(shared)
-    return sparse
+    return sparse.attach(shared, optimizer)
 
 
 def load_baselines(train_dir: str | os.PathLike, tasks: Sequence[str]) -> dict[str, dict[str, float]] | None:
@@ -432,3 +429,11 @@ def load_baselines(train_dir: str | os.PathLike, tasks: Sequence[str]) -> dict[s
         if task and summary.get("final", {}).get(task):
             found[task] = summary["final"][task]
     return found if all(t in found for t in tasks) else None
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32))
+    return buffer.getvalue()

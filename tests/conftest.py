@@ -19,8 +19,8 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) 
     """Run the real ``recon`` console script; small data so it stays quick."""
     full_env = {
         **os.environ,
-        "RECON_DIGITS_TRAIN": "256",
-        "RECON_DIGITS_VAL": "128",
+        "RECON_DIGITS_TRAIN": "128",
+        "RECON_DIGITS_VAL": "64",
         "COLUMNS": "160",
         **(env or {}),
     }

@@ -135,3 +135,15 @@ def test_cli_train_existing_variant_needs_force(cli, tmp_path):
     assert cli(*args).returncode == 0
     again = cli(*args)
     assert again.returncode == 2 and "--force" in again.stderr
+
+
+def test_sparse_training_freezes_the_masked_shared_weights():
+    net = fresh()
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    recon.train(net, lambda: loader(), LOSSES, method="pcgrad", epochs=2, sparse=0.5)
+    for name in ("trunk.0.weight", "trunk.3.weight"):
+        w0, w1 = before[name], dict(net.named_parameters())[name].detach()
+        keep = w0.abs() >= w0.abs().quantile(0.5, dim=1, keepdim=True)  # top half of each neuron's inputs
+        assert torch.equal(w1[~keep], w0[~keep]), name  # frozen entries never move
+        assert not torch.equal(w1[keep], w0[keep]), name  # the kept ones train
+    assert not torch.equal(before["a.weight"], net.a.weight)  # heads are not masked

@@ -1,0 +1,209 @@
+"""Aggregation time per step of every gradient method, against torchjd and against the Gram floor.
+
+For K tasks and P shared parameters, times ``method(J)`` on a random ``(K, P)`` float32 matrix, the torchjd
+aggregator of the same name (when torchjd has one), and the K x K Gram product ``J @ J.T`` (the floor: every
+Gram-based method must at least compute it). Also compares recon's CAGrad with the official SLSQP-based CAGrad
+(same update, cosine > 0.9999).
+
+    python benchmarks/methods.py            # K in {2, 4, 8, 16}, P in {1e5, 1e6}
+    python benchmarks/methods.py --quick    # P = 1e5 only, fewer repeats
+    python benchmarks/methods.py --markdown # a markdown table (for the README)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import recon.methods as M  # noqa: E402
+
+TORCHJD = {
+    "mean": lambda ta, K: ta.Mean(),
+    "sum": lambda ta, K: ta.Sum(),
+    "mgda": lambda ta, K: ta.MGDA(),
+    "pcgrad": lambda ta, K: ta.PCGrad(),
+    "graddrop": lambda ta, K: ta.GradDrop(),
+    "cagrad": lambda ta, K: ta.CAGrad(c=0.4),
+    "gradvac": lambda ta, K: ta.GradVac(),
+    "imtl_g": lambda ta, K: ta.IMTLG(),
+    "nashmtl": lambda ta, K: ta.NashMTL(n_tasks=K),
+    "aligned_mtl": lambda ta, K: ta.AlignedMTL(),
+    "upgrad": lambda ta, K: ta.UPGrad(),
+}
+
+
+def timed(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> dict[str, float]:
+    """Best (minimum) wall time in milliseconds of each function, measured in rotating rounds.
+
+    Each round runs every function once untimed (so that the thread pool it uses is awake: torch's
+    matrix products and its element-wise kernels use different pools) and then once timed, in an order that
+    rotates from round to round. The minimum over rounds is kept: it is the estimate least disturbed by load
+    from other processes.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names = list(fns)
+    best = {k: float("inf") for k in fns}
+    for r in range(reps):
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            fn = fns[k]
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return {k: v * 1e3 for k, v in best.items()}
+
+
+def jacobian(K: int, P: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # a common component plus per-task noise: some pairs conflict, some do not
+    return torch.randn(1, P, generator=g) * 0.3 + torch.randn(K, P, generator=g)
+
+
+def slsqp_cagrad(J: torch.Tensor, c: float = 0.4) -> torch.Tensor:
+    """The official CAGrad update (Cranial-XIX/CAGrad, rescale=1): scipy SLSQP on the dual."""
+    from scipy.optimize import minimize
+
+    K = J.shape[0]
+    GG = (J @ J.T).cpu().double().numpy()
+    g0_norm = np.sqrt(GG.mean() + 1e-8)
+    x0 = np.ones(K) / K
+    b = x0.copy()
+    cc = c * g0_norm + 1e-8
+
+    def obj(x):
+        return x @ GG @ b + cc * np.sqrt(x @ GG @ x + 1e-8)
+
+    res = minimize(obj, x0, bounds=[(0, 1)] * K, constraints={"type": "eq", "fun": lambda x: 1 - x.sum()})
+    w = torch.as_tensor(res.x, dtype=J.dtype)
+    gw = w @ J
+    return (J.mean(0) + (cc / (gw.norm() + 1e-8)) * gw) / (1 + c**2)
+
+
+def run(Ks: list[int], Ps: list[int], reps: int, names: list[str]) -> tuple[list[dict], list[dict]]:
+    warnings.filterwarnings("ignore")
+    try:
+        import torchjd.aggregation as ta
+    except ImportError:  # pragma: no cover
+        ta = None
+    rows = []
+    for P in Ps:
+        for K in Ks:
+            J = jacobian(K, P)
+            for name in names:
+                fns: dict[str, Callable[[], object]] = {
+                    "floor": lambda J=J: J @ J.T,
+                    "recon": lambda m=M.get(name), J=J: m(J),
+                }
+                if ta is not None and name in TORCHJD:
+                    fns["torchjd"] = lambda a=TORCHJD[name](ta, K), J=J: a(J)
+                torch.manual_seed(0)
+                t = timed(fns, reps)
+                rows.append(
+                    {
+                        "method": name,
+                        "K": K,
+                        "P": P,
+                        "recon": t["recon"],
+                        "torchjd": t.get("torchjd"),
+                        "floor": t["floor"],
+                    }
+                )
+    cagrad_rows = []
+    for K in Ks:
+        J = jacobian(K, Ps[0], seed=1)
+        ours_fn = M.get("cagrad")
+        t = timed({"recon": lambda J=J, m=ours_fn: m(J), "scipy": lambda J=J: slsqp_cagrad(J)}, reps)
+        ours, scipy_t = t["recon"], t["scipy"]
+        a, b = ours_fn(J).double(), slsqp_cagrad(J).double()
+        cos = float(a @ b / (a.norm() * b.norm()))
+        cagrad_rows.append({"K": K, "P": Ps[0], "recon": ours, "scipy": scipy_t, "cos": cos})
+    return rows, cagrad_rows
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def report(rows: list[dict], cagrad_rows: list[dict], markdown: bool) -> None:
+    header = ["method", "K", "P", "recon ms", "torchjd ms", "J@J.T ms", "recon/torchjd", "recon/floor"]
+    table = []
+    for r in rows:
+        ratio_t = r["recon"] / r["torchjd"] if r["torchjd"] else None
+        table.append(
+            [
+                r["method"],
+                str(r["K"]),
+                f"{r['P']:.0e}",
+                _fmt(r["recon"], 3),
+                _fmt(r["torchjd"], 3),
+                _fmt(r["floor"], 3),
+                _fmt(ratio_t),
+                _fmt(r["recon"] / r["floor"]),
+            ]
+        )
+    header2 = ["K", "P", "recon cagrad ms", "scipy SLSQP cagrad ms", "speed-up", "cosine"]
+    table2 = [
+        [
+            str(r["K"]),
+            f"{r['P']:.0e}",
+            _fmt(r["recon"], 3),
+            _fmt(r["scipy"], 3),
+            f"{r['scipy'] / r['recon']:.1f}x",
+            f"{r['cos']:.7f}",
+        ]
+        for r in cagrad_rows
+    ]
+    if markdown:
+        for h, t in ((header, table), (header2, table2)):
+            print("| " + " | ".join(h) + " |")
+            print("|" + "|".join(" --- " for _ in h) + "|")
+            for row in t:
+                print("| " + " | ".join(row) + " |")
+            print()
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for title, h, t in (
+        ("aggregation time per step (best of repeats)", header, table),
+        ("CAGrad: recon vs the official SLSQP solver", header2, table2),
+    ):
+        tab = Table(title=title)
+        for col in h:
+            tab.add_column(col, justify="right" if col not in ("method",) else "left")
+        for row in t:
+            tab.add_row(*row)
+        console.print(tab)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="P = 1e5 only and fewer repeats")
+    parser.add_argument("--reps", type=int, default=None, help="timed repeats per measurement (best of repeats)")
+    parser.add_argument("--methods", default=None, help="comma-separated method names (default: all gradient ones)")
+    parser.add_argument("--markdown", action="store_true", help="print markdown tables")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    Ks = [2, 4, 8, 16]
+    Ps = [100_000] if args.quick else [100_000, 1_000_000]
+    reps = args.reps or (5 if args.quick else 9)
+    names = args.methods.split(",") if args.methods else [n for n, i in M.REGISTRY.items() if i.kind == "gradient"]
+    rows, cagrad_rows = run(Ks, Ps, reps, names)
+    report(rows, cagrad_rows, args.markdown)
+
+
+if __name__ == "__main__":
+    main()

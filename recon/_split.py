@@ -1,0 +1,669 @@
+"""Stage 2: rewrite a model with torch.fx so that chosen shared layers become per-task branches.
+
+``split(model, layers)`` traces the model (``_graph``), gives each chosen layer one copy per task that uses it
+(kept at the layer's own path: ``layer1.0.bn1.seg``), and emits a new graph in which
+
+* computation that is not downstream of a branched layer runs once, as before;
+* every node downstream of a branched layer runs once per task that it feeds, each task's copy reading that
+  task's branch; shared layers downstream keep shared weights (they are called once per task);
+* a layer called at several places is branched at every call site; ``get_attr`` reads of a branched layer's
+  parameters or buffers read the task's copy;
+* an in-place operation that a task's copy would apply to a tensor shared by all tasks writes into a per-task
+  clone instead, so the tasks do not see each other's writes.
+
+A branched layer that lives inside a leaf module (a module fx records as one opaque call, such as
+``nn.TransformerEncoderLayer``) is handled by calling that module once per task under a *task scope*: the
+layer's path holds a :class:`TaskBranches` container that forwards to the current task's copy.
+
+Never pickle the result: rebuild it with :func:`load_split` from a fresh model and a :class:`SplitPlan`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from recon._errors import ReconError
+from recon._graph import (
+    LeafSpec,
+    _layer_tasks,
+    layer_names,
+    leaf_names,
+    modules_in_call,
+    mutated_input,
+    node_tasks,
+    output_tasks,
+    to_digraph,
+    trace,
+    trace_modes,
+)
+
+__all__ = [
+    "SplitPlan",
+    "TaskBranches",
+    "call_for_task",
+    "current_task",
+    "load_split",
+    "plan_of",
+    "shared_parameters",
+    "split",
+    "task_parameters",
+    "task_scope",
+]
+
+META_KEY = "recon"
+INITS = ("reinit", "copy")
+
+
+# ------------------------------------------------------------------------------------------ task scope
+_local = threading.local()
+
+
+def current_task() -> str | None:
+    """The task whose branch a :class:`TaskBranches` container forwards to right now (None outside)."""
+    stack = getattr(_local, "stack", None)
+    return stack[-1] if stack else None
+
+
+@contextmanager
+def task_scope(task: str) -> Iterator[None]:
+    """Within this block, every :class:`TaskBranches` container forwards to ``task``'s copy."""
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(task)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def call_for_task(module: nn.Module, task: str, /, *args: Any, **kwargs: Any) -> Any:
+    """Call ``module`` with ``task``'s branches: used for leaf modules that contain a branched layer."""
+    with task_scope(task):
+        return module(*args, **kwargs)
+
+
+call_for_task._recon_task_call = True  # type: ignore[attr-defined]  # recognised by _graph's analysis
+
+
+class TaskBranches(nn.Module):
+    """The per-task copies of one branched layer, at the layer's own path (``net.layer1.0.bn1.seg``).
+
+    Children named after a task are that task's copy; any other child is a submodule of the original layer
+    that stays shared (its copies reach it without registering it twice). Calling the container, or reading
+    an attribute it does not have (``.weight``), goes to the copy of the current :func:`task_scope`; the
+    rewritten graph calls the copies directly wherever it can.
+    """
+
+    def __init__(self, copies: Mapping[str, nn.Module], shared: Mapping[str, nn.Module] | None = None):
+        super().__init__()
+        clash = sorted(set(copies) & set(shared or {}))
+        if clash:
+            raise ReconError(f"task name(s) {clash} clash with submodules of the layer to branch; rename the task(s)")
+        for name, module in (shared or {}).items():
+            self.add_module(name, module)
+        for task, module in copies.items():
+            self.add_module(task, module)
+        self._recon_tasks = tuple(copies)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self._recon_tasks
+
+    def __getitem__(self, task: str) -> nn.Module:
+        if task not in self._recon_tasks:
+            raise KeyError(f"no branch for task {task!r}; branches: {list(self._recon_tasks)}")
+        return self._modules[task]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._recon_tasks)
+
+    def __len__(self) -> int:
+        return len(self._recon_tasks)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        task = current_task()
+        if task not in self._recon_tasks:
+            raise RuntimeError(
+                f"this layer has one branch per task {list(self._recon_tasks)}; call it as net.<path>.<task>"
+                f"(...) or inside recon's task_scope(task) (current task: {task!r})"
+            )
+        return self._modules[task](*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            tasks = self.__dict__.get("_recon_tasks")
+            task = current_task()
+            if not tasks or task not in tasks:
+                raise
+            return getattr(self._modules[task], name)
+
+    def extra_repr(self) -> str:
+        return f"tasks={list(self._recon_tasks)}"
+
+
+# ------------------------------------------------------------------------------------------------ plan
+@dataclasses.dataclass
+class SplitPlan:
+    """What :func:`split` did, as a small JSON object (``split/plan.json``): enough to rebuild the model.
+
+    ``layers`` are in score order when they come from a profile. ``S``, ``top_k`` and ``scores`` record how
+    they were chosen; ``leaf_modules`` and ``concrete_args`` how the model was traced. Unknown keys read from
+    JSON are kept in ``extra`` and written back.
+    """
+
+    tasks: list[str]
+    layers: list[str]
+    init: str = "reinit"
+    S: float | None = None
+    top_k: int | None = None
+    scores: dict[str, float] | None = None
+    leaf_modules: list[str] = dataclasses.field(default_factory=list)
+    concrete_args: dict[str, Any] | None = None
+    model_class: str | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        data = {k: v for k, v in data.items() if v is not None or k in ("tasks", "layers", "init")}
+        data.update(self.extra)
+        return data
+
+    def to_json(self) -> str:
+        try:
+            return json.dumps(self.to_dict(), indent=2) + "\n"
+        except TypeError as exc:
+            raise ReconError(
+                f"the split plan is not JSON-serialisable ({exc}); give concrete_args JSON values, or pass "
+                "them again to recon.load_split"
+            ) from exc
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SplitPlan:
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        missing = [k for k in ("tasks", "layers") if k not in data]
+        if missing:
+            raise ReconError(f"the split plan has no {missing}; write it with recon split (plan.json)")
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {k: v for k, v in data.items() if k not in names}
+        plan = cls(**known, extra=extra)
+        plan.tasks, plan.layers = list(plan.tasks), list(plan.layers)
+        plan.leaf_modules = list(plan.leaf_modules or [])
+        if plan.init not in INITS:
+            raise ReconError(f"the split plan has init={plan.init!r}; use one of {list(INITS)}")
+        return plan
+
+    @classmethod
+    def from_json(cls, text: str | bytes | Mapping[str, Any]) -> SplitPlan:
+        if isinstance(text, Mapping):
+            return cls.from_dict(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ReconError(f"the split plan is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ReconError("the split plan must be a JSON object with 'tasks' and 'layers'")
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from recon._io import write_text
+
+        return write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SplitPlan:
+        path = Path(path)
+        if not path.is_file():
+            raise ReconError(f"no split plan at {path}; run `recon split` first or give the path to plan.json")
+        return cls.from_json(path.read_text(encoding="utf-8"))
+
+
+def plan_of(net: fx.GraphModule) -> SplitPlan:
+    """The :class:`SplitPlan` of a model made by :func:`split` (``S``/``top_k``/``scores`` left empty)."""
+    meta = getattr(net, "meta", {}).get(META_KEY) if isinstance(net, fx.GraphModule) else None
+    if not meta:
+        raise ReconError("this model was not made by recon.split; split it first")
+    return SplitPlan(
+        tasks=list(meta["tasks"]),
+        layers=list(meta["layers"]),
+        init=meta["init"],
+        leaf_modules=list(meta["leaf_modules"]),
+        concrete_args=meta["concrete_args"],
+        model_class=meta["model_class"],
+    )
+
+
+# ----------------------------------------------------------------------------------------------- split
+def _reset(module: nn.Module, name: str) -> None:
+    reset = getattr(module, "reset_parameters", None) or getattr(module, "_reset_parameters", None)
+    if not callable(reset):
+        cls = type(module).__name__
+        raise ReconError(
+            f"layer {name!r} ({cls}) has no reset_parameters(), so init='reinit' cannot re-initialise its "
+            f"copies; use init='copy' or give {cls} a reset_parameters() method"
+        )
+    with torch.no_grad():
+        reset()
+
+
+def _task_copy(layer: nn.Module, name: str, task: str, init: str) -> nn.Module:
+    """A copy of ``layer`` with its own parameters and buffers; its submodules stay the shared ones."""
+    if not layer._modules:
+        new = copy.deepcopy(layer)
+        if init == "reinit":
+            _reset(new, name)
+        return new
+    source = layer
+    if init == "reinit":  # reset a full private copy, so shared children are never touched
+        source = copy.deepcopy(layer)
+        with task_scope(task):  # a child that is branched itself resolves to this task's copy
+            _reset(source, name)
+    new = copy.copy(layer)
+    new.__dict__ = dict(layer.__dict__)
+    for attr, value in layer.__dict__.items():  # hook dicts and the like must not be shared
+        if isinstance(value, dict) and attr != "_modules":
+            new.__dict__[attr] = value.copy()
+    with torch.no_grad():
+        new._parameters = {
+            k: None if p is None else nn.Parameter(source._parameters[k].detach().clone(), p.requires_grad)
+            for k, p in layer._parameters.items()
+        }
+        new._buffers = {k: None if b is None else source._buffers[k].clone() for k, b in layer._buffers.items()}
+    new._non_persistent_buffers_set = set(layer._non_persistent_buffers_set)
+    children, new._modules = layer._modules, {}
+    for child_name, child in children.items():  # reachable as attributes, registered only once (shared)
+        object.__setattr__(new, child_name, child)
+    return new
+
+
+def _check_tasks_as_names(tasks: Sequence[str]) -> None:
+    probe = TaskBranches({})
+    for task in tasks:
+        if hasattr(probe, task) or task in dir(nn.Module):
+            raise ReconError(
+                f"task name {task!r} clashes with an nn.Module attribute, so it cannot name a branch; rename the task"
+            )
+
+
+def _validate_layers(layers: Sequence[str], usage: Mapping[str, frozenset[str]], model_name: str) -> list[str]:
+    shared = [n for n, t in usage.items() if len(t) >= 2 and n]
+    valid = f"the shared layers of {model_name} are: {shared}" if shared else f"{model_name} has no shared layer"
+    seen: set[str] = set()
+    for layer in layers:
+        if not isinstance(layer, str):
+            raise ReconError(f"layer names must be strings, got {layer!r}; {valid}")
+        if layer in seen:
+            raise ReconError(f"layer {layer!r} is listed twice; {valid}")
+        seen.add(layer)
+        if layer == "":
+            raise ReconError(
+                f"the model's own (root) parameters cannot be branched; move them into a submodule; {valid}"
+            )
+        if layer not in usage:
+            raise ReconError(f"unknown layer {layer!r} (not a module that owns parameters); {valid}")
+        if len(usage[layer]) < 2:
+            used = sorted(usage[layer])
+            who = f"only task {used[0]!r}" if used else "no task"
+            raise ReconError(f"layer {layer!r} is used by {who}, so it is not shared; {valid}")
+    return list(layers)
+
+
+def _skip_tensors(model: nn.Module, layers: Sequence[str]) -> dict[int, Any]:
+    """A deepcopy memo that leaves the own tensors of the layers to branch uncopied: they are replaced by
+    fresh per-task copies anyway, so copying them first would only cost time and memory."""
+    chosen: dict[int, nn.Module] = {}
+    for name in layers:
+        try:
+            module = model.get_submodule(name) if isinstance(name, str) and name else None
+        except AttributeError:
+            continue
+        if module is not None:
+            chosen[id(module)] = module
+
+    def own(module: nn.Module) -> list[torch.Tensor]:
+        return [t for t in (*module._parameters.values(), *module._buffers.values()) if t is not None]
+
+    memo = {id(t): t for module in chosen.values() for t in own(module)}
+    for module in model.modules():  # a tensor tied to a layer that stays must be copied as usual
+        if id(module) not in chosen:
+            for t in own(module):
+                memo.pop(id(t), None)
+    return memo
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    paths: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(name)
+    return paths
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, last = path.rpartition(".")
+    setattr(model.get_submodule(parent), last, new)
+
+
+def _branch_owner(target: str, branched: frozenset[str]) -> tuple[str, str] | None:
+    owner, _, attr = target.rpartition(".")
+    return (owner, attr) if owner in branched else None
+
+
+def _node_uses_branch(gm: fx.GraphModule, node: fx.Node, branched: frozenset[str]) -> set[str]:
+    if node.op == "get_attr":
+        hit = _branch_owner(str(node.target), branched)
+        return {hit[0]} if hit else set()
+    if node.op == "call_module":
+        return {n for n in modules_in_call(gm, str(node.target)) if n in branched}
+    return set()
+
+
+def split(
+    model: nn.Module,
+    layers: Iterable[str],
+    *,
+    tasks: Sequence[str] | None = None,
+    init: str = "reinit",
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Rewrite ``model`` so that each of ``layers`` becomes one copy per task that uses it.
+
+    Returns a ``torch.fx.GraphModule`` with the model's call signature and output structure; ``model`` is
+    not changed. ``tasks`` names the outputs of a model that returns a tuple/list (in order); dict outputs
+    name themselves. ``init="copy"`` starts every copy as the original layer (the split model computes the
+    same function); ``"reinit"`` calls each copy's ``reset_parameters()``. ``leaf_modules`` and
+    ``concrete_args`` go to the tracer (:func:`recon._graph.trace`).
+
+    Raises :class:`~recon._errors.ReconError` for unknown, unshared or repeated layer names (listing the
+    shared ones) and :class:`~recon._graph.TraceError` for a model fx cannot trace, or one whose graph
+    depends on train/eval mode.
+    """
+    if init not in INITS:
+        raise ReconError(f"init={init!r} is not one of {list(INITS)}")
+    if isinstance(layers, str):
+        layers = [layers]
+    layers = list(layers)
+    leaf_modules = list(leaf_modules or ())
+    if not isinstance(model, nn.Module):
+        raise ReconError(f"recon.split expects an nn.Module, got {type(model).__name__}")
+
+    prior = model.meta.get(META_KEY) if isinstance(model, fx.GraphModule) else None
+    src = copy.deepcopy(model, _skip_tensors(model, layers))
+    if isinstance(src, fx.GraphModule):
+        gm, leaves = src, list(prior["leaf_modules"]) if prior else []
+        if tasks is None and prior:
+            tasks = prior["tasks"]
+    else:
+        leaves = leaf_names(src, leaf_modules)
+        gm = trace_modes(src, leaf_modules=leaves, concrete_args=concrete_args)
+    model_class = prior["model_class"] if prior else type(model).__name__
+
+    # ---- analysis (nothing changes yet)
+    digraph = to_digraph(gm)
+    reach = node_tasks(gm, tasks, digraph)
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    out_value = out_node.args[0]
+    task_list = list(output_tasks(gm, tasks))
+    usage = _layer_tasks(gm, task_list, layer_names(src))
+    layers = _validate_layers(layers, usage, model_class)
+    branched = frozenset(layers)
+    if branched:
+        _check_tasks_as_names(task_list)
+    modules = dict(gm.named_modules())
+    uses = {n: _node_uses_branch(gm, n, branched) for n in gm.graph.nodes}
+    down: dict[fx.Node, bool] = {}
+    for n in gm.graph.nodes:
+        down[n] = bool(uses[n]) or any(down[p] for p in digraph.predecessors(n))
+    mutates = {n: mutated_input(n, modules) for n in gm.graph.nodes if down[n]}
+
+    # ---- module surgery: one copy per task at each branched layer's path (deepest first)
+    branch_tasks = {layer: [t for t in task_list if t in usage[layer]] for layer in layers}
+    aliases = _aliases(src)
+    for layer in sorted(layers, key=lambda name: name.count("."), reverse=True):
+        original = src.get_submodule(layer)
+        copies = {t: _task_copy(original, layer, t, init) for t in branch_tasks[layer]}
+        container = TaskBranches(copies, shared=dict(original._modules))
+        container.training = original.training
+        for path in aliases[id(original)]:
+            _replace(src, path, container)
+
+    # ---- emit the new graph
+    graph = fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    shared_env: dict[fx.Node, fx.Node] = {}
+    task_env: dict[str, dict[fx.Node, fx.Node]] = {t: {} for t in task_list}
+    module_nodes: dict[str, fx.Node] = {}  # get_attr of a module, for call_for_task
+
+    def lookup(task: str) -> Callable[[fx.Node], fx.Node]:
+        env = task_env[task]
+        return lambda a: env[a] if a in env else shared_env[a]
+
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            break
+        if not down[n]:
+            shared_env[n] = new = graph.node_copy(n, lambda a: shared_env[a])
+            if isinstance(new.type, str):  # string annotations print as odd globals; drop them
+                new.type = None
+            continue
+        copy_tasks = [t for t in task_list if t in reach[n]]
+        if not copy_tasks and n.is_impure():
+            needed = [a for a in n.all_input_nodes if down[a]]
+            copy_tasks = [t for t in task_list if all(a in task_env[t] for a in needed)]
+        for t in copy_tasks:
+            get = lookup(t)
+            args = fx.node.map_arg(n.args, get)
+            kwargs = fx.node.map_arg(n.kwargs, get)
+            mutated = mutates.get(n)
+            if mutated is not None and mutated not in task_env[t]:
+                # an in-place write into a tensor all tasks share: give this task its own clone
+                clone = graph.create_node("call_method", "clone", (shared_env[mutated],), name=f"{mutated.name}_{t}")
+                args = (clone, *args[1:])
+                task_env[t][mutated] = clone
+            name = n.name if len(copy_tasks) == 1 and t in n.name.split("_") else f"{n.name}_{t}"
+            if n.op == "call_module":
+                new = _emit_module_call(graph, str(n.target), t, args, kwargs, uses[n], name, module_nodes)
+            elif n.op == "get_attr":
+                hit = _branch_owner(str(n.target), branched)
+                target = f"{hit[0]}.{t}.{hit[1]}" if hit else n.target
+                new = graph.create_node("get_attr", target, name=name)
+            else:
+                new = graph.create_node(n.op, n.target, args, kwargs, name=name, type_expr=n.type)
+            new.meta = copy.copy(n.meta)
+            task_env[t][n] = new
+
+    out_type = None if isinstance(out_node.type, str) else out_node.type
+    graph.output(_map_output(out_value, task_list, shared_env, task_env), type_expr=out_type)
+    graph.lint()
+
+    net = fx.GraphModule(src, graph, f"{model_class}Split" if layers else model_class)
+    _adopt_hierarchy(net, src)
+    net.meta[META_KEY] = {
+        "tasks": task_list,
+        "layers": (list(prior["layers"]) if prior else []) + layers,
+        "init": init,
+        "leaf_modules": leaves,
+        "concrete_args": concrete_args,
+        "model_class": model_class,
+        "branches": {layer: branch_tasks[layer] for layer in layers},
+    }
+    return net
+
+
+def _emit_module_call(
+    graph: fx.Graph,
+    target: str,
+    task: str,
+    args: tuple,
+    kwargs: dict,
+    used: set[str],
+    name: str,
+    module_nodes: dict[str, fx.Node],
+) -> fx.Node:
+    own = target in used
+    inner = any(u != target for u in used)
+    path = f"{target}.{task}" if own else target
+    if not inner:
+        return graph.create_node("call_module", path, args, kwargs, name=name)
+    if path not in module_nodes:
+        module_nodes[path] = graph.get_attr(path)
+    module = module_nodes[path]
+    return graph.create_node("call_function", call_for_task, (module, task, *args), kwargs, name=name)
+
+
+def _map_output(
+    value: Any,
+    tasks: list[str],
+    shared_env: dict[fx.Node, fx.Node],
+    task_env: dict[str, dict[fx.Node, fx.Node]],
+) -> Any:
+    def for_task(task: str, v: Any) -> Any:
+        env = task_env[task]
+        return fx.node.map_arg(v, lambda a: env[a] if a in env else shared_env[a])
+
+    def for_other(key: Any, v: Any) -> Any:
+        def get(a: fx.Node) -> fx.Node:
+            if a not in shared_env:
+                raise ReconError(
+                    f"output {key!r} is not a task but is computed after a branched layer, so it has one "
+                    f"value per task; return it under a task name, or branch layers after it only"
+                )
+            return shared_env[a]
+
+        return fx.node.map_arg(v, get)
+
+    if isinstance(value, Mapping):
+        return {k: for_task(k, v) if k in tasks else for_other(k, v) for k, v in value.items()}
+    items = [for_task(t, v) for t, v in zip(tasks, value, strict=True)]
+    if hasattr(value, "_fields"):
+        return type(value)(*items)
+    return list(items) if isinstance(value, list) else tuple(items)
+
+
+def _adopt_hierarchy(net: fx.GraphModule, src: nn.Module) -> None:
+    """Give ``net`` the full module tree of ``src`` (fx keeps only what the graph references, under stubs),
+    so unused layers, class names and the state_dict keys and their order stay those of the model."""
+    fx_buffers = {k: v for k, v in net._buffers.items() if k not in src._buffers}  # fx's tensor constants
+    net._modules.clear()
+    net._modules.update(src._modules)
+    net._parameters.clear()
+    net._parameters.update(src._parameters)
+    net._buffers.clear()
+    net._buffers.update(src._buffers)
+    net._buffers.update(fx_buffers)
+    net._non_persistent_buffers_set = set(src._non_persistent_buffers_set)
+
+
+# -------------------------------------------------------------------------------------------- rebuild
+def load_split(
+    model_or_builder: nn.Module | Callable[[], nn.Module],
+    plan: SplitPlan | Mapping[str, Any] | str | os.PathLike,
+    *,
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Rebuild a split model from a fresh model (or ``build_model``) and a plan (object, dict or path).
+
+    The parameter names match those of the model :func:`split` made, so its ``state_dict`` loads into it.
+    """
+    if isinstance(plan, SplitPlan):
+        pass
+    elif isinstance(plan, Mapping):
+        plan = SplitPlan.from_dict(plan)
+    elif isinstance(plan, (str, os.PathLike)):
+        text = str(plan)
+        plan = SplitPlan.from_json(text) if text.lstrip().startswith("{") else SplitPlan.load(plan)
+    else:
+        raise ReconError(f"plan must be a SplitPlan, a dict or a path to plan.json, got {type(plan).__name__}")
+    model = model_or_builder
+    if not isinstance(model, nn.Module):
+        if not callable(model):
+            raise ReconError(f"load_split needs a model or a build_model function, got {type(model).__name__}")
+        model = model()
+        if not isinstance(model, nn.Module):
+            raise ReconError(f"build_model() returned {type(model).__name__}, not an nn.Module")
+    return split(
+        model,
+        plan.layers,
+        tasks=plan.tasks,
+        init=plan.init,
+        leaf_modules=plan.leaf_modules,
+        concrete_args=concrete_args if concrete_args is not None else plan.concrete_args,
+    )
+
+
+# -------------------------------------------------------------------------------- parameters by task
+def parameter_tasks(
+    net: nn.Module,
+    tasks: Sequence[str] | None = None,
+    *,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> tuple[list[str], list[tuple[str, nn.Parameter, frozenset[str]]]]:
+    """``(tasks, [(name, parameter, tasks that use it)])`` over ``net.named_parameters()``."""
+    if isinstance(net, fx.GraphModule):
+        gm = net
+        meta = net.meta.get(META_KEY) or {}
+        if tasks is None:
+            tasks = meta.get("tasks")
+    else:
+        gm = trace(net, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    try:
+        task_list = list(output_tasks(gm, tasks))
+    except ReconError as exc:
+        if tasks is None and "pass tasks=" in str(exc):
+            raise ReconError(
+                f"{exc}; or split it with recon.split(model, layers, tasks=[...]), whose result knows its tasks"
+            ) from exc
+        raise
+    usage = _layer_tasks(gm, task_list, layer_names(net))
+    by_param: dict[int, set[str]] = {}
+    for name, module in net.named_modules():
+        for p in module._parameters.values():
+            if p is not None:
+                by_param.setdefault(id(p), set()).update(usage.get(name, ()))
+    return task_list, [(n, p, frozenset(by_param.get(id(p), ()))) for n, p in net.named_parameters()]
+
+
+def shared_parameters(
+    net: nn.Module,
+    *,
+    tasks: Sequence[str] | None = None,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> list[nn.Parameter]:
+    """The parameters of ``net`` that two or more tasks use (``named_parameters()`` order).
+
+    ``net`` is a model made by :func:`split` (which knows its tasks), or any model with dict outputs; a model
+    with tuple outputs needs ``tasks``.
+    """
+    _, rows = parameter_tasks(net, tasks, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    return [p for _, p, used in rows if len(used) >= 2]
+
+
+def task_parameters(
+    net: nn.Module,
+    task: str,
+    *,
+    tasks: Sequence[str] | None = None,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> list[nn.Parameter]:
+    """The parameters of ``net`` that only ``task`` uses (its branches and its head)."""
+    task_list, rows = parameter_tasks(net, tasks, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    if task not in task_list:
+        raise ReconError(f"unknown task {task!r}; the tasks are {task_list}")
+    return [p for _, p, used in rows if used == {task}]

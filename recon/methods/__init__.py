@@ -1,0 +1,87 @@
+"""Multi-task gradient methods, behind one interface.
+
+``recon.methods.get(name, **hparams)`` builds any registered method; ``recon.methods.resolve(x)`` turns a name,
+a recon method, a torchjd ``Aggregator`` or any callable ``(K, P) -> (P,)`` into a method that
+:func:`recon.backward` can use. ``recon methods`` lists them all with their hyperparameters and papers.
+
+Kinds (``method.kind``):
+
+* ``"gradient"``: ``method(J)`` maps the ``(K, P)`` task gradients of the shared parameters to a ``(P,)`` update
+  (mean, sum, mgda, pcgrad, graddrop, cagrad, gradvac, gradops, imtl_g, nashmtl, aligned_mtl, upgrad).
+* ``"loss"``: weights from the losses alone, one backward of the weighted sum (uncertainty, dwa). DWA needs
+  ``method.end_epoch()`` at every epoch end; uncertainty has learnable parameters (``method.bind(tasks)``
+  then add ``method.parameters()`` to the optimiser).
+* ``"representation"``: weights from the gradients w.r.t. a shared representation passed as
+  ``recon.backward(..., features=z)`` (mgda_ub; gradnorm, which also has learnable weights).
+* ``"model"``: rotograd, whose rotations live in a :class:`RotoGrad` module wrapping the model.
+
+:class:`SparseTraining` is a composable option, not a method: it masks the shared encoder's gradients so
+any method trains only the top-magnitude weights of each neuron.
+
+Importing this package never imports cvxpy, quadprog or torchjd: every method is native except Nash-MTL,
+which loads torchjd (and cvxpy) on first use.
+"""
+
+from recon.methods._base import GradientMethod, GramMethod, LossWeighting, Method, RepresentationMethod
+from recon.methods._gradient import (
+    IMTLG,
+    MGDA,
+    AlignedMTL,
+    CAGrad,
+    GradDrop,
+    GradOPS,
+    GradVac,
+    Mean,
+    NashMTL,
+    PCGrad,
+    Sum,
+    UPGrad,
+)
+from recon.methods._registry import (
+    OPTIONS,
+    REGISTRY,
+    AggregatorMethod,
+    CallableMethod,
+    MethodInfo,
+    available,
+    get,
+    resolve,
+)
+from recon.methods._rotograd import RotoGrad, RotoGradMethod
+from recon.methods._sparse import SparseTraining
+from recon.methods._weighting import DWA, MGDAUB, GradNorm, UncertaintyWeighting
+
+__all__ = [
+    "DWA",
+    "IMTLG",
+    "MGDA",
+    "MGDAUB",
+    "OPTIONS",
+    "REGISTRY",
+    "AggregatorMethod",
+    "AlignedMTL",
+    "CAGrad",
+    "CallableMethod",
+    "GradDrop",
+    "GradNorm",
+    "GradOPS",
+    "GradVac",
+    "GradientMethod",
+    "GramMethod",
+    "LossWeighting",
+    "Mean",
+    "Method",
+    "MethodInfo",
+    "NashMTL",
+    "PCGrad",
+    "RepresentationMethod",
+    "RotoGrad",
+    "RotoGradMethod",
+    "SparseTraining",
+    "Sum",
+    "UPGrad",
+    "UncertaintyWeighting",
+    "available",
+    "get",
+    "resolve",
+]

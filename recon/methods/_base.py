@@ -1,0 +1,233 @@
+"""The uniform interface every recon method follows.
+
+Four kinds of method, told apart by the class attribute ``kind``:
+
+* ``"gradient"`` (:class:`GradientMethod`): maps the ``(K, P)`` matrix of task gradients of the shared
+  parameters to one ``(P,)`` update. Most of them only need the ``K x K`` Gram matrix ``J J^T`` to find
+  weights ``w`` and return ``w @ J`` (:class:`GramMethod`); they then expose :meth:`GramMethod.weights`.
+* ``"loss"`` (:class:`LossWeighting`): maps the K losses to K weights and needs no per-task gradient;
+  :func:`recon.backward` runs a single backward pass of ``sum_k w_k L_k``. May own learnable parameters.
+* ``"representation"`` (:class:`RepresentationMethod`): finds the K weights from the gradients of the
+  losses with respect to a shared representation ``features`` (or the last shared layer's parameters)
+  that the caller passes to :func:`recon.backward`.
+* ``"model"``: the method lives in a module of the model itself (RotoGrad); :func:`recon.backward` hands
+  the whole step to it.
+
+Every method is a small :class:`torch.nn.Module`, so ``state_dict()`` carries its state (EMA targets, loss
+history, learnable weights) into a checkpoint, and ``parameters()`` lists what the optimiser must train.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from recon._errors import ReconError
+
+__all__ = [
+    "GradientMethod",
+    "GramMethod",
+    "LossWeighting",
+    "Method",
+    "RepresentationMethod",
+]
+
+
+class Method(nn.Module):
+    """Base class of every recon method.
+
+    Class attributes, read by the registry and by ``recon methods``:
+
+    * ``kind``: ``"gradient"``, ``"loss"``, ``"representation"`` or ``"model"``.
+    * ``paper``: the paper the method comes from.
+
+    Instances keep their state in buffers and parameters, so ``state_dict()``/``load_state_dict()`` save and
+    restore it; :meth:`reset` clears it.
+    """
+
+    kind: ClassVar[str] = "gradient"
+    paper: ClassVar[str] = ""
+    #: True for methods that must see ``features`` (a shared representation) in :func:`recon.backward`.
+    requires_features: ClassVar[bool] = False
+    #: True for methods with learnable parameters: call :meth:`bind` before building the optimiser.
+    learnable: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tasks: tuple[str, ...] | None = None
+        #: The weights of the last step, ``(K,)`` in the order of the losses, when the method has any.
+        self.last_weights: Tensor | None = None
+
+    # --- lifecycle hooks a trainer calls -------------------------------------------------------------------
+    def bind(self, tasks: Sequence[str] | int) -> Method:
+        """Tell the method the tasks (names, or their number) before training.
+
+        Methods with learnable parameters create them here: call ``bind`` before building the optimiser and
+        add ``method.parameters()`` to it. Binding again with the same tasks is a no-op; with other tasks it is
+        an error (build a new method instead). Returns ``self``.
+        """
+        names = tuple(f"task{i}" for i in range(tasks)) if isinstance(tasks, int) else tuple(tasks)
+        if not names:
+            raise ReconError("a method needs at least one task; pass the task names to bind()")
+        if self.tasks is not None and len(self.tasks) != len(names):
+            raise ReconError(
+                f"{type(self).__name__} was bound to {len(self.tasks)} tasks {list(self.tasks)}, "
+                f"now given {len(names)}; create a new method for a different set of tasks"
+            )
+        if self.tasks is None:
+            self.tasks = names
+            self._setup(len(names))
+        return self
+
+    def _setup(self, n_tasks: int) -> None:
+        """Create the task-sized state (buffers, parameters). Called once, by :meth:`bind`."""
+
+    def end_epoch(self, mean_losses: Mapping[str, float] | Sequence[float] | Tensor | None = None) -> None:
+        """Hook the trainer calls at the end of every epoch (DWA uses it; a no-op for the others)."""
+
+    def reset(self) -> None:
+        """Forget the state gathered during training (EMA targets, loss history, ...)."""
+
+    @property
+    def has_learnable_parameters(self) -> bool:
+        """True when the optimiser must also train ``self.parameters()``."""
+        return any(True for _ in self.parameters())
+
+    # --- state_dict with task-sized state ------------------------------------------------------------------
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # Buffers created empty before bind() take the saved shape, so an unbound method can load a checkpoint.
+        for name, buf in list(self._buffers.items()):
+            key = prefix + name
+            if buf is not None and key in state_dict and buf.shape != state_dict[key].shape and buf.numel() == 0:
+                self._buffers[name] = torch.empty_like(state_dict[key], device=buf.device)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
+
+    def hparams(self) -> dict[str, Any]:
+        """The hyperparameters this instance was built with."""
+        return dict(getattr(self, "_hparams", {}))
+
+
+class GradientMethod(Method):
+    """A method mapping the ``(K, P)`` task gradients of the shared parameters to a ``(P,)`` update."""
+
+    kind: ClassVar[str] = "gradient"
+
+    def forward(self, matrix: Tensor, /) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, matrix: Tensor, /) -> Tensor:
+        if not isinstance(matrix, Tensor) or matrix.dim() != 2:
+            shape = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
+            raise ReconError(f"{type(self).__name__} expects a (K, P) matrix of task gradients, got {shape}")
+        with torch.no_grad():
+            return super().__call__(matrix)
+
+
+class GramMethod(GradientMethod):
+    """A gradient method whose update is ``w @ J`` with weights ``w`` found from the Gram matrix ``J J^T``.
+
+    Only the ``K x K`` Gram matrix crosses to the host (float64 NumPy) for the solver; ``J`` itself is read
+    twice on its device: once for ``J @ J.T`` and once for ``w @ J``.
+    """
+
+    def weights(self, gramian: Tensor | np.ndarray, /) -> Tensor | np.ndarray:
+        """Weights ``(K,)`` from the Gram matrix ``J J^T``; same type (tensor or array) as the input.
+
+        Usable on its own, e.g. with a Gram matrix computed by torchjd's autogram engine.
+        """
+        if isinstance(gramian, Tensor):
+            G = gramian.detach().to("cpu", torch.float64).numpy()
+            w = self._weights(G, torch.finfo(gramian.dtype).eps if gramian.is_floating_point() else 1e-7)
+            return torch.as_tensor(w, dtype=gramian.dtype, device=gramian.device)
+        return self._weights(np.asarray(gramian, dtype=np.float64), float(np.finfo(np.float32).eps))
+
+    def _weights(self, G: np.ndarray, eps: float) -> np.ndarray:  # pragma: no cover - abstract
+        """Weights from the float64 Gram matrix ``G``; ``eps`` is the machine epsilon of the gradients."""
+        raise NotImplementedError
+
+    def forward(self, matrix: Tensor, /) -> Tensor:
+        G = matrix @ matrix.T
+        if G.device.type != "cpu":
+            G = G.cpu()  # K x K only: the one host transfer (and sync) of the step
+        if G.dtype not in (torch.float32, torch.float64):
+            G = G.float()
+        w = self._weights(G.numpy().astype(np.float64), torch.finfo(matrix.dtype).eps)
+        weights = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64)).to(matrix.device, matrix.dtype)
+        self.last_weights = weights
+        return weights @ matrix
+
+
+class LossWeighting(Method):
+    """A method mapping the K task losses to K weights, with no per-task gradient.
+
+    :func:`recon.backward` runs one backward pass of :meth:`combine` (``sum_k w_k L_k`` plus any
+    regulariser the method adds).
+    """
+
+    kind: ClassVar[str] = "loss"
+
+    def forward(self, losses: Tensor, /) -> Tensor:  # pragma: no cover - abstract
+        """Weights ``(K,)`` for the losses ``(K,)``; may carry autograd history to learnable parameters."""
+        raise NotImplementedError
+
+    def combine(self, losses: Tensor, /) -> tuple[Tensor, Tensor]:
+        """The scalar to back-propagate and the (detached) weights."""
+        w = self(losses)
+        return (w * losses).sum(), w.detach()
+
+
+class RepresentationMethod(Method):
+    """A method finding the K loss weights from the task gradients with respect to a shared representation.
+
+    ``forward(losses, grads)``: ``losses`` ``(K,)`` (detached) and ``grads`` ``(K, D)``, the gradient of each
+    loss with respect to the representation (flattened). Returns the weights ``(K,)``; the backward pass is
+    then ``sum_k w_k L_k``.
+    """
+
+    kind: ClassVar[str] = "representation"
+
+    def forward(self, losses: Tensor, grads: Tensor, /) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    integer: bool = False,
+    method: str = "",
+) -> None:
+    """Raise a one-line :class:`ReconError` unless ``value`` is a number within the given bounds."""
+    where = f" of {method}" if method else ""
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        kind = "an integer" if integer else "a number"
+        raise ReconError(f"hyperparameter {name}{where} must be {kind}, got {value!r}")
+    if value != value:  # NaN
+        raise ReconError(f"hyperparameter {name}{where} must be a number, got nan")
+    if low is not None and (value <= low if low_open else value < low):
+        op = ">" if low_open else ">="
+        raise ReconError(f"hyperparameter {name}{where} must be {op} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ReconError(f"hyperparameter {name}{where} must be <= {high}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any], *, method: str = "") -> None:
+    """Raise a one-line :class:`ReconError` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        where = f" of {method}" if method else ""
+        raise ReconError(f"hyperparameter {name}{where} must be one of {list(choices)}, got {value!r}")

@@ -1,0 +1,511 @@
+"""recon.methods against independent oracles: torchjd, scipy, hand-derived cases, the papers' properties."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import minimize
+from torch import nn
+
+import recon.methods as M
+from recon._errors import ReconError
+
+ta = pytest.importorskip("torchjd.aggregation")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def random_jacobian(K: int, P: int = 40, seed: int = 0, common: float = 0.3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(K, P, generator=g) + common * torch.randn(1, P, generator=g)).double()
+
+
+CASES = [(K, seed) for K in (2, 3, 5, 8) for seed in range(2)]
+
+
+# --- against torchjd (same conventions) -----------------------------------------------------------------------
+@pytest.mark.parametrize("K,seed", CASES)
+def test_deterministic_methods_match_torchjd(K, seed):
+    J = random_jacobian(K, seed=seed)
+    pairs = {
+        "mean": ta.Mean(),
+        "sum": ta.Sum(),
+        "imtl_g": ta.IMTLG(),
+        "upgrad": ta.UPGrad(),
+        "aligned_mtl": ta.AlignedMTL(),
+        "aligned_mtl:scale_mode=median": ta.AlignedMTL(scale_mode="median"),
+        "aligned_mtl:scale_mode=rmse": ta.AlignedMTL(scale_mode="rmse"),
+    }
+    for name, oracle in pairs.items():
+        assert rel(M.get(name)(J), oracle(J)) < 1e-9, name
+
+
+@pytest.mark.parametrize("K,seed", CASES)
+def test_random_order_methods_match_torchjd_with_the_same_seed(K, seed):
+    J = random_jacobian(K, seed=seed)
+    for name, oracle in (("pcgrad", ta.PCGrad()), ("graddrop", ta.GradDrop())):
+        torch.manual_seed(123)
+        ours = M.get(name)(J)
+        torch.manual_seed(123)
+        theirs = oracle(J)
+        assert rel(ours, theirs) < 1e-12, name
+
+
+def test_gradvac_matches_torchjd_over_several_steps():
+    ours, theirs = M.get("gradvac"), ta.GradVac()
+    for step in range(4):
+        J = random_jacobian(4, seed=step, common=0.1)
+        torch.manual_seed(step)
+        a = ours(J)
+        torch.manual_seed(step)
+        b = theirs(J)
+        assert rel(a, b) < 1e-10
+    assert ours.phi.shape == (4, 4) and ours.phi.abs().sum() > 0
+    ours.reset()
+    assert ours.phi.numel() == 0
+
+
+def test_gradvac_state_dict_resumes_exactly():
+    a = M.get("gradvac")
+    a(random_jacobian(3, seed=0))
+    b = M.get("gradvac")
+    b.load_state_dict(a.state_dict())
+    J = random_jacobian(3, seed=1)
+    torch.manual_seed(5)
+    x = a(J)
+    torch.manual_seed(5)
+    assert torch.equal(x, b(J))
+
+
+@pytest.mark.parametrize("K,seed", CASES)
+def test_cagrad_matches_torchjd_without_rescale_and_scaled_with_it(K, seed):
+    pytest.importorskip("cvxpy")
+    J = random_jacobian(K, seed=seed)
+    theirs = ta.CAGrad(c=0.4)(J)
+    assert rel(M.get("cagrad", rescale=0)(J), theirs) < 5e-4  # torchjd solves with cvxpy/Clarabel
+    assert rel(M.get("cagrad")(J), theirs / (1 + 0.4**2)) < 5e-4
+    assert rel(M.get("cagrad", rescale=2)(J), theirs / 1.4) < 5e-4
+
+
+@pytest.mark.filterwarnings("ignore:.*DPP.*")
+def test_nashmtl_matches_torchjd_including_norm_clipping():
+    pytest.importorskip("cvxpy")
+    ours, theirs = M.get("nashmtl"), ta.NashMTL(n_tasks=3)
+    for step in range(3):
+        J = random_jacobian(3, seed=step) * (0.05 if step == 2 else 3.0)  # clipped, then not clipped
+        a, b = ours(J), theirs(J)
+        assert rel(a, b) < 1e-9
+    assert float(M.get("nashmtl")(random_jacobian(3) * 3.0).norm()) == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:.*DPP.*")
+def test_nashmtl_state_dict_resumes_exactly():
+    pytest.importorskip("cvxpy")
+    a = M.get("nashmtl", max_norm=0.0)
+    mats = [random_jacobian(3, seed=s) for s in range(4)]
+    a(mats[0])
+    a(mats[1])
+    b = M.get("nashmtl", max_norm=0.0)
+    b.load_state_dict(a.state_dict())
+    for J in mats[2:]:
+        assert torch.equal(a(J), b(J))
+
+
+def test_nashmtl_without_cvxpy_says_how_to_install(monkeypatch):
+    import recon.methods._gradient as grad_module
+
+    monkeypatch.setattr(grad_module, "find_spec", lambda name: None)
+    with pytest.raises(ReconError, match=r"pip install 'recon-mtl\[solvers\]'"):
+        M.get("nashmtl")
+
+
+# --- against scipy ------------------------------------------------------------------------------------------
+def slsqp_cagrad(J: torch.Tensor, c: float) -> torch.Tensor:
+    """The official CAGrad code (Cranial-XIX/CAGrad, rescale=1): SLSQP on the dual, tight tolerance."""
+    K = J.shape[0]
+    GG = (J @ J.T).numpy()
+    g0_norm = np.sqrt(GG.mean() + 1e-8)
+    b = np.ones(K) / K
+    cc = c * g0_norm + 1e-8
+
+    def obj(x):
+        return x @ GG @ b + cc * np.sqrt(x @ GG @ x + 1e-8)
+
+    res = minimize(
+        obj,
+        b,
+        bounds=[(0, 1)] * K,
+        constraints={"type": "eq", "fun": lambda x: 1 - x.sum()},
+        method="SLSQP",
+        options={"ftol": 1e-14, "maxiter": 2000},
+    )
+    w = torch.tensor(res.x)
+    gw = w @ J
+    return (J.mean(0) + cc / (gw.norm() + 1e-8) * gw) / (1 + c**2)
+
+
+@pytest.mark.parametrize("K,seed", CASES + [(16, 0)])
+@pytest.mark.parametrize("c", [0.2, 0.4, 0.9])
+def test_cagrad_equals_the_scipy_slsqp_solution_of_its_dual(K, seed, c):
+    J = random_jacobian(K, seed=seed)
+    assert rel(M.get("cagrad", c=c)(J), slsqp_cagrad(J, c)) < 1e-4
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cagrad_with_linearly_dependent_gradients(seed):
+    J = random_jacobian(8, 3, seed=seed, common=0.5)  # 8 gradients in a 3-dimensional space
+    assert rel(M.get("cagrad")(J), slsqp_cagrad(J, 0.4)) < 1e-4
+
+
+def slsqp_min_norm(J: torch.Tensor) -> torch.Tensor:
+    K = J.shape[0]
+    G = (J @ J.T).numpy()
+    res = minimize(
+        lambda x: x @ G @ x,
+        np.ones(K) / K,
+        jac=lambda x: 2 * G @ x,
+        bounds=[(0, 1)] * K,
+        constraints={"type": "eq", "fun": lambda x: x.sum() - 1},
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 2000},
+    )
+    return torch.tensor(res.x) @ J
+
+
+@settings(max_examples=25, deadline=None)
+@given(K=st.integers(2, 8), P=st.integers(2, 30), seed=st.integers(0, 10_000), common=st.floats(-1, 1))
+def test_mgda_is_the_min_norm_point_of_the_convex_hull(K, P, seed, common):
+    J = random_jacobian(K, P, seed, common)
+    d = M.get("mgda")(J)
+    oracle = slsqp_min_norm(J)
+    assert float(d.norm()) <= float(oracle.norm()) * (1 + 1e-6) + 1e-9
+    assert float((d - oracle).norm()) <= 1e-4 * max(1.0, float(J.norm()))
+    # optimality: no vertex improves the min-norm point, <d, g_k> >= |d|^2 for all k
+    assert float((J @ d).min()) >= float(d @ d) - 1e-8 * float(J.norm()) ** 2
+
+
+# --- hand-derived two-task cases ----------------------------------------------------------------------------
+def T(*rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_mgda_two_task_closed_forms():
+    assert torch.allclose(M.get("mgda")(T([1.0, 0.0], [0.0, 1.0])), T(0.5, 0.5))
+    # |(2a, 1-a)|^2 minimal at a = 1/5
+    assert torch.allclose(M.get("mgda")(T([2.0, 0.0], [0.0, 1.0])), T(0.4, 0.8))
+    assert torch.allclose(M.get("mgda")(T([1.0, 0.0], [-1.0, 0.0])), T(0.0, 0.0))
+    # one gradient inside the other's direction: the shorter one
+    assert torch.allclose(M.get("mgda")(T([1.0, 0.0], [3.0, 0.0])), T(1.0, 0.0))
+
+
+def test_pcgrad_two_task_hand_derived():
+    # g1.g2 = -1: g1' = g1 + g2/2 = (.5, .5); g2' = g2 + g1 = (0, 1)
+    assert torch.allclose(M.get("pcgrad")(T([1.0, 0.0], [-1.0, 1.0])), T(0.5, 1.5))
+    # orthogonal: untouched
+    assert torch.allclose(M.get("pcgrad")(T([1.0, 0.0], [0.0, 2.0])), T(1.0, 2.0))
+
+
+def test_pcgrad_leaves_non_conflicting_gradients_untouched():
+    J = torch.rand(5, 30, dtype=torch.float64)  # all dot products > 0
+    torch.manual_seed(0)
+    assert torch.allclose(M.get("pcgrad")(J), J.sum(0))
+    # task 3 conflicts with nobody and nobody's projection involves it: its row stays g_3
+    J = T([1.0, 0.0, 0.0], [-1.0, 1.0, 0.0], [0.0, 0.0, 1.0])
+    torch.manual_seed(0)
+    assert torch.allclose(M.get("pcgrad")(J), T(0.5, 1.5, 1.0))
+
+
+def test_gradops_two_task_hand_derived():
+    # g1' = g1 - proj_g2(g1) = (1,0) - (1,1)/2; g2' = g2 - proj_g1(g2) = (0,1)
+    assert torch.allclose(M.get("gradops")(T([1.0, 0.0], [1.0, 1.0])), T(0.5, 0.5))
+    # a gradient inside the span of the others projects to zero
+    assert torch.allclose(M.get("gradops")(T([1.0, 0.0], [2.0, 0.0], [0.0, 1.0])), T(0.0, 1.0))
+
+
+def test_gradops_equals_explicit_least_squares_projections():
+    J = random_jacobian(5, 20, seed=3)
+    expected = torch.zeros(20, dtype=torch.float64)
+    for i in range(5):
+        others = torch.cat([J[:i], J[i + 1 :]])
+        coef = torch.linalg.lstsq(others.T, J[i]).solution
+        expected += J[i] - others.T @ coef
+    assert rel(M.get("gradops")(J), expected) < 1e-9
+
+
+@settings(max_examples=40, deadline=None)
+@given(K=st.integers(2, 8), P=st.integers(2, 40), seed=st.integers(0, 10_000), common=st.floats(-2, 2))
+def test_gradops_update_conflicts_with_no_task(K, P, seed, common):
+    J = random_jacobian(K, P, seed, common).float()
+    d = M.get("gradops")(J)
+    tol = 1e-4 * float(J.norm()) ** 2
+    assert float((J @ d).min()) >= -tol
+
+
+def test_imtl_g_equal_projections_and_cagrad_c0_is_the_mean():
+    J = random_jacobian(3, seed=7)
+    d = M.get("imtl_g")(J)
+    proj = (J / J.norm(dim=1, keepdim=True)) @ d
+    assert torch.allclose(proj, proj[0].expand(3), rtol=1e-9)
+    assert rel(M.get("cagrad", c=0.0)(J), J.mean(0)) < 1e-12
+
+
+def test_upgrad_on_non_conflicting_gradients_is_the_mean():
+    J = torch.rand(4, 10, dtype=torch.float64)
+    assert rel(M.get("upgrad")(J), ta.UPGrad()(J)) < 1e-9
+    d = M.get("upgrad")(T([1.0, 0.0], [-1.0, 1.0]))
+    assert float(T([1.0, 0.0], [-1.0, 1.0]).matmul(d).min()) >= -1e-9  # in the dual cone
+
+
+def test_weights_from_a_gram_matrix():
+    J = random_jacobian(4, seed=1)
+    G = J @ J.T
+    for name in ("mgda", "cagrad", "imtl_g", "upgrad", "aligned_mtl", "gradops"):
+        m = M.get(name)
+        w = m.weights(G)
+        assert rel(w @ J, M.get(name)(J)) < 1e-9, name
+
+
+# --- loss weighting and representation methods --------------------------------------------------------------
+def test_uncertainty_weighting_follows_kendall_eq7():
+    m = M.get("uncertainty").bind(["a", "b"])
+    with torch.no_grad():
+        m.log_vars.copy_(torch.tensor([0.5, -1.0]))
+    losses = torch.tensor([2.0, 3.0], requires_grad=True)
+    total, w = m.combine(losses)
+    s = torch.tensor([0.5, -1.0])
+    assert torch.allclose(w, 0.5 * torch.exp(-s))
+    assert float(total.detach()) == pytest.approx(float((0.5 * torch.exp(-s) * losses.detach() + 0.5 * s).sum()))
+    total.backward()
+    assert torch.allclose(m.log_vars.grad, -0.5 * torch.exp(-s) * losses.detach() + 0.5)
+    assert [p is m.log_vars for p in m.parameters()] == [True]
+
+
+def test_learnable_methods_must_be_bound_first():
+    with pytest.raises(ReconError, match="bind"):
+        M.get("uncertainty")(torch.ones(2))
+    assert M.get("gradnorm", n_tasks=3).weights.shape == (3,)
+
+
+def test_dwa_follows_mtan_eq7_and_keeps_state_in_the_state_dict():
+    m = M.get("dwa").bind(["a", "b", "c"])
+    losses = torch.tensor([1.0, 2.0, 3.0])
+    assert torch.equal(m(losses), torch.ones(3))
+    m.end_epoch({"a": 1.0, "b": 2.0, "c": 4.0})
+    assert torch.equal(m(losses), torch.ones(3))
+    m.end_epoch([0.5, 2.0, 2.0])
+    r = torch.tensor([0.5, 1.0, 0.5], dtype=torch.float64)
+    expected = 3 * torch.exp(r / 2) / torch.exp(r / 2).sum()
+    assert torch.allclose(m(losses).double(), expected, atol=1e-6)
+    clone = M.get("dwa")
+    clone.load_state_dict(m.state_dict())
+    assert torch.allclose(clone(losses), m(losses))
+    # without arguments: the mean of the losses seen since the last epoch end
+    n = M.get("dwa").bind(2)
+    for v in ([1.0, 4.0], [3.0, 2.0]):
+        n(torch.tensor(v))
+    n.end_epoch()
+    assert torch.allclose(n.history[1], torch.tensor([2.0, 3.0], dtype=torch.float64))
+
+
+def test_gradnorm_weight_gradient_is_the_papers_lgrad_gradient():
+    K = 3
+    m = M.get("gradnorm", alpha=1.5).bind(K)
+    grads = torch.randn(K, 7, dtype=torch.float32)
+    L0 = torch.tensor([1.0, 2.0, 3.0])
+    m(L0, grads)  # first call records L(0)
+    m.weights.grad = None
+    with torch.no_grad():
+        m.weights.copy_(torch.tensor([0.5, 1.0, 1.5]))
+    L = torch.tensor([0.5, 1.5, 2.5])
+    w_used = m(L, grads)
+    # oracle: autograd on the paper's L_grad with the target detached
+    w = torch.tensor([0.5, 1.0, 1.5], requires_grad=True)
+    G = w * grads.norm(dim=1)
+    r = (L / L0) / (L / L0).mean()
+    target = (G.mean() * r**1.5).detach()
+    (G - target).abs().sum().backward()
+    assert torch.allclose(m.weights.grad, w.grad)
+    assert torch.allclose(w_used, torch.tensor([0.5, 1.0, 1.5]))  # already sum to K
+
+
+def test_mgda_ub_weights_are_mgda_on_the_feature_gradients():
+    R = random_jacobian(3, 12, seed=2).float()
+    w = M.get("mgda_ub")(torch.ones(3), R)
+    assert rel((w.double() @ R.double()), M.get("mgda")(R.double())) < 1e-5
+    wl = M.get("mgda_ub", normalization="l2")(torch.ones(3), R)
+    Rn = R / R.norm(dim=1, keepdim=True)
+    assert rel(wl.double() @ Rn.double(), M.get("mgda")(Rn.double())) < 1e-5
+
+
+# --- RotoGrad ------------------------------------------------------------------------------------------------
+def test_rotograd_rotations_train_and_backbone_gets_the_homogenised_gradient():
+    torch.manual_seed(0)
+    backbone = nn.Linear(5, 4)
+    heads = {"a": nn.Linear(4, 1), "b": nn.Linear(4, 2)}
+    net = M.RotoGrad(backbone, heads, latent_size=4)
+    x = torch.randn(8, 5)
+    out = net(x)
+    losses = {"a": out["a"].pow(2).mean(), "b": (out["b"] - 1).pow(2).mean()}
+    # oracle for the backbone: u_k = grad of L_k w.r.t. z (rotations are the identity at start)
+    z = backbone(x)
+    u = [torch.autograd.grad(heads[t](z).sub(0 if t == "a" else 1).pow(2).mean(), z)[0] for t in ("a", "b")]
+    norms = torch.stack([g.norm() for g in u])
+    C = (norms / norms.sum() * norms).sum() if False else norms.sum() / 2  # first step: alphas = 1/K
+    expected_gz = sum(g / n * C for g, n in zip(u, norms, strict=True))
+    expected_w = torch.autograd.grad(z, backbone.weight, expected_gz)[0]
+    scales = recon_backward(losses, net)
+    assert torch.allclose(backbone.weight.grad, expected_w, atol=1e-6)
+    assert torch.allclose(scales, C / norms, atol=1e-6)
+    rot_params = list(net.rotation_parameters())
+    assert all(p.grad is not None for p in rot_params)
+    head_expected = torch.autograd.grad(heads["a"](z.detach()).pow(2).mean(), heads["a"].weight)[0]
+    assert torch.allclose(heads["a"].weight.grad, head_expected, atol=1e-6)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    opt.step()
+    R = net.rotation("a").detach()
+    assert torch.allclose(R @ R.T, torch.eye(4), atol=1e-5)
+    assert float(torch.linalg.det(R)) == pytest.approx(1.0, abs=1e-5)
+    assert not torch.allclose(R, torch.eye(4))
+
+
+def recon_backward(losses, net):
+    import recon._backward as rb
+
+    return rb.backward(losses, net, "rotograd").weights
+
+
+def test_rotograd_method_needs_a_rotograd_module():
+    net = nn.Linear(2, 2)
+    out = net(torch.randn(3, 2)).sum()
+    import recon._backward as rb
+
+    with pytest.raises(ReconError, match="RotoGrad"):
+        rb.backward({"a": out, "b": out * 2}, net, "rotograd")
+
+
+# --- registry -----------------------------------------------------------------------------------------------
+def test_every_registered_method_builds_with_its_defaults():
+    for name, info in M.REGISTRY.items():
+        m = M.get(name)
+        assert m.kind == info.kind and info.paper
+        assert isinstance(m, nn.Module)
+
+
+def test_unknown_method_lists_the_valid_ones():
+    with pytest.raises(ReconError, match="unknown method 'nope'.*pcgrad.*cagrad.*rotograd"):
+        M.get("nope")
+
+
+def test_bad_hyperparameters_list_the_valid_choices():
+    with pytest.raises(ReconError, match="unknown hyperparameter 'alpha'.*valid: c, rescale, norm_eps"):
+        M.get("cagrad", alpha=0.5)
+    with pytest.raises(ReconError, match="c of cagrad must be >= 0"):
+        M.get("cagrad", c=-1)
+    with pytest.raises(ReconError, match=r"rescale of cagrad must be one of \[0, 1, 2\]"):
+        M.get("cagrad", rescale=3)
+    with pytest.raises(ReconError, match="scale_mode"):
+        M.get("aligned_mtl", scale_mode="max")
+    with pytest.raises(ReconError, match="valid: none"):
+        M.get("pcgrad", beta=1)
+
+
+def test_names_aliases_and_specs():
+    m = M.get("CAGrad:c=0.5,rescale=0")
+    assert (m.c, m.rescale) == (0.5, 0)
+    assert isinstance(M.get("joint"), M.Mean) and isinstance(M.get("IMTL-G"), M.IMTLG)
+    with pytest.raises(ReconError, match="key=value"):
+        M.get("cagrad:0.5")
+
+
+def test_resolve_accepts_names_instances_aggregators_and_callables():
+    J = random_jacobian(3)
+    inst = M.get("mgda")
+    assert M.resolve(inst) is inst
+    assert isinstance(M.resolve("upgrad"), M.UPGrad)
+    wrapped = M.resolve(ta.UPGrad())
+    assert wrapped.kind == "gradient" and rel(wrapped(J), ta.UPGrad()(J)) < 1e-12
+    fn = M.resolve(lambda J: J[0])
+    assert torch.equal(fn(J), J[0])
+    with pytest.raises(ReconError, match="cannot use int"):
+        M.resolve(3)
+    with pytest.raises(ReconError, match="option"):
+        M.resolve(M.SparseTraining(ratio=0.5))
+
+
+def test_importing_recon_methods_imports_no_heavy_solver():
+    heavy = "('cvxpy', 'quadprog', 'qpsolvers', 'torchjd')"
+    code = f"import sys, recon.methods, recon._backward; print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# --- sparse training ---------------------------------------------------------------------------------------
+def test_sparse_training_keeps_the_top_magnitude_weights_of_each_neuron():
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(10, 6), nn.ReLU(), nn.Conv1d(6, 4, 3))
+    sp = M.SparseTraining(ratio=0.3).apply(enc)
+    lin, conv = enc[0].weight, enc[2].weight
+    assert set(sp.masks) == {lin, conv}
+    for w, k in ((lin, 3), (conv, round(0.3 * 18))):
+        rows = w.detach().reshape(w.shape[0], -1).abs()
+        mask = sp.masks[w].reshape(w.shape[0], -1)
+        assert (mask.sum(1) == k).all()
+        for r in range(rows.shape[0]):
+            kept = rows[r][mask[r]]
+            dropped = rows[r][~mask[r]]
+            assert kept.min() >= dropped.max()
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_sparse_training_frozen_weights_never_change(opt_name):
+    import recon._backward as rb
+
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8))
+    heads = nn.ModuleDict({"a": nn.Linear(8, 1), "b": nn.Linear(8, 1)})
+    params = list(trunk.parameters()) + list(heads.parameters())
+    opt = (
+        torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=0.1)
+        if opt_name == "sgd"
+        else torch.optim.AdamW(params, lr=0.05, weight_decay=0.1)
+    )
+    sp = M.SparseTraining(ratio=0.25).attach(trunk, opt)
+    before = {p: p.detach().clone() for p in sp.masks}
+    for _ in range(5):
+        x = torch.randn(16, 6)
+        z = trunk(x)
+        losses = {t: heads[t](z).pow(2).mean() + (1.0 if t == "b" else 0.0) * z.mean() for t in heads}
+        opt.zero_grad()
+        rb.backward(losses, nn.ModuleList([trunk, heads]), "pcgrad")
+        for p, mask in sp.masks.items():
+            assert (p.grad[~mask] == 0).all()
+        opt.step()
+    for p, mask in sp.masks.items():
+        assert torch.equal(p.detach()[~mask], before[p][~mask])
+        assert not torch.equal(p.detach()[mask], before[p][mask])
+    sp.remove()
+    assert not sp.masks
+
+
+def test_sparse_training_state_dict_restores_the_original_masks():
+    torch.manual_seed(0)
+    enc = nn.Linear(6, 4)
+    sp = M.SparseTraining(ratio=0.5).attach(enc)
+    state = sp.state_dict()
+    original = enc.weight.detach().clone()
+    with torch.no_grad():
+        enc.weight.mul_(-3.0)  # training moved the weights: a new top-|w| choice would differ
+    again = M.SparseTraining(ratio=0.5).attach(enc)
+    again.load_state_dict(state)
+    assert torch.equal(again.masks[enc.weight], sp.masks[enc.weight])
+    again.apply()  # without a target: put the frozen entries back
+    mask = sp.masks[enc.weight]
+    assert torch.equal(enc.weight.detach()[~mask], original[~mask])

@@ -1,0 +1,371 @@
+"""The torch.fx rewriter: recon.split, load_split, shared/task parameters (recon._split)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from recon._errors import ReconError
+from recon._graph import TraceError, layer_tasks, shared_layers
+from recon._split import (
+    SplitPlan,
+    TaskBranches,
+    load_split,
+    plan_of,
+    shared_parameters,
+    split,
+    task_parameters,
+)
+from tests.models import FAMILIES, TASKS, Gated, WithNoReset, task_losses
+
+NAMES = sorted(FAMILIES)
+FEW = settings(max_examples=5, deadline=None, derandomize=True)
+
+
+@functools.cache
+def usage_of(name: str) -> dict[str, frozenset[str]]:
+    fam = FAMILIES[name]
+    return layer_tasks(fam.model(), fam.tasks_arg)
+
+
+def branchable(name: str) -> list[str]:
+    return [layer for layer in shared_layers(usage_of(name)) if layer]  # the root's own params cannot move
+
+
+def subsets(name: str) -> st.SearchStrategy[list[str]]:
+    return st.lists(st.sampled_from(branchable(name)), unique=True, max_size=6)
+
+
+def own_numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def outputs(model: nn.Module, fam, x) -> dict[str, torch.Tensor]:
+    out = model(x)
+    return out if isinstance(out, dict) else dict(zip(fam.tasks, out, strict=True))
+
+
+def check_same_function(name: str, layers: list[str]) -> None:
+    fam = FAMILIES[name]
+    model = fam.model().double()
+    net = split(model, layers, tasks=fam.tasks_arg, init="copy")
+    x = fam.inputs(batch=4, dtype=torch.float64)
+
+    model.eval()
+    net.eval()
+    with torch.no_grad():
+        expected, got = outputs(model, fam, x), outputs(net, fam, x)
+    assert list(got) == list(expected)
+    for t in expected:
+        torch.testing.assert_close(got[t], expected[t], atol=1e-5, rtol=1e-5)
+
+    # one backward of the summed losses, in training mode (batch statistics, in-place ops)
+    model.train()
+    net.train()
+    sum(task_losses(model(x), fam.tasks).values()).backward()
+    sum(task_losses(net(x), fam.tasks).values()).backward()
+    branched = set(layers)
+    for pname, p in model.named_parameters():
+        owner, _, attr = pname.rpartition(".")
+        if owner in branched:
+            container = net.get_submodule(owner)
+            assert isinstance(container, TaskBranches)
+            grads = [getattr(container[t], attr).grad for t in container.tasks]
+            grad = sum(g for g in grads if g is not None)
+        else:
+            grad = net.get_parameter(pname).grad
+        if p.grad is None:
+            assert grad is None or not torch.is_tensor(grad) or not grad.abs().max() > 0
+            continue
+        torch.testing.assert_close(grad, p.grad, atol=1e-5, rtol=1e-5, msg=f"gradient of {pname}")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_copy_preserves_function_and_gradients(name: str) -> None:
+    @FEW
+    @given(layers=subsets(name))
+    def run(layers: list[str]) -> None:
+        check_same_function(name, layers)
+
+    run()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_shared_layer_at_once(name: str) -> None:
+    check_same_function(name, branchable(name))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_parameter_count_grows_by_the_copies(name: str) -> None:
+    fam = FAMILIES[name]
+    usage = usage_of(name)
+
+    @FEW
+    @given(layers=subsets(name))
+    def run(layers: list[str]) -> None:
+        model = fam.model()
+        net = split(model, layers, tasks=fam.tasks_arg, init="reinit")
+        grown = sum((len(usage[layer]) - 1) * own_numel(model.get_submodule(layer)) for layer in layers)
+        assert numel(net) == numel(model) + grown
+        for layer in layers:
+            container = net.get_submodule(layer)
+            assert set(container.tasks) == usage[layer]
+            for t in container.tasks:
+                assert own_numel(net.get_submodule(f"{layer}.{t}")) == own_numel(model.get_submodule(layer))
+
+    run()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_splitting_nothing_gives_the_same_model(name: str) -> None:
+    fam = FAMILIES[name]
+    model = fam.model().eval()
+    net = split(model, [], tasks=fam.tasks_arg)
+    assert list(net.state_dict()) == list(model.state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(net.state_dict()[key], value)
+    x = fam.inputs()
+    with torch.no_grad():
+        expected, got = outputs(model, fam, x), outputs(net, fam, x)
+    for t in expected:
+        assert torch.equal(got[t], expected[t])
+
+
+def test_names_paths_and_state_dict_keys() -> None:
+    model = FAMILIES["resnet"].model()
+    net = split(model, ["layer1.0.bn1", "layer2.0.conv1"])
+    assert isinstance(net, torch.fx.GraphModule)
+    assert isinstance(net.get_submodule("layer1.0.bn1.seg"), nn.BatchNorm2d)
+    keys = net.state_dict().keys()
+    assert {"layer1.0.bn1.seg.weight", "layer1.0.bn1.depth.running_mean", "layer2.0.conv1.depth.weight"} <= keys
+    assert "layer1.0.bn1.weight" not in keys
+    assert type(net.get_submodule("layer1.0")).__name__ == "BasicBlock"  # the module tree is the model's
+    assert "self.layer1" in net.code and "_seg" in net.code
+    compile(net.code, "<split>", "exec")
+    assert net.meta["recon"]["tasks"] == list(TASKS)
+    assert net.meta["recon"]["layers"] == ["layer1.0.bn1", "layer2.0.conv1"]
+
+
+def test_same_call_signature_and_output_structure() -> None:
+    fam = FAMILIES["unet"]
+    model = fam.model()
+    net = split(model, ["dec1.0"], tasks=list(TASKS), init="copy")
+    x = fam.inputs()
+    out = net(x=x)
+    assert isinstance(out, tuple) and len(out) == 2
+    assert [o.shape for o in out] == [o.shape for o in model(x)]
+
+
+def test_model_is_not_changed() -> None:
+    model = FAMILIES["resnet"].model()
+    before = copy.deepcopy(model.state_dict())
+    attrs = set(vars(model))
+    net = split(model, ["conv1", "layer1.0.bn1"])
+    assert set(vars(model)) == attrs
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+    for p in net.parameters():
+        assert all(p is not q for q in model.parameters())
+
+
+def test_reinit_gives_fresh_copies() -> None:
+    model = FAMILIES["mlp"].model()
+    net = split(model, ["trunk.0"], init="reinit")
+    original = model.get_submodule("trunk.0").weight
+    seg, depth = net.get_submodule("trunk.0.seg").weight, net.get_submodule("trunk.0.depth").weight
+    assert not torch.equal(seg, original) and not torch.equal(depth, original) and not torch.equal(seg, depth)
+    copied = split(model, ["trunk.0"], init="copy")
+    assert torch.equal(copied.get_submodule("trunk.0.seg").weight, original)
+
+
+def test_reinit_needs_reset_parameters() -> None:
+    model = WithNoReset()
+    with pytest.raises(ReconError, match=r"'scaler' \(NoReset\) has no reset_parameters\(\).*init='copy'"):
+        split(model, ["scaler"])
+    net = split(model, ["scaler"], init="copy")
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(net(x), model(x))
+
+
+def test_batchnorm_copies_keep_their_own_running_stats() -> None:
+    fam = FAMILIES["resnet"]
+    model = fam.model().train()
+    net = split(model, ["bn1"], init="copy").train()
+    x = fam.inputs(batch=4)
+    model(x)
+    net(x)
+    seg, depth = net.get_submodule("bn1.seg"), net.get_submodule("bn1.depth")
+    assert seg.running_mean is not depth.running_mean
+    for copy_ in (seg, depth):
+        torch.testing.assert_close(copy_.running_mean, model.bn1.running_mean)
+        torch.testing.assert_close(copy_.running_var, model.bn1.running_var)
+        assert copy_.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize(
+    ("layers", "match"),
+    [
+        (["nope"], r"unknown layer 'nope'"),
+        (["heads.seg"], r"'heads.seg' is used by only task 'seg', so it is not shared"),
+        (["trunk.0", "trunk.0"], r"'trunk.0' is listed twice"),
+        (["trunk.1"], r"unknown layer 'trunk.1'"),  # a ReLU owns no parameters
+    ],
+)
+def test_bad_layer_names_list_the_valid_ones(layers: list[str], match: str) -> None:
+    with pytest.raises(ReconError, match=match) as info:
+        split(FAMILIES["mlp"].model(), layers)
+    assert "the shared layers of MLP are: ['trunk.0', 'trunk.2']" in str(info.value)
+
+
+def test_other_bad_input() -> None:
+    with pytest.raises(ReconError, match="init='fresh' is not one of"):
+        split(FAMILIES["mlp"].model(), ["trunk.0"], init="fresh")
+    with pytest.raises(ReconError, match="root"):
+        split(FAMILIES["transformer"].model(), [""])
+    with pytest.raises(ReconError, match=r"pass tasks=\[\.\.\.\]"):
+        split(FAMILIES["unet"].model(), ["enc1.0"])
+
+    class Clash(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = nn.Linear(2, 2)
+            self.a = nn.Linear(2, 1)
+            self.b = nn.Linear(2, 1)
+
+        def forward(self, x):
+            h = self.trunk(x)
+            return {"train": self.a(h), "b": self.b(h)}
+
+    with pytest.raises(ReconError, match="'train' clashes with an nn.Module attribute"):
+        split(Clash(), ["trunk"])
+
+
+def test_trace_failure_then_leaf() -> None:
+    model = Gated()
+    with pytest.raises(TraceError, match=r"'gate'.*leaf_modules=\['gate'\].*concrete_args"):
+        split(model, ["inp"])
+    # as a leaf it traces, and the layer inside the leaf can still be branched (task scope)
+    net = split(model, ["inp", "gate.lin"], leaf_modules=["gate"], init="copy")
+    x = torch.randn(3, 8)
+    expected, got = model(x), net(x)
+    for t in TASKS:
+        torch.testing.assert_close(got[t], expected[t])
+    assert net.meta["recon"]["leaf_modules"] == ["gate"]
+    assert isinstance(net.get_submodule("gate.lin.seg"), nn.Linear)
+
+
+def test_shared_and_task_parameters() -> None:
+    model = FAMILIES["mlp"].model()
+    net = split(model, ["trunk.2"], init="copy")
+    shared = shared_parameters(net)
+    assert [p.shape for p in shared] == [p.shape for p in model.trunk[0].parameters()]
+    seg = task_parameters(net, "seg")
+    expected = [*net.get_submodule("trunk.2.seg").parameters(), *net.get_submodule("heads.seg").parameters()]
+    assert {id(p) for p in seg} == {id(p) for p in expected}
+    every = {id(p) for p in net.parameters()}
+    assert {id(p) for p in shared} | {id(p) for t in TASKS for p in task_parameters(net, t)} == every
+    with pytest.raises(ReconError, match="unknown task 'x'"):
+        task_parameters(net, "x")
+
+    # an unsplit model with dict outputs works too; tuple outputs need tasks
+    assert len(shared_parameters(model)) == 4
+    assert len(task_parameters(model, "depth")) == 2
+    unet = FAMILIES["unet"].model()
+    with pytest.raises(ReconError, match="recon.split"):
+        shared_parameters(unet)
+    assert len(shared_parameters(unet, tasks=list(TASKS))) == numel_params(unet) - 4
+    tuple_net = split(unet, ["dec1.0"], tasks=list(TASKS))
+    assert len(task_parameters(tuple_net, "seg")) == 4  # dec1.0.seg weight+bias, head weight+bias
+
+
+def numel_params(model: nn.Module) -> int:
+    return len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["resnet", "unet", "torch_transformer", "inplace"])
+def test_load_split_rebuilds_from_the_plan(name: str, tmp_path) -> None:
+    fam = FAMILIES[name]
+    layers = branchable(name)[:3]
+    net = split(fam.model(seed=1), layers, tasks=fam.tasks_arg, init="reinit")
+    net.train()
+    net(fam.inputs(batch=4))  # move the BatchNorm statistics
+    net.eval()
+    plan = plan_of(net)
+    plan.S, plan.top_k = -0.1, 3
+    plan.save(tmp_path / "plan.json")
+    torch.save(net.state_dict(), tmp_path / "weights.pt")
+
+    rebuilt = load_split(lambda: fam.model(seed=2), tmp_path / "plan.json")
+    rebuilt.load_state_dict(torch.load(tmp_path / "weights.pt"))
+    rebuilt.eval()
+    x = fam.inputs(seed=3)
+    with torch.no_grad():
+        expected, got = outputs(net, fam, x), outputs(rebuilt, fam, x)
+    for t in expected:
+        torch.testing.assert_close(got[t], expected[t])
+    assert list(rebuilt.state_dict()) == list(net.state_dict())
+
+
+def test_split_plan_json() -> None:
+    plan = SplitPlan(tasks=["a", "b"], layers=["x", "y"], init="copy", S=-0.2, top_k=2, scores={"x": 5, "y": 3})
+    data = json.loads(plan.to_json())
+    assert data["tasks"] == ["a", "b"] and data["layers"] == ["x", "y"] and data["S"] == -0.2
+    data["note"] = "kept"
+    again = SplitPlan.from_json(json.dumps(data))
+    assert again.scores == {"x": 5, "y": 3} and again.extra == {"note": "kept"}
+    assert json.loads(again.to_json())["note"] == "kept"
+    assert SplitPlan.from_json(data) == again
+    with pytest.raises(ReconError, match="not valid JSON"):
+        SplitPlan.from_json("{nope")
+    with pytest.raises(ReconError, match="has no"):
+        SplitPlan.from_json('{"tasks": ["a"]}')
+    with pytest.raises(ReconError, match="init="):
+        SplitPlan.from_json('{"tasks": ["a"], "layers": [], "init": "x"}')
+
+
+def test_deepcopy_and_modes() -> None:
+    fam = FAMILIES["resnet"]
+    model = fam.model().eval()
+    net = split(model, ["layer1.1.conv2"], init="copy")
+    assert not net.training
+    clone = copy.deepcopy(net)
+    assert list(clone.state_dict()) == list(net.state_dict())
+    assert clone.meta["recon"] == net.meta["recon"]
+    x = fam.inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), net(x))
+
+
+def test_split_a_split_model_again() -> None:
+    fam = FAMILIES["mlp"]
+    model = fam.model()
+    net = split(split(model, ["trunk.2"], init="copy"), ["trunk.0"], init="copy")
+    assert net.meta["recon"]["layers"] == ["trunk.2", "trunk.0"]
+    assert numel(net) == numel(model) + 16 * 8 + 16 + 16 * 16 + 16
+    x = fam.inputs()
+    expected, got = model(x), net(x)
+    for t in TASKS:
+        torch.testing.assert_close(got[t], expected[t])
+
+
+def test_in_place_write_into_shared_tensor_is_per_task() -> None:
+    fam = FAMILIES["inplace"]
+    net = split(fam.model(), ["fc"], init="reinit")
+    assert ".clone()" in net.code  # each task writes into its own copy of the shared tensor
+    x = fam.inputs()
+    # task seg's output must not depend on task depth's branch
+    before = net(x)["seg"].detach()
+    with torch.no_grad():
+        net.get_submodule("fc.depth").weight.add_(1.0)
+    torch.testing.assert_close(net(x)["seg"], before)
