@@ -444,7 +444,11 @@ def profile(
             layer_info=info,
             partial=partial,
             discovery=discovery,
-            meta={"method": method if isinstance(method, str) else type(method).__name__, "seed": seed},
+            meta={
+                "method": method if isinstance(method, str) else type(method).__name__,
+                "seed": seed,
+                "leaf_modules": list(leaf_modules),
+            },
             _tmp=tmp,
         )
         if out is not None:

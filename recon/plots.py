@@ -598,3 +598,57 @@ def conflict_share_curves(metrics: MetricsLike, *, title: str | None = None) -> 
     if any(frames):
         ax.legend(fontsize=8)
     return fig
+
+
+def network_figure(
+    usage: dict[str, frozenset[str]],
+    tasks: list[str],
+    branches: dict[str, list[str]],
+    modules: dict[str, Any],
+    max_layers: int = 120,
+):
+    """A split network at a glance: layers (rows, in model order) x tasks (columns).
+
+    One grey bar across the tasks that share a layer, one orange cell per task for a branched layer, a blue
+    cell for a layer only one task uses.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    layers = [name for name, used in usage.items() if used][:max_layers]
+    height = min(0.22 * len(layers) + 1.4, 40.0)
+    fig = Figure(figsize=(2.6 + 1.1 * len(tasks), height))
+    ax = fig.add_subplot()
+    colours = {"shared": "#bbbbbb", "branched": "#E69F00", "task": "#56B4E9"}
+    column = {t: i for i, t in enumerate(tasks)}
+    for row, name in enumerate(layers):
+        used = sorted(column[t] for t in usage[name] if t in column)
+        if not used:
+            continue
+        if name in branches:
+            for t in branches[name]:
+                ax.add_patch(Rectangle((column[t] + 0.06, row + 0.1), 0.88, 0.8, color=colours["branched"]))
+        elif len(used) > 1:
+            ax.add_patch(
+                Rectangle((used[0] + 0.06, row + 0.1), used[-1] - used[0] + 0.88, 0.8, color=colours["shared"])
+            )
+        else:
+            ax.add_patch(Rectangle((used[0] + 0.06, row + 0.1), 0.88, 0.8, color=colours["task"]))
+    ax.set_xlim(0, len(tasks))
+    ax.set_ylim(len(layers), 0)
+    ax.set_xticks([i + 0.5 for i in range(len(tasks))], tasks)
+    ax.xaxis.tick_top()
+    labels = [f"{name}  ({type(modules[name]).__name__})" if name in modules else name for name in layers]
+    ax.set_yticks([i + 0.5 for i in range(len(layers))], labels, fontsize=7)
+    ax.tick_params(length=0)
+    for side in ("right", "bottom", "left"):
+        ax.spines[side].set_visible(False)
+    handles = [
+        Patch(color=colours["shared"], label="shared (one copy)"),
+        Patch(color=colours["branched"], label="branched (one copy per task)"),
+        Patch(color=colours["task"], label="used by one task"),
+    ]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=1, fontsize=7, frameon=False)
+    ax.set_title("layers with parameters, in model order", fontsize=9, pad=18)
+    fig.tight_layout()
+    return fig

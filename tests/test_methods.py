@@ -288,6 +288,18 @@ def test_uncertainty_weighting_follows_kendall_eq7():
     assert [p is m.log_vars for p in m.parameters()] == [True]
 
 
+def test_binding_to_another_number_of_tasks_starts_afresh():
+    m = M.get("dwa").bind(["a", "b"])
+    m.end_epoch([1.0, 2.0])
+    assert m.bind(["x", "y"]) is m and int(m.epochs) == 1  # same number of tasks: state kept
+    m.bind(["only"])
+    assert m.history.shape == (2, 1) and int(m.epochs) == 0
+    u = M.get("uncertainty").bind(3)
+    first = u.log_vars
+    u.bind(1)
+    assert u.log_vars is not first and u.log_vars.shape == (1,)
+
+
 def test_learnable_methods_must_be_bound_first():
     with pytest.raises(ReconError, match="bind"):
         M.get("uncertainty")(torch.ones(2))

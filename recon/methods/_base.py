@@ -67,20 +67,20 @@ class Method(nn.Module):
         """Tell the method the tasks (names, or their number) before training.
 
         Methods with learnable parameters create them here: call ``bind`` before building the optimiser and
-        add ``method.parameters()`` to it. Binding again with the same tasks is a no-op; with other tasks it is
-        an error (build a new method instead). Returns ``self``.
+        add ``method.parameters()`` to it. Binding again with the same number of tasks keeps the state; with
+        another number it starts afresh (state cleared, new parameters): build the optimiser after that.
+        Returns ``self``.
         """
         names = tuple(f"task{i}" for i in range(tasks)) if isinstance(tasks, int) else tuple(tasks)
         if not names:
             raise ReconError("a method needs at least one task; pass the task names to bind()")
-        if self.tasks is not None and len(self.tasks) != len(names):
-            raise ReconError(
-                f"{type(self).__name__} was bound to {len(self.tasks)} tasks {list(self.tasks)}, "
-                f"now given {len(names)}; create a new method for a different set of tasks"
-            )
-        if self.tasks is None:
+        if self.tasks is not None and len(self.tasks) == len(names):
             self.tasks = names
-            self._setup(len(names))
+            return self
+        if self.tasks is not None:
+            self.reset()
+        self.tasks = names
+        self._setup(len(names))
         return self
 
     def _setup(self, n_tasks: int) -> None:

@@ -41,7 +41,7 @@ class SparseTraining:
 
     Zhang et al., "Proactive Gradient Conflict Mitigation in Multi-Task Learning: A Sparse Training
     Perspective", arXiv 2411.18615, 2024. The mask is chosen once, when :meth:`attach` is called (before
-    training, by :meth:`attach`): for every neuron (a row of a ``Linear`` weight, an output channel of a ``Conv`` weight), the
+    training): for every neuron (a row of a ``Linear`` weight, an output channel of a ``Conv`` weight), the
     :math:`k = \max(1, \mathrm{round}(\text{ratio} \cdot \text{fan\_in}))` incoming weights of largest
     magnitude stay trainable; the others are frozen at their current value. Biases and normalisation
     parameters (1-D) stay fully trainable. ``ratio`` is the trainable fraction, in (0, 1]; it has no default
@@ -59,6 +59,10 @@ class SparseTraining:
         sparse = recon.methods.SparseTraining(ratio=0.3).attach(net.encoder, optimizer)
         ...  # train as usual, with any method
         sparse.remove()
+
+    ``apply()`` without arguments re-imposes the frozen values (what the optimizer hook does after each step);
+    ``apply(target, optimizer)`` is :meth:`attach`. ``state_dict()``/``load_state_dict()`` keep the masks chosen at
+    the start across a resume.
     """
 
     name: ClassVar[str] = "sparse"

@@ -60,6 +60,11 @@ class UncertaintyWeighting(LossWeighting):
     def _setup(self, n_tasks: int) -> None:
         self.log_vars = nn.Parameter(torch.full((n_tasks,), self.init))
 
+    def reset(self) -> None:
+        if self.log_vars is not None:
+            with torch.no_grad():
+                self.log_vars.fill_(self.init)
+
     def forward(self, losses: Tensor, /) -> Tensor:
         _need_bound(self, losses.shape[0])
         s = self.log_vars.to(losses.device)
@@ -99,9 +104,11 @@ class DWA(LossWeighting):
         self.register_buffer("running_count", torch.zeros((), dtype=torch.long))
 
     def _setup(self, n_tasks: int) -> None:
-        if self.history.numel() == 0:
+        if self.history.shape != (2, n_tasks):
             self.history = torch.zeros(2, n_tasks, dtype=torch.float64)
             self.running_sum = torch.zeros(n_tasks, dtype=torch.float64)
+            self.epochs.zero_()
+            self.running_count.zero_()
 
     def reset(self) -> None:
         self.history.zero_()
