@@ -20,18 +20,25 @@ batches, for each number of tasks K:
               is_grads_batched=True)`` over the K losses: a batched floor, to see whether it beats (b).
 
 Variants alternate in interleaved rounds (the order rotates each round) and the table shows medians over rounds;
-ratios are medians of the per-round ratios (paired within a round). ``d-opt`` is d minus the time of its own Adam
-step, timed inside the same run, and is labelled as such: (d) pays for a training update that (b) does not.
+ratios are medians of the per-round ratios (paired within a round). Inside (d), the cosine kernel, the joint update
+and the Adam step are timed in place; ``d - Adam`` (d minus its own Adam step, same run) is printed separately and
+labelled: (d) pays for a training update that (b) does not.
 
 Peak memory is measured in a fresh subprocess per (variant, K): after building the model, the batches and the
 optimizer, the process's peak-RSS mark is reset (Linux ``/proc/self/clear_refs`` with ``5``, falling back to
 ``ru_maxrss``) and the figure reported is ``VmHWM - RSS at reset`` after a few steps, i.e. the extra resident
 memory the steps needed at their peak (gradients, autograd buffers, optimizer state, allocator slack). On CUDA
-it is ``torch.cuda.max_memory_allocated`` above the allocation at reset. ``d-Adam`` subtracts the exact size of
-Adam's two state buffers (8 bytes per parameter), which (b) never allocates.
+it is ``torch.cuda.max_memory_allocated`` above the allocation at reset. ``d - Adam state`` subtracts the exact
+size of Adam's two state buffers (8 bytes per parameter), which (b) never allocates; (a) is shown for context.
 
-    python benchmarks/profile_overhead.py              # K = 2, 4, 8; a few minutes on 2 CPU cores
-    python benchmarks/profile_overhead.py --quick      # smoke run
+On a shared machine, ``--threads 1 --clock cpu`` (process CPU time of a single-threaded run) is far less
+sensitive to other processes than wall time with several OpenMP threads; the run warns when the load average
+says the CPU was shared. ``--device cuda`` (timed with synchronisation, memory from the CUDA allocator) also
+times (e).
+
+    python benchmarks/profile_overhead.py              # K = 2, 4, 8; a few minutes on 2 idle CPU cores
+    python benchmarks/profile_overhead.py --quick      # smoke run: K = 2, 4, two rounds
+    python benchmarks/profile_overhead.py --threads 1 --clock cpu --repeats 7
     python benchmarks/profile_overhead.py --device cuda --repeats 7
 """
 

@@ -17,7 +17,7 @@ from cli._common import (
     frame_table,
     resolve_device,
 )
-from recon import _io
+from recon import _distributed, _io
 from recon._errors import NonFiniteLossError
 from recon._recipe import check_recipe, load_recipe
 from recon._runs import Run
@@ -39,11 +39,16 @@ def profile_command(
     """Stage 1: warm-up training that records every shared layer's layer-wise cosines, then ranks layers."""
     recipe = load_recipe(model_py)
     dev = resolve_device(device)
+    _distributed.init_from_env(dev)  # under torchrun: join the group; rank 0 alone writes and prints
+    dev = _distributed.local_device(dev)
     torch.manual_seed(seed)
     model = check_recipe(recipe, device=dev)
-    run = Run.create(recipe=model_py, tasks=recipe.tasks, seed=seed, out=out)
-    folder = run.stage("profile", force=force)
-    run.record_command()
+    folder = None
+    if _distributed.is_main():
+        run = Run.create(recipe=model_py, tasks=recipe.tasks, seed=seed, out=out)
+        folder = run.stage("profile", force=force)
+        run.record_command()
+    folder = _distributed.broadcast_object(folder)
     leaf_modules = tuple(n for n in leaf.split(",") if n)
     try:
         prof = recon.profile(
@@ -53,14 +58,15 @@ def profile_command(
         )  # fmt: skip
     except (KeyboardInterrupt, NonFiniteLossError) as e:
         prof = getattr(e, "profile", None)
-        if prof is not None:
+        if prof is not None and _distributed.is_main():
             _finish(prof, folder, show)
             err_console.print(f"[yellow]kept {prof.steps} recorded steps, marked partial, in {folder}[/]")
         if isinstance(e, KeyboardInterrupt):
             raise typer.Exit(EXIT_INTERRUPTED) from None
         raise fail(str(e), EXIT_FAILURE) from None
-    _finish(prof, folder, show)
-    console.print(f"profile written to [bold]{folder}[/]  ·  next: [bold]recon split --top-k 4[/]")
+    if _distributed.is_main():
+        _finish(prof, folder, show)
+        console.print(f"profile written to [bold]{folder}[/]  ·  next: [bold]recon split --top-k 4[/]")
 
 
 def _finish(prof: recon.ConflictProfile, folder: Path, show: int) -> None:

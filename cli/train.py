@@ -10,7 +10,7 @@ import typer
 
 import recon
 from cli._common import console, frame_table, resolve_device
-from recon import _io
+from recon import _distributed, _io
 from recon._errors import ReconError
 from recon._recipe import Recipe, check_recipe, load_recipe
 from recon._runs import RUNS_ROOT, Run
@@ -89,28 +89,36 @@ def train_command(
     """Stage 3: train from scratch (fresh build_model(), split plan applied) with a gradient method."""
     recipe = load_recipe(model_py)
     dev = resolve_device(device)
-    agg = recon.methods.get(method, **parse_hparams(hp))
+    _distributed.init_from_env(dev)  # under torchrun: join the group; rank 0 alone writes and prints
+    dev = _distributed.local_device(dev)
+    hparams = parse_hparams(hp)
+    recon.methods.get(method, **hparams)  # a bad name or hyperparameter fails before any work
     if sparse is not None and not 0.0 < sparse <= 1.0:
         raise ReconError(f"--sparse {sparse}: the kept ratio must be in (0, 1]")
     check_recipe(recipe, device=dev)
-    if recipe.val_data is None or not recipe.metrics:
+    main = _distributed.is_main()
+    if (recipe.val_data is None or not recipe.metrics) and main:
         console.print("[yellow]the recipe has no val_data()/metrics: only training losses are recorded[/]")
-    run = find_run(model_py, out, recipe.tasks, seed)
+    run_dir = find_run(model_py, out, recipe.tasks, seed).dir if main else None
+    run = Run.open(_distributed.broadcast_object(run_dir))
     plan = None if single_task else load_plan(run, split, recipe.tasks)
     variants = [(t,) for t in recipe.tasks] if single_task else [tuple(recipe.tasks)]
-    run.record_command()
+    if main:
+        run.record_command()
     for tasks in variants:
         name = label or _label(method, plan, sparse, tasks if single_task else None)
         folder = run.dir / "train" / name
         if resume:
             if not (folder / "checkpoint.pt").exists():
                 raise ReconError(f"{folder}/checkpoint.pt does not exist; nothing to resume, drop --resume")
-        else:
+        elif main:
             folder = run.stage("train", name, force=force)
+        agg = recon.methods.get(method, **hparams)  # a fresh method (and its state) per variant
         _train_variant(
             recipe, run, folder, name, agg, plan, list(tasks), epochs, seed, dev, resume, sparse, record_cosines
         )
-    _print_results(run, recipe)
+    if main:
+        _print_results(run, recipe)
 
 
 def _label(method: str, plan, sparse: float | None, single: tuple[str, ...] | None) -> str:
@@ -132,13 +140,16 @@ def _train_variant(
         "single_task": tasks[0] if len(tasks) == 1 and len(recipe.tasks) > 1 else None,
         "recipe": str(recipe.path.resolve()),
     }
-    console.print(f"[bold]{name}[/]: {sum(p.numel() for p in net.parameters()):,} parameters -> {folder}")
+    if _distributed.is_main():
+        console.print(f"[bold]{name}[/]: {sum(p.numel() for p in net.parameters()):,} parameters -> {folder}")
     result = recon.train(
         net, recipe.train_data, recipe.losses, method=agg, epochs=epochs,
         optimizer=recipe.make_optimizer(net.parameters()), val_data=recipe.val_data, metrics=recipe.metrics,
         seed=seed, device=dev, tasks=tasks, out=folder, resume=resume, progress=True, sparse=sparse, meta=meta,
         record_cosines=record_cosines,
     )  # fmt: skip
+    if not _distributed.is_main():
+        return
     summary = dict(result.summary)
     baseline = load_baselines(run.dir / "train", recipe.tasks)
     if meta["single_task"] is None and baseline is not None and result.final:

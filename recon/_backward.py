@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from recon import _distributed
 from recon._errors import NonFiniteLossError, ReconError
 
 __all__ = ["BackwardResult", "backward"]
@@ -209,6 +210,7 @@ def backward(
     if m.kind == "loss":
         total, weights = m.combine(torch.stack(values))
         total.backward(retain_graph=retain_graph)
+        _average_grads(net, m)
         return BackwardResult(weights, (), loss_values)
 
     if m.kind == "representation":
@@ -217,6 +219,7 @@ def backward(
             weights = m(loss_values, R.detach())
             total = (weights.detach().to(values[0].dtype) * torch.stack(values)).sum()
             total.backward(retain_graph=retain_graph)
+            _average_grads(net, m)
             return BackwardResult(weights.detach(), (), loss_values)
         if m.requires_features:
             raise ReconError(
@@ -250,6 +253,8 @@ def backward(
             for k in range(K):
                 _fill_row(J, k, grads[k], shared_idx, params)
     shared_params = tuple(params[i] for i in shared_idx)
+    if _distributed.active():  # under torchrun: the global batch's task gradients, before the method sees them
+        _distributed.average_([*([J] if J is not None else []), *(grads[k][i] for i, k in own), loss_values])
     weights: Tensor | None = None
     with torch.no_grad():
         if J is not None:
@@ -279,3 +284,10 @@ def backward(
     if weights is not None:
         weights = weights.detach()
     return BackwardResult(weights, shared_params, loss_values)
+
+
+def _average_grads(net: Any, method: nn.Module) -> None:
+    """Under torchrun, after a single backward: average ``.grad`` across processes, as DDP does."""
+    if _distributed.active():
+        grads = [p.grad for p in [*_params_of(net), *method.parameters()] if p.grad is not None]
+        _distributed.average_(grads)

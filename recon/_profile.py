@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from recon import _io
+from recon import _distributed, _io
 from recon._cosines import CosineRecorder, open_cosines
 from recon._errors import NonFiniteLossError, ReconError
 from recon._gram import layer_cosines
@@ -377,8 +377,11 @@ def profile(
 
     torch.manual_seed(seed)
     if device is not None:
-        model.to(device)
+        model.to(_distributed.local_device(torch.device(device)))
     dev = next(model.parameters()).device
+    _distributed.broadcast_parameters(model)
+    if not _distributed.is_main():
+        out, progress = None, False  # only rank 0 writes files and prints
     model.train()
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
     names, params = list(names), list(params)
@@ -463,16 +466,20 @@ def profile(
                     if steps is not None and step >= steps:
                         break
                     inputs, targets = check_batch(batch, task_names, "data")
+                    inputs, targets, weight = _distributed.shard(inputs, targets)
                     outputs = task_outputs(call_model(model, move_to(inputs, dev)), task_names)
                     values = compute_losses(loss_fns, outputs, move_to(targets, dev), "losses")
-                    row = torch.stack(list(values.values())).detach().tolist()
-                    for t, v in zip(task_names, row, strict=True):
-                        if not math.isfinite(v):
-                            raise NonFiniteLossError(t, step, v)
+                    loss_vector = torch.stack(list(values.values())).detach()
                     task_grads = {
                         t: list(torch.autograd.grad(values[t], params, retain_graph=k < K - 1, allow_unused=True))
                         for k, t in enumerate(task_names)
                     }
+                    # under torchrun: the global batch's task gradients, before any cosine or aggregation
+                    _distributed.average_task_grads_(list(task_grads.values()), loss_vector, weight)
+                    row = loss_vector.tolist()
+                    for t, v in zip(task_names, row, strict=True):
+                        if not math.isfinite(v):
+                            raise NonFiniteLossError(t, step, v)
                     if recorder is None:
                         setup(task_grads)
                     rows = list(task_grads.values())

@@ -9,7 +9,10 @@
 * a layer called at several places is branched at every call site; ``get_attr`` reads of a branched layer's
   parameters or buffers read the task's copy;
 * an in-place operation that a task's copy would apply to a tensor shared by all tasks writes into a per-task
-  clone instead, so the tasks do not see each other's writes.
+  clone instead, so the tasks do not see each other's writes;
+* a shared BatchNorm that runs once per task for two or more tasks keeps its shared ``weight``/``bias`` but
+  gets one set of running statistics per task (:class:`TaskStatsBatchNorm`), so that in eval mode each task
+  is normalised with the statistics of its own features, not with an average over the tasks.
 
 A branched layer that lives inside a leaf module (a module fx records as one opaque call, such as
 ``nn.TransformerEncoderLayer``) is handled by calling that module once per task under a *task scope*: the
@@ -33,6 +36,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from recon._errors import ReconError
 from recon._graph import (
@@ -52,6 +57,7 @@ from recon._graph import (
 __all__ = [
     "SplitPlan",
     "TaskBranches",
+    "TaskStatsBatchNorm",
     "call_for_task",
     "current_task",
     "load_split",
@@ -154,6 +160,184 @@ class TaskBranches(nn.Module):
 
     def extra_repr(self) -> str:
         return f"tasks={list(self._recon_tasks)}"
+
+
+# ------------------------------------------------------------------------------- per-task BN statistics
+_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class TaskStatsBatchNorm(_BatchNorm):
+    """A shared BatchNorm with one set of running statistics per task that runs it.
+
+    :func:`split` turns a shared BatchNorm that runs once per task (it sits downstream of a branched layer)
+    into one of these, in place: the module at the BatchNorm's path is still an instance of the original
+    class (``TaskStatsBatchNorm2d`` subclasses ``nn.BatchNorm2d``; a subclass of your own BatchNorm class is
+    made as needed), ``weight`` and ``bias`` are the same shared parameters under the same ``state_dict``
+    keys, and each task gets its own buffers::
+
+        layer2.0.bn1.weight                     shared affine parameters, as before
+        layer2.0.bn1.bias
+        layer2.0.bn1.running_mean_seg           task seg's statistics
+        layer2.0.bn1.running_var_seg
+        layer2.0.bn1.num_batches_tracked_seg
+        layer2.0.bn1.running_mean_depth         task depth's statistics ...
+
+    The rewritten graph calls it as ``call_for_task(bn, task, x)``: inside a :func:`task_scope` it normalises
+    (in eval mode) and updates (in train mode) that task's statistics only. The shared ``running_mean``,
+    ``running_var`` and ``num_batches_tracked`` are kept only where the graph still runs the module once for
+    all tasks (a call upstream of every branched layer, or a read of a buffer); otherwise they are ``None``
+    and a call outside a task scope is an error. A ``state_dict`` that holds one shared set (saved before
+    per-task statistics existed, or by the unsplit model) loads into every task's statistics.
+    """
+
+    _recon_tasks: tuple[str, ...] = ()
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks with their own running statistics, in task order."""
+        return self._recon_tasks
+
+    def running_stats(self, task: str) -> dict[str, torch.Tensor]:
+        """``{"running_mean": ..., "running_var": ..., "num_batches_tracked": ...}`` of ``task`` (live buffers)."""
+        if task not in self._recon_tasks:
+            raise KeyError(f"no running statistics for task {task!r}; tasks: {list(self._recon_tasks)}")
+        return {k: self._buffers[f"{k}_{task}"] for k in _STATS}
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        task = current_task()
+        if task in self._recon_tasks:
+            buffers = self._buffers
+            shared = {k: buffers[k] for k in _STATS}
+            buffers.update({k: buffers[f"{k}_{task}"] for k in _STATS})  # the original forward, on task's stats
+            try:
+                return super().forward(input)
+            finally:
+                buffers.update(shared)
+        if self._buffers.get("running_mean") is None:
+            raise RuntimeError(
+                f"this BatchNorm keeps one set of running statistics per task {list(self._recon_tasks)}; call it "
+                f"as recon's call_for_task(module, task, x) or inside task_scope(task) (current task: {task!r})"
+            )
+        return super().forward(input)
+
+    def reset_running_stats(self) -> None:
+        for suffix in ("", *(f"_{t}" for t in self._recon_tasks)):
+            mean, var, count = (self._buffers.get(k + suffix) for k in _STATS)
+            if mean is not None:
+                mean.zero_()
+            if var is not None:
+                var.fill_(1)
+            if count is not None:
+                count.zero_()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        for k in _STATS:  # one shared set (an older checkpoint, or the unsplit model's): a copy for every task
+            old = prefix + k
+            if old in state_dict and not any(f"{old}_{t}" in state_dict for t in self._recon_tasks):
+                for t in self._recon_tasks:
+                    state_dict[f"{old}_{t}"] = state_dict[old].clone()
+                if self._buffers.get(k) is None:
+                    del state_dict[old]
+        # the buffers are all there (BatchNorm's pre-2018 fix-up would add a num_batches_tracked key)
+        local_metadata = {**local_metadata, "version": max(local_metadata.get("version") or 2, 2)}
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tasks={list(self._recon_tasks)}"
+
+
+class TaskStatsBatchNorm1d(TaskStatsBatchNorm, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` with per-task running statistics (see :class:`TaskStatsBatchNorm`)."""
+
+
+class TaskStatsBatchNorm2d(TaskStatsBatchNorm, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with per-task running statistics (see :class:`TaskStatsBatchNorm`)."""
+
+
+class TaskStatsBatchNorm3d(TaskStatsBatchNorm, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` with per-task running statistics (see :class:`TaskStatsBatchNorm`)."""
+
+
+class TaskStatsSyncBatchNorm(TaskStatsBatchNorm, nn.SyncBatchNorm):
+    """``nn.SyncBatchNorm`` with per-task running statistics (see :class:`TaskStatsBatchNorm`)."""
+
+
+_TASK_STATS_CLASSES: dict[type, type] = {
+    nn.BatchNorm1d: TaskStatsBatchNorm1d,
+    nn.BatchNorm2d: TaskStatsBatchNorm2d,
+    nn.BatchNorm3d: TaskStatsBatchNorm3d,
+    nn.SyncBatchNorm: TaskStatsSyncBatchNorm,
+}
+
+
+def _task_stats_class(cls: type) -> type:
+    """The per-task-statistics subclass of a BatchNorm class (made once for a class of the user's own)."""
+    if issubclass(cls, TaskStatsBatchNorm):
+        return cls
+    if cls not in _TASK_STATS_CLASSES:
+        _TASK_STATS_CLASSES[cls] = type(
+            f"TaskStats{cls.__name__}",
+            (TaskStatsBatchNorm, cls),
+            {"__module__": __name__, "__doc__": f"{cls.__name__} with per-task running statistics."},
+        )
+    return _TASK_STATS_CLASSES[cls]
+
+
+def _tracks_stats(module: nn.Module) -> bool:
+    """A BatchNorm whose running statistics a forward in train mode updates."""
+    if isinstance(module, TaskStatsBatchNorm):
+        return True
+    return (
+        isinstance(module, _BatchNorm)
+        and bool(module.track_running_stats)
+        and module._buffers.get("running_mean") is not None
+    )
+
+
+def _give_task_stats(bn: nn.Module, name: str, tasks: Sequence[str], keep_shared: bool, init: str) -> None:
+    """Turn ``bn`` (in place) into a :class:`TaskStatsBatchNorm` with statistics for ``tasks``: new ones are
+    copies of its shared statistics (``init="copy"``) or fresh (``"reinit"``: mean 0, variance 1, count 0)."""
+    if isinstance(bn, LazyModuleMixin) and bn.has_uninitialized_params():
+        raise ReconError(
+            f"BatchNorm {name!r} is lazy and not initialised yet, so recon cannot give each task its own running "
+            "statistics; run one forward pass through the model before splitting it"
+        )
+    known = tuple(getattr(bn, "_recon_tasks", ()))
+    per_task = {f"{k}_{t}" for k in _STATS for t in known}
+    old = bn._buffers
+    shared = {k: old.get(k) for k in _STATS}
+    buffers: dict[str, torch.Tensor | None] = {}
+    for key, value in old.items():
+        if key in _STATS:
+            buffers[key] = value if keep_shared else None
+        elif key not in per_task:
+            buffers[key] = value
+    for t in tasks:
+        for k in _STATS:
+            if t in known:
+                buffers[f"{k}_{t}"] = old[f"{k}_{t}"]
+            elif init == "copy" and shared[k] is not None:
+                buffers[f"{k}_{t}"] = shared[k].detach().clone()
+            else:
+                like = next(v for v in (shared[k], *(old[f"{k}_{u}"] for u in known)) if v is not None)
+                buffers[f"{k}_{t}"] = torch.ones_like(like) if k == "running_var" else torch.zeros_like(like)
+    bn.__class__ = _task_stats_class(type(bn))
+    bn._buffers = buffers
+    bn._non_persistent_buffers_set = set(bn._non_persistent_buffers_set) | {
+        f"{k}_{t}" for k in _STATS if k in bn._non_persistent_buffers_set for t in tasks
+    }
+    bn._recon_tasks = tuple(tasks)
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -429,6 +613,15 @@ def split(
     for n in gm.graph.nodes:
         down[n] = bool(uses[n]) or any(down[p] for p in digraph.predecessors(n))
     mutates = {n: mutated_input(n, modules) for n in gm.graph.nodes if down[n]}
+    copy_tasks: dict[fx.Node, list[str]] = {}  # the tasks each node downstream of a branch runs for
+    for n in gm.graph.nodes:
+        if n.op == "output" or not down[n]:
+            continue
+        copy_tasks[n] = [t for t in task_list if t in reach[n]]
+        if not copy_tasks[n] and n.is_impure():
+            needed = [a for a in n.all_input_nodes if down[a]]
+            copy_tasks[n] = [t for t in task_list if all(t in copy_tasks[a] for a in needed)]
+    stats_calls, stats_bns = _batchnorm_calls(gm, copy_tasks, task_list, branched)
 
     # ---- module surgery: one copy per task at each branched layer's path (deepest first)
     branch_tasks = {layer: [t for t in task_list if t in usage[layer]] for layer in layers}
@@ -440,6 +633,8 @@ def split(
         container.training = original.training
         for path in aliases[id(original)]:
             _replace(src, path, container)
+    for bn, name, bn_tasks, keep_shared in stats_bns.values():  # shared BatchNorms run per task: per-task stats
+        _give_task_stats(bn, name, bn_tasks, keep_shared, init)
 
     # ---- emit the new graph
     graph = fx.Graph()
@@ -460,11 +655,7 @@ def split(
             if isinstance(new.type, str):  # string annotations print as odd globals; drop them
                 new.type = None
             continue
-        copy_tasks = [t for t in task_list if t in reach[n]]
-        if not copy_tasks and n.is_impure():
-            needed = [a for a in n.all_input_nodes if down[a]]
-            copy_tasks = [t for t in task_list if all(a in task_env[t] for a in needed)]
-        for t in copy_tasks:
+        for t in copy_tasks[n]:
             get = lookup(t)
             args = fx.node.map_arg(n.args, get)
             kwargs = fx.node.map_arg(n.kwargs, get)
@@ -474,9 +665,10 @@ def split(
                 clone = graph.create_node("call_method", "clone", (shared_env[mutated],), name=f"{mutated.name}_{t}")
                 args = (clone, *args[1:])
                 task_env[t][mutated] = clone
-            name = n.name if len(copy_tasks) == 1 and t in n.name.split("_") else f"{n.name}_{t}"
+            name = n.name if len(copy_tasks[n]) == 1 and t in n.name.split("_") else f"{n.name}_{t}"
             if n.op == "call_module":
-                new = _emit_module_call(graph, str(n.target), t, args, kwargs, uses[n], name, module_nodes)
+                scoped = bool(stats_calls.get((n, t), set()) & stats_bns.keys())
+                new = _emit_module_call(graph, str(n.target), t, args, kwargs, uses[n], name, module_nodes, scoped)
             elif n.op == "get_attr":
                 hit = _branch_owner(str(n.target), branched)
                 target = f"{hit[0]}.{t}.{hit[1]}" if hit else n.target
@@ -500,8 +692,77 @@ def split(
         "concrete_args": concrete_args,
         "model_class": model_class,
         "branches": {layer: branch_tasks[layer] for layer in layers},
+        "task_stats": {name: list(bn_tasks) for _, name, bn_tasks, _ in stats_bns.values()},
     }
     return net
+
+
+def _batchnorm_calls(
+    gm: fx.GraphModule,
+    copy_tasks: Mapping[fx.Node, list[str]],
+    task_list: Sequence[str],
+    branched: frozenset[str],
+) -> tuple[dict[tuple[fx.Node, str], set[int]], dict[int, tuple[nn.Module, str, list[str], bool]]]:
+    """Which BatchNorms with running statistics each node runs, and which of them need per-task statistics.
+
+    Returns ``{(node, task): {id of BatchNorm}}`` for the per-task copies of the module calls downstream of a
+    branch, and ``{id: (module, path, tasks, keep_shared)}`` for the shared BatchNorms that run per task for
+    two or more tasks (or that a previous split gave per-task statistics already). ``keep_shared`` says that
+    the graph also uses the shared statistics: a call that runs once for all tasks, or a read of a buffer.
+    A branched BatchNorm is not among them: each of its copies has statistics of its own already.
+    """
+    skip = {id(gm.get_submodule(name)) for name in branched}
+    found: dict[int, tuple[nn.Module, str]] = {}
+    tasks_of: dict[int, set[str]] = {}
+    shared_use: set[int] = set()
+    calls: dict[tuple[fx.Node, str], set[int]] = {}
+
+    def bns(target: str, task: str | None) -> set[int]:
+        ids = set()
+        for name in modules_in_call(gm, target, task):
+            module = gm.get_submodule(name)
+            if id(module) not in skip and _tracks_stats(module):
+                found.setdefault(id(module), (module, name))
+                ids.add(id(module))
+        return ids
+
+    task_call_modules: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and getattr(n.target, "_recon_task_call", False):  # a split model, split again
+            module_node, task = n.args[0], n.args[1]
+            if isinstance(module_node, fx.Node) and module_node.op == "get_attr" and isinstance(task, str):
+                task_call_modules.add(module_node)
+                for i in bns(str(module_node.target), task):
+                    tasks_of.setdefault(i, set()).add(task)
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and n in copy_tasks:
+            for t in copy_tasks[n]:
+                calls[(n, t)] = bns(str(n.target), t)
+                for i in calls[(n, t)]:
+                    tasks_of.setdefault(i, set()).add(t)
+        elif n.op == "call_module":
+            shared_use |= bns(str(n.target), None)
+        elif n.op == "get_attr":
+            target = str(n.target)
+            owner, _, attr = target.rpartition(".")
+            for path, only_calls in ((target, n in task_call_modules and not _other_users(n)), (owner, False)):
+                try:
+                    module = gm.get_submodule(path)
+                except AttributeError:
+                    continue
+                if _tracks_stats(module) and not only_calls and (path == target or attr in _STATS):
+                    shared_use.add(id(module))
+    chosen: dict[int, tuple[nn.Module, str, list[str], bool]] = {}
+    for i, (module, name) in found.items():
+        tasks = tasks_of.get(i, set()) | set(getattr(module, "_recon_tasks", ()))
+        if len(tasks) >= 2 or isinstance(module, TaskStatsBatchNorm):
+            chosen[i] = (module, name, [t for t in task_list if t in tasks], i in shared_use)
+    return calls, chosen
+
+
+def _other_users(node: fx.Node) -> bool:
+    """Whether ``node`` (a module) is used other than as the module of a ``call_for_task``."""
+    return any(not (getattr(u.target, "_recon_task_call", False) and u.args[0] is node) for u in node.users)
 
 
 def _emit_module_call(
@@ -513,9 +774,12 @@ def _emit_module_call(
     used: set[str],
     name: str,
     module_nodes: dict[str, fx.Node],
+    scoped: bool = False,
 ) -> fx.Node:
+    """The call of module ``target`` for ``task``: of the task's copy if the module is branched, and within
+    the task's scope (``call_for_task``) if a branched layer or a per-task-statistics BatchNorm is inside."""
     own = target in used
-    inner = any(u != target for u in used)
+    inner = scoped or any(u != target for u in used)
     path = f"{target}.{task}" if own else target
     if not inner:
         return graph.create_node("call_module", path, args, kwargs, name=name)

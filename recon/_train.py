@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from recon import _io
+from recon import _distributed, _io
 from recon._errors import NonFiniteLossError, ReconError
 from recon._outputs import call_model, move_to, task_outputs
 from recon._progress import progress_bar
@@ -255,8 +255,11 @@ def train(
 
     seed_everything(seed)
     if device is not None:
-        net.to(device)
+        net.to(_distributed.local_device(torch.device(device)))
     dev = next(net.parameters()).device
+    _distributed.broadcast_parameters(net)
+    writes = _distributed.is_main()  # only rank 0 writes files and prints; every rank reads a resumed checkpoint
+    progress = progress and writes
     agg = resolve(method)
     if hasattr(agg, "bind"):
         agg.bind(task_names)  # methods with learnable weights create them here, before the optimizer sees them
@@ -275,7 +278,7 @@ def train(
     start_epoch = 0
     if resume:
         start_epoch, history = _load_checkpoint(folder, net, optimizer, agg)
-    elif folder is not None:
+    elif folder is not None and writes:
         folder.mkdir(parents=True, exist_ok=True)
 
     directions = {t: {n: d for n, (_, d) in (metrics or {}).get(t, {}).items()} for t in task_names}
@@ -291,9 +294,14 @@ def train(
             n_batches = 0
             for batch in data() if callable(data) else data:
                 inputs, targets = check_batch(batch, task_names, "train_data")
+                inputs, targets, weight = _distributed.shard(inputs, targets)
                 outputs = task_outputs(call_model(net, move_to(inputs, dev)), all_tasks)
                 values = compute_losses({t: loss_fns[t] for t in task_names}, outputs, move_to(targets, dev), "losses")
-                row = torch.stack(list(values.values())).detach().tolist()
+                if weight != 1.0:  # uneven shards: averaging weight * gradient over processes = the global batch's
+                    values = {t: v * weight for t, v in values.items()}
+                loss_vector = torch.stack(list(values.values())).detach()
+                _distributed.average_([loss_vector])  # every process sees the same losses: same NaN decision
+                row = loss_vector.tolist()
                 for t, v in zip(task_names, row, strict=True):
                     if not math.isfinite(v):
                         raise NonFiniteLossError(t, step, v)
@@ -322,7 +330,7 @@ def train(
                     record.update({f"val_{t}_{k}": v for k, v in scores[t].items()})
             record["seconds"] = time.perf_counter() - t0
             history.append(record)
-            if folder is not None:
+            if folder is not None and writes:
                 _io.write_text(folder / METRICS, pd.DataFrame(history).to_csv(index=False, float_format="%.6g"))
                 _save_checkpoint(folder, epoch + 1, net, optimizer, agg, history, meta)
             if on_epoch is not None:
@@ -343,11 +351,11 @@ def train(
         "train_loss": {t: float(frame[f"train_loss_{t}"].iloc[-1]) for t in task_names},
         **dict(meta or {}),
     }
-    if folder is not None:
+    if folder is not None and writes:
         _io.write_json(folder / SUMMARY, summary)
     if meter is not None:
         summary["conflict_share"] = float(np.nanmean(frame["conflict_share"]))
-        if folder is not None:
+        if folder is not None and writes:
             cosines = meter.all()
             if cosines is not None:
                 _io.write_bytes(folder / "cosines.npy", _npy_bytes(cosines))

@@ -279,6 +279,27 @@ class Partial(nn.Module):
         return {"seg": self.seg(self.side(h)), "depth": self.depth(m), "normal": self.normal(m + h)}
 
 
+# ------------------------------------------------------------------------------------------ BatchNorm
+class SharedNorm(nn.Module):
+    """BatchNorm1d after the trunk layers: ``norm`` is called at two places (before and after ``fc``/``out``),
+    ``bn`` keeps cumulative averages (``momentum=None``)."""
+
+    def __init__(self, tasks: Sequence[str] = TASKS, d: int = 8) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.norm = nn.BatchNorm1d(d)
+        self.fc = nn.Linear(d, d)
+        self.bn = nn.BatchNorm1d(d, momentum=None)
+        self.out = nn.Linear(d, d)
+        self.heads = nn.ModuleDict({t: nn.Linear(d, 2) for t in tasks})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.norm(self.inp(x)))
+        g = torch.relu(self.bn(self.fc(h)))
+        g = self.norm(self.out(g)) + h
+        return {t: head(g) for t, head in self.heads.items()}
+
+
 # ------------------------------------------------------------------------------------------- in place
 class InPlace(nn.Module):
     """In-place operations next to branch points: a shared tensor that a later layer writes into
@@ -417,6 +438,7 @@ FAMILIES: dict[str, Family] = {
     "reuse": Family("reuse", Reuse, _vector(8), output="tuple"),
     "partial": Family("partial", Partial, _vector(8), tasks=TASKS3),
     "inplace": Family("inplace", InPlace, _vector(8)),
+    "bnshare": Family("bnshare", SharedNorm, _vector(8)),
 }
 
 

@@ -10,18 +10,22 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from recon._errors import ReconError
 from recon._graph import TraceError, layer_tasks, shared_layers
 from recon._split import (
     SplitPlan,
     TaskBranches,
+    TaskStatsBatchNorm,
     load_split,
     plan_of,
     shared_parameters,
     split,
     task_parameters,
+    task_scope,
 )
 from tests.models import FAMILIES, TASKS, Gated, WithNoReset, task_losses
 
@@ -369,3 +373,267 @@ def test_in_place_write_into_shared_tensor_is_per_task() -> None:
     with torch.no_grad():
         net.get_submodule("fc.depth").weight.add_(1.0)
     torch.testing.assert_close(net(x)["seg"], before)
+
+
+# ------------------------------------------------------------------- shared BatchNorms downstream of a branch
+def batchnorm_names(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+
+
+@pytest.mark.parametrize("init", ["reinit", "copy"])
+def test_downstream_batchnorms_keep_each_task_s_running_stats(init: str) -> None:
+    fam = FAMILIES["resnet"]
+    model = fam.model().train()
+    model(fam.inputs(batch=8, seed=7))  # statistics that are not the defaults: copied or reset
+    net = split(model, ["conv1"], init=init)  # the stem: every BatchNorm is downstream of it
+    if init == "copy":
+        with torch.no_grad():  # the copies start equal: make the tasks' paths differ
+            net.get_submodule("conv1.depth").weight.mul_(-2.0)
+
+    # oracle: the model restricted to one task's path (that task's conv1, every BatchNorm run once per forward)
+    oracles = {}
+    for t in TASKS:
+        single = copy.deepcopy(model)
+        single.conv1 = copy.deepcopy(net.get_submodule(f"conv1.{t}"))
+        if init == "reinit":
+            for m in single.modules():
+                if isinstance(m, _BatchNorm):
+                    m.reset_running_stats()
+        oracles[t] = single.train()
+    net.train()
+    for seed in range(3):
+        x = fam.inputs(batch=6, seed=seed)
+        net(x)
+        for single in oracles.values():
+            single(x)
+
+    names = batchnorm_names(model)
+    assert len(names) == 10
+    assert net.meta["recon"]["task_stats"] == {name: list(TASKS) for name in names}
+    for name in names:
+        bn = net.get_submodule(name)
+        assert isinstance(bn, TaskStatsBatchNorm) and isinstance(bn, nn.BatchNorm2d) and bn.tasks == TASKS
+        for t in TASKS:
+            ref = oracles[t].get_submodule(name)
+            for key, value in bn.running_stats(t).items():
+                torch.testing.assert_close(value, getattr(ref, key), msg=f"{name}.{key} of task {t}")
+    seg, depth = net.bn1.running_stats("seg"), net.bn1.running_stats("depth")
+    assert (seg["running_var"] - depth["running_var"]).abs().max() > 0.05  # the tasks' statistics differ
+    assert seg["num_batches_tracked"].item() == 3
+
+    net.eval()
+    x = fam.inputs(batch=5, seed=9)
+    with torch.no_grad():
+        got = net(x)
+        for t in TASKS:  # each task normalised with its own statistics
+            torch.testing.assert_close(got[t], oracles[t].eval()(x)[t])
+
+
+def test_per_task_statistics_only_where_batchnorms_run_per_task() -> None:
+    fam = FAMILIES["resnet"]
+    model = fam.model()
+    net = split(model, ["layer2.1.conv2"])
+    keys = net.state_dict().keys()
+    # upstream of the branch: untouched, run once
+    for name in ("bn1", "layer1.0.bn1", "layer2.0.downsample.1", "layer2.1.bn1"):
+        assert type(net.get_submodule(name)) is nn.BatchNorm2d
+    assert {"bn1.running_mean", "layer1.1.bn2.num_batches_tracked", "layer2.1.bn1.running_var"} <= keys
+    # downstream: shared affine parameters, statistics per task
+    bn = net.get_submodule("layer2.1.bn2")
+    assert isinstance(bn, TaskStatsBatchNorm) and isinstance(bn, nn.BatchNorm2d)
+    assert net.meta["recon"]["task_stats"] == {"layer2.1.bn2": list(TASKS)}
+    assert {"layer2.1.bn2.weight", "layer2.1.bn2.bias"} <= keys
+    assert {f"layer2.1.bn2.{k}_{t}" for k in ("running_mean", "running_var", "num_batches_tracked") for t in TASKS} <= keys
+    assert "layer2.1.bn2.running_mean" not in keys and bn.running_mean is None
+    assert numel(net) == numel(model) + own_numel(model.get_submodule("layer2.1.conv2"))
+    shared = {id(p) for p in shared_parameters(net)}
+    assert id(bn.weight) in shared and id(bn.bias) in shared
+    assert {id(p) for p in task_parameters(net, "seg")} == {
+        *map(id, net.get_submodule("layer2.1.conv2.seg").parameters()),
+        *map(id, net.get_submodule("heads.seg").parameters()),
+    }
+    assert "call_for_task(layer2_1_bn2, 'seg'" in net.code
+    compile(net.code, "<split>", "exec")
+
+    net.train()
+    net(fam.inputs())
+    assert net.get_submodule("layer1.0.bn1").num_batches_tracked.item() == 1  # run once, not once per task
+    assert all(bn.running_stats(t)["num_batches_tracked"].item() == 1 for t in TASKS)
+    with pytest.raises(RuntimeError, match=r"one set of running statistics per task.*task_scope"):
+        bn(torch.randn(2, 16, 2, 2))
+    with task_scope("depth"):
+        bn(torch.randn(2, 16, 2, 2))
+    assert bn.running_stats("depth")["num_batches_tracked"].item() == 2
+
+
+def test_batchnorm_called_before_and_after_a_branch_keeps_shared_stats_too() -> None:
+    fam = FAMILIES["bnshare"]
+    model = fam.model()
+    net = split(model, ["fc"], init="copy")
+    # norm runs once for all tasks before fc, and once per task after it: both kinds of statistics
+    assert net.meta["recon"]["task_stats"] == {"norm": list(TASKS), "bn": list(TASKS)}
+    keys = list(net.state_dict())
+    assert keys[keys.index("norm.weight") :][:9] == [
+        "norm.weight",
+        "norm.bias",
+        "norm.running_mean",
+        "norm.running_var",
+        "norm.num_batches_tracked",
+        "norm.running_mean_seg",
+        "norm.running_var_seg",
+        "norm.num_batches_tracked_seg",
+        "norm.running_mean_depth",
+    ]
+    assert "bn.running_mean" not in keys and "bn.running_mean_depth" in keys
+    net.train()
+    net(fam.inputs(batch=6))
+    norm = net.get_submodule("norm")
+    assert norm.num_batches_tracked.item() == 1
+    assert [norm.running_stats(t)["num_batches_tracked"].item() for t in TASKS] == [1, 1]
+    assert not torch.equal(norm.running_mean, norm.running_stats("seg")["running_mean"])
+
+
+def test_split_again_and_load_split_agree_on_batchnorm_stats(tmp_path) -> None:
+    fam = FAMILIES["bnshare"]
+    once = split(fam.model(), ["fc", "inp"], init="copy")
+    twice = split(split(fam.model(), ["fc"], init="copy"), ["inp"], init="copy")
+    assert list(twice.state_dict()) == list(once.state_dict())  # norm's shared statistics are gone in both
+    assert "norm.running_mean" not in once.state_dict()
+    assert twice.meta["recon"]["task_stats"] == once.meta["recon"]["task_stats"]
+
+    twice.train()
+    for seed in range(2):
+        twice(fam.inputs(batch=6, seed=seed))
+    twice.eval()
+    torch.save(twice.state_dict(), tmp_path / "weights.pt")
+    rebuilt = load_split(fam.model, plan_of(twice))
+    rebuilt.load_state_dict(torch.load(tmp_path / "weights.pt"))
+    rebuilt.eval()
+    x = fam.inputs(seed=3)
+    with torch.no_grad():
+        expected, got = twice(x), rebuilt(x)
+    for t in TASKS:
+        torch.testing.assert_close(got[t], expected[t])
+
+
+def test_a_state_dict_with_shared_statistics_loads_into_every_task() -> None:
+    fam = FAMILIES["resnet"]
+    model = fam.model().train()
+    model(fam.inputs(batch=8))
+    net = split(fam.model(seed=1), ["layer2.1.conv2"], init="reinit")
+    # a checkpoint of this split made before statistics were per task: the unsplit keys, but a branched conv2
+    old = {k: v for k, v in model.state_dict().items() if k != "layer2.1.conv2.weight"}
+    old.update({f"layer2.1.conv2.{t}.weight": model.layer2[1].conv2.weight for t in TASKS})
+    net.load_state_dict(old)  # strict
+    bn = net.get_submodule("layer2.1.bn2")
+    for t in TASKS:
+        for key, value in bn.running_stats(t).items():
+            assert torch.equal(value, getattr(model.layer2[1].bn2, key))
+    assert bn.running_stats("seg")["running_mean"] is not bn.running_stats("depth")["running_mean"]
+    net.load_state_dict(dict(net.state_dict()))  # a plain dict (no metadata) loads too
+    x = fam.inputs()
+    model.eval()
+    net.eval()
+    with torch.no_grad():
+        expected, got = model(x), net(x)
+    for t in TASKS:
+        torch.testing.assert_close(got[t], expected[t])
+
+
+class NormGate(nn.Module):
+    """A leaf (data-dependent) whose BatchNorm runs once per task when the leaf does."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.bn = nn.BatchNorm1d(d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.lin(x)) if x.sum() > -1e9 else x
+
+
+class WithNormGate(nn.Module):
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.gate = NormGate(d)
+        self.heads = nn.ModuleDict({t: nn.Linear(d, 1) for t in TASKS})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.gate(self.inp(x))
+        return {t: head(h) for t, head in self.heads.items()}
+
+
+@pytest.mark.parametrize("layers", [["inp"], ["gate.lin"]])
+def test_batchnorm_inside_a_leaf_module_keeps_per_task_stats(layers: list[str]) -> None:
+    model = WithNormGate()
+    net = split(model, layers, leaf_modules=["gate"], init="copy")
+    assert "call_for_task(gate, 'seg'" in net.code
+    assert net.meta["recon"]["task_stats"] == {"gate.bn": list(TASKS)}
+    branch = net.get_submodule(f"{layers[0]}.depth")
+    with torch.no_grad():
+        branch.weight.mul_(3.0)
+    x = torch.randn(6, 8)
+    net.train()
+    net(x)
+    bn = net.get_submodule("gate.bn")
+    model.train()
+    model(x)  # task seg's path is the model's own
+    for key, value in bn.running_stats("seg").items():
+        torch.testing.assert_close(value, getattr(model.gate.bn, key))
+    assert bn.running_stats("depth")["num_batches_tracked"].item() == 1
+    assert not torch.allclose(bn.running_stats("depth")["running_var"], model.gate.bn.running_var)
+
+
+class StemNorm(nn.Module):
+    """A tiny model with a BatchNorm right after the (branched) stem, as in the digits example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.heads = nn.ModuleDict({t: nn.Linear(16, 1) for t in TASKS})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.bn(self.stem(x)))
+        return {t: head(h) for t, head in self.heads.items()}
+
+
+def stem_data(g: torch.Generator, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    x = torch.randn(n, 8, generator=g) + 1.5
+    return x, {"seg": x[:, :4].sum(1, keepdim=True), "depth": -3.0 * x[:, 4:].sum(1, keepdim=True)}
+
+
+def test_joint_training_then_eval_mode_does_not_collapse() -> None:
+    torch.manual_seed(0)
+    model = StemNorm()
+    net = split(model, ["stem"], init="copy")
+    for m in (model, net):  # joint training: the stem's copies drift apart
+        opt = torch.optim.SGD(m.parameters(), lr=0.03)
+        g = torch.Generator().manual_seed(1)
+        m.train()
+        for _ in range(20):
+            x, y = stem_data(g, 64)
+            out = m(x)
+            loss = sum(F.mse_loss(out[t], y[t]) for t in TASKS)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        # settle the statistics for the final weights: cumulative averages over a few train-mode batches
+        for bn in (mod for mod in m.modules() if isinstance(mod, _BatchNorm)):
+            bn.reset_running_stats()
+            bn.momentum = None
+        with torch.no_grad():
+            for _ in range(6):
+                m(stem_data(g, 256)[0])
+
+    stats = {t: net.bn.running_stats(t)["running_mean"] for t in TASKS}
+    assert (stats["seg"] - stats["depth"]).abs().max() > 0.5  # an average over the tasks would fit neither
+    x, _ = stem_data(torch.Generator().manual_seed(2), 1024)
+    for m in (model, net):
+        with torch.no_grad():
+            evaluated = m.eval()(x)
+            batch = m.train()(x)  # normalised with this batch's own statistics
+        for t in TASKS:
+            rel = (evaluated[t] - batch[t]).norm() / batch[t].norm()
+            assert rel < 0.05, f"{type(m).__name__} task {t}: eval-mode output is {rel:.0%} off the train-mode one"

@@ -130,6 +130,8 @@ class GradientMethod(Method):
         if not isinstance(matrix, Tensor) or matrix.dim() != 2:
             shape = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
             raise ReconError(f"{type(self).__name__} expects a (K, P) matrix of task gradients, got {shape}")
+        if not matrix.requires_grad:
+            return super().__call__(matrix)
         with torch.no_grad():
             return super().__call__(matrix)
 

@@ -42,6 +42,20 @@ __all__ = [
 _SOLVERS_HINT = "install them with: pip install 'recon-mtl[solvers]'"
 
 
+_CONSTANT_WEIGHTS: dict[tuple[int, torch.dtype, torch.device, bool], Tensor] = {}
+
+
+def _constant_weights(matrix: Tensor, *, mean: bool) -> Tensor:
+    """``1/K`` (mean) or ``1`` (sum) weights, cached per (K, dtype, device): no allocation per step."""
+    key = (matrix.shape[0], matrix.dtype, matrix.device, mean)
+    w = _CONSTANT_WEIGHTS.get(key)
+    if w is None:
+        K = matrix.shape[0]
+        w = torch.full((K,), 1.0 / K if mean else 1.0, dtype=matrix.dtype, device=matrix.device)
+        _CONSTANT_WEIGHTS[key] = w
+    return w
+
+
 class Mean(GradientMethod):
     r"""Joint training with the mean of the task gradients: :math:`d = \frac1K \sum_k g_k`.
 
@@ -52,8 +66,7 @@ class Mean(GradientMethod):
     paper: ClassVar[str] = "joint training (equal weights)"
 
     def forward(self, matrix: Tensor, /) -> Tensor:
-        K = matrix.shape[0]
-        self.last_weights = torch.full((K,), 1.0 / K, dtype=matrix.dtype, device=matrix.device)
+        self.last_weights = _constant_weights(matrix, mean=True)
         return self.last_weights @ matrix  # a matrix-vector product is faster than matrix.mean(dim=0)
 
 
@@ -63,7 +76,7 @@ class Sum(GradientMethod):
     paper: ClassVar[str] = "joint training (sum of losses)"
 
     def forward(self, matrix: Tensor, /) -> Tensor:
-        self.last_weights = torch.ones(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+        self.last_weights = _constant_weights(matrix, mean=False)
         return self.last_weights @ matrix
 
 

@@ -38,7 +38,7 @@ def simplex_qp(Q: np.ndarray, q: np.ndarray | None = None, *, tol: float = 1e-13
         F = np.flatnonzero(free)
         n = F.size
         A = np.zeros((n + 1, n + 1))
-        A[:n, :n] = Qn[np.ix_(F, F)]
+        A[:n, :n] = Qn if n == K else Qn[np.ix_(F, F)]
         A[:n, n] = 1.0
         A[n, :n] = 1.0
         b = np.empty(n + 1)
