@@ -38,6 +38,7 @@ def profile_command(
 ) -> None:
     """Stage 1: warm-up training that records every shared layer's layer-wise cosines, then ranks layers."""
     recipe = load_recipe(model_py)
+    recon.methods.get(method)  # an unknown method fails before any work
     dev = resolve_device(device)
     _distributed.init_from_env(dev)  # under torchrun: join the group; rank 0 alone writes and prints
     dev = _distributed.local_device(dev)

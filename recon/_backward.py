@@ -252,9 +252,48 @@ def backward(
         if J is not None:
             for k in range(K):
                 _fill_row(J, k, grads[k], shared_idx, params)
-    shared_params = tuple(params[i] for i in shared_idx)
     if _distributed.active():  # under torchrun: the global batch's task gradients, before the method sees them
         _distributed.average_([*([J] if J is not None else []), *(grads[k][i] for i, k in own), loss_values])
+    return _apply(m, J, grads, own, shared_idx, params, loss_values)
+
+
+def apply_task_gradients(
+    rows: list[list[Tensor | None]], params: Sequence[Tensor], method: Any, losses: Tensor
+) -> BackwardResult:
+    """Fill ``.grad`` from per-task gradients already computed (``rows[k][i]``: task k, parameter i; None if
+    unused), as :func:`backward` does after its K backward passes. The profiler uses it: it needs the same
+    gradients for its cosines. ``rows`` is consumed (shared entries are released as they go into J).
+    """
+    from recon.methods import resolve
+
+    m = resolve(method)
+    if m.tasks is None and not m.learnable:
+        m.bind(len(rows))
+    if m.kind not in ("gradient", "representation") or getattr(m, "custom_backward", None) is not None:
+        raise ReconError(
+            f"{type(m).__name__} does not aggregate per-task gradients; use a gradient method "
+            "(e.g. mean, pcgrad, cagrad) here"
+        )
+    shared_idx, own = _partition(rows, len(params))
+    J = _matrix_for(len(rows), [params[i] for i in shared_idx]) if shared_idx else None
+    if J is not None:
+        for k in range(len(rows)):
+            _fill_row(J, k, rows[k], shared_idx, params)
+    return _apply(m, J, rows, own, shared_idx, params, losses)
+
+
+def _apply(
+    m: Any,
+    J: Tensor | None,
+    grads: list[list[Tensor | None]],
+    own: list[tuple[int, int]],
+    shared_idx: Sequence[int],
+    params: Sequence[Tensor],
+    loss_values: Tensor,
+) -> BackwardResult:
+    """The method's update of the shared parameters (from J) and each task's own gradient elsewhere."""
+    tasks = range(len(grads))
+    shared_params = tuple(params[i] for i in shared_idx)
     weights: Tensor | None = None
     with torch.no_grad():
         if J is not None:

@@ -19,3 +19,12 @@ class NonFiniteLossError(RuntimeError):
         self.task = task
         self.step = step
         self.value = value
+
+
+def check_finite(tasks: list[str], values: list[float], step: int) -> None:
+    """Raise :class:`NonFiniteLossError` for the first task whose loss value is NaN or infinite."""
+    import math
+
+    for task, value in zip(tasks, values, strict=True):
+        if not math.isfinite(value):
+            raise NonFiniteLossError(task, step, value)

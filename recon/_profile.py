@@ -14,7 +14,6 @@ parameter and nothing moves to the host per layer, unlike the official code.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -30,8 +29,9 @@ import torch
 from torch import nn
 
 from recon import _distributed, _io
+from recon._backward import apply_task_gradients
 from recon._cosines import CosineRecorder, open_cosines
-from recon._errors import NonFiniteLossError, ReconError
+from recon._errors import NonFiniteLossError, ReconError, check_finite
 from recon._gram import layer_cosines
 from recon._outputs import call_model, move_to, task_outputs
 from recon._progress import progress_bar
@@ -271,54 +271,17 @@ def layer_usage_autograd(
 
 
 # --- the profiler -----------------------------------------------------------------------------------------
-class _Aggregate:
-    """The warm-up update: the joint mean of task gradients (default), or any method of ``recon.methods``."""
+def _warmup_method(method: Any, tasks: list[str]) -> Any:
+    """The warm-up update: a gradient method of ``recon.methods`` (default: the joint mean)."""
+    from recon.methods import resolve
 
-    def __init__(self, method: Any, n_tasks: int) -> None:
-        self.mean = method in ("joint", "mean")
-        self.sum = method == "sum"
-        self.fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-        if not (self.mean or self.sum):
-            from recon.methods import resolve
-
-            self.fn = resolve(method)
-        self.n_tasks = n_tasks
-
-    def __call__(self, params: list[nn.Parameter], rows: list[list[torch.Tensor | None]]) -> None:
-        """``rows[k][i]``: task k's gradient for parameter i (None if unused). Sets ``.grad``."""
-        shared: list[int] = []
-        for i, p in enumerate(params):
-            got = [r[i] for r in rows if r[i] is not None]
-            if len(got) == 0:
-                p.grad = None
-            elif len(got) == 1:
-                p.grad = got[0]
-            else:
-                shared.append(i)
-        if not shared:
-            return
-        if self.fn is None:
-            scale = 1.0 / self.n_tasks if self.mean else 1.0
-            for i in shared:
-                acc = None
-                for r in rows:
-                    g = r[i]
-                    if g is not None:
-                        acc = g if acc is None else acc.add_(g)  # each g is a fresh tensor: safe in place
-                params[i].grad = acc.mul_(scale) if scale != 1.0 else acc
-            return
-        J = torch.stack(
-            [
-                torch.cat([(r[i] if r[i] is not None else torch.zeros_like(params[i])).reshape(-1) for i in shared])
-                for r in rows
-            ]
+    m = resolve("mean" if method == "joint" else method)
+    if m.kind not in ("gradient",):
+        raise ReconError(
+            f"the profiling warm-up aggregates task gradients; {method!r} is a {m.kind} method. "
+            "Use a gradient method (joint, pcgrad, cagrad, ...; see `recon methods`)"
         )
-        update = self.fn(J)
-        offset = 0
-        for i in shared:
-            n = params[i].numel()
-            params[i].grad = update[offset : offset + n].view_as(params[i]).clone()
-            offset += n
+    return m.bind(tasks)
 
 
 def _batches(data: Any) -> Iterable:
@@ -386,7 +349,7 @@ def profile(
     names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
     names, params = list(names), list(params)
     opt = optimizer if optimizer is not None else torch.optim.Adam(params, lr=1e-3)
-    update = _Aggregate(method, len(task_names))
+    method_obj = _warmup_method(method, task_names)
 
     try:
         usage = layer_usage_fx(model, task_names, leaf_modules)
@@ -477,15 +440,13 @@ def profile(
                     # under torchrun: the global batch's task gradients, before any cosine or aggregation
                     _distributed.average_task_grads_(list(task_grads.values()), loss_vector, weight)
                     row = loss_vector.tolist()
-                    for t, v in zip(task_names, row, strict=True):
-                        if not math.isfinite(v):
-                            raise NonFiniteLossError(t, step, v)
+                    check_finite(task_names, row, step)
                     if recorder is None:
                         setup(task_grads)
                     rows = list(task_grads.values())
                     recorder.append(layer_cosines(rows, layer_params, len(shared_layers), pair_i, pair_j, dev))
                     opt.zero_grad(set_to_none=True)
-                    update(params, rows)
+                    apply_task_gradients(rows, params, method_obj, loss_vector)
                     opt.step()
                     loss_log.append(row)
                     step += 1

@@ -10,7 +10,6 @@ exactly where an uninterrupted run ends (model, optimizer, method state and ever
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from recon import _distributed, _io
-from recon._errors import NonFiniteLossError, ReconError
+from recon._errors import ReconError, check_finite
 from recon._outputs import call_model, move_to, task_outputs
 from recon._progress import progress_bar
 from recon._recipe import check_batch, compute_losses, validate_tasks
@@ -302,9 +301,7 @@ def train(
                 loss_vector = torch.stack(list(values.values())).detach()
                 _distributed.average_([loss_vector])  # every process sees the same losses: same NaN decision
                 row = loss_vector.tolist()
-                for t, v in zip(task_names, row, strict=True):
-                    if not math.isfinite(v):
-                        raise NonFiniteLossError(t, step, v)
+                check_finite(task_names, row, step)
                 if meter is not None:
                     meter.measure(values)
                 optimizer.zero_grad(set_to_none=True)
