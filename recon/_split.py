@@ -188,6 +188,9 @@ class TaskStatsBatchNorm(_BatchNorm):
     all tasks (a call upstream of every branched layer, or a read of a buffer); otherwise they are ``None``
     and a call outside a task scope is an error. A ``state_dict`` that holds one shared set (saved before
     per-task statistics existed, or by the unsplit model) loads into every task's statistics.
+
+    Convert to ``nn.SyncBatchNorm`` (``convert_sync_batchnorm``) before splitting, not after: the conversion
+    builds plain modules from the shared buffers and would drop the per-task ones.
     """
 
     _recon_tasks: tuple[str, ...] = ()
@@ -571,6 +574,11 @@ def split(
     name themselves. ``init="copy"`` starts every copy as the original layer (the split model computes the
     same function); ``"reinit"`` calls each copy's ``reset_parameters()``. ``leaf_modules`` and
     ``concrete_args`` go to the tracer (:func:`recon._graph.trace`).
+
+    A shared BatchNorm that runs once per task for two or more tasks keeps its shared ``weight``/``bias`` and
+    gets running statistics per task (:class:`TaskStatsBatchNorm`, listed in ``net.meta["recon"]["task_stats"]``):
+    copies of its statistics with ``init="copy"``, fresh ones (mean 0, variance 1) with ``"reinit"``, since
+    re-initialised branches upstream change the features the old statistics described.
 
     Raises :class:`~recon._errors.ReconError` for unknown, unshared or repeated layer names (listing the
     shared ones) and :class:`~recon._graph.TraceError` for a model fx cannot trace, or one whose graph
