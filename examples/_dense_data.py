@@ -153,9 +153,7 @@ class NpyDenseDataset(Dataset):
         self.segmentation = segmentation
         self.normal = normal
         if not self.path.is_dir():
-            raise ReconError(
-                f"{self.path}: no such folder; {env_var} must hold train/ and val/ (MTAN's layout)"
-            )
+            raise ReconError(f"{self.path}: no such folder; {env_var} must hold train/ and val/ (MTAN's layout)")
         expected = None
         for sub in ["image", *self.folders.values()]:
             folder = self.path / sub
@@ -172,9 +170,7 @@ class NpyDenseDataset(Dataset):
                 expected = {f"{i}.npy" for i in range(n)}
                 if names != expected:
                     odd = sorted(names - expected)[:3]
-                    raise ReconError(
-                        f"{folder}: files must be named 0.npy .. {n - 1}.npy; found {odd} (MTAN's layout)"
-                    )
+                    raise ReconError(f"{folder}: files must be named 0.npy .. {n - 1}.npy; found {odd} (MTAN's layout)")
             elif names != expected:
                 missing = sorted(expected - names, key=lambda s: int(s.split(".")[0]))[:3]
                 extra = sorted(names - expected)[:3]

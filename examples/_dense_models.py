@@ -180,8 +180,7 @@ class MTAN(_Trunk):
         self.encoder_att = nn.ModuleDict(
             {
                 t: nn.ModuleList(
-                    [attention(f[0], f[0], f[0])]
-                    + [attention(2 * f[j], f[j], f[j]) for j in range(1, levels)]
+                    [attention(f[0], f[0], f[0])] + [attention(2 * f[j], f[j], f[j]) for j in range(1, levels)]
                 )
                 for t in self.tasks
             }
@@ -196,9 +195,7 @@ class MTAN(_Trunk):
             c_path = f[last] if k == last else f[k - 1]
             return attention(f[k] + c_path, f[k - 1], f[k - 1])
 
-        self.decoder_att = nn.ModuleDict(
-            {t: nn.ModuleList([dec_att(k) for k in range(levels)]) for t in self.tasks}
-        )
+        self.decoder_att = nn.ModuleDict({t: nn.ModuleList([dec_att(k) for k in range(levels)]) for t in self.tasks})
         self.encoder_block_att = nn.ModuleList(
             [conv_block(f[j], f[j + 1]) for j in range(last)] + [conv_block(f[last], f[last])]
         )
