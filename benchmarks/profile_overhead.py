@@ -181,11 +181,21 @@ class NaiveProfiler:
         opt.step()
 
 
+def _probe_targets() -> list[tuple[object, str, str]]:
+    """Where the profiler's step looks up its cosine kernel and its update (the names recon._profile uses)."""
+    targets = [(recon_profile_module, "layer_cosines", "cosines")]
+    if hasattr(recon_profile_module, "apply_task_gradients"):
+        targets.append((recon_profile_module, "apply_task_gradients", "update"))
+    elif hasattr(recon_profile_module, "_Aggregate"):
+        targets.append((recon_profile_module._Aggregate, "__call__", "update"))
+    return targets
+
+
 class ReconRunner:
     """(d) ``recon.profile`` on a persistent model and optimizer; per-step times from batch-pull timestamps.
 
     While it runs, three pieces of the profiler's step are timed in place (time only, results untouched): the
-    cosine kernel ``layer_cosines``, the joint update (``_Aggregate.__call__``) and the optimizer step. On CUDA
+    cosine kernel ``layer_cosines``, the joint update (``apply_task_gradients``) and the optimizer step. On CUDA
     each probe synchronises, which slightly perturbs (d)'s pipelining; on the CPU it costs two clock reads.
     """
 
@@ -209,6 +219,11 @@ class ReconRunner:
 
         return wrapper
 
+    def _probe(self, owner: object, name: str, probe: str) -> tuple[object, str, Callable]:
+        original = getattr(owner, name)
+        setattr(owner, name, self._timed(original, probe))
+        return owner, name, original
+
     def run(self, batches: list, start: int, steps: int) -> tuple[list[float], float, dict[str, list[float]]]:
         """Run ``recon.profile`` for ``1 + steps`` steps. Returns the last ``steps`` step times, the call's fixed
         cost (the whole call minus all its steps, the first included) and the probes' times for those steps."""
@@ -225,18 +240,16 @@ class ReconRunner:
 
         for sink in self.probe_times.values():
             sink.clear()
-        kernel, update = recon_profile_module.layer_cosines, recon_profile_module._Aggregate.__call__
-        recon_profile_module.layer_cosines = self._timed(kernel, "cosines")
-        recon_profile_module._Aggregate.__call__ = self._timed(update, "update")
+        restore = [self._probe(owner, name, probe) for owner, name, probe in _probe_targets()]
         try:
             t0 = clock()
             recon.profile(self.model, feed(), self.losses, steps=steps + 1, optimizer=self.opt, device=device)
             total = clock() - t0
         finally:
-            recon_profile_module.layer_cosines = kernel
-            recon_profile_module._Aggregate.__call__ = update
+            for owner, name, original in restore:
+                setattr(owner, name, original)
         times = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=False)]
-        probes = {k: v[1 : steps + 1] for k, v in self.probe_times.items()}
+        probes = {k: v[1 : steps + 1] or [float("nan")] for k, v in self.probe_times.items()}
         return times[1 : steps + 1], total - sum(times[: steps + 1]), probes
 
 
