@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -35,7 +35,7 @@ from recon._errors import NonFiniteLossError, ReconError, check_finite
 from recon._gram import layer_cosines
 from recon._outputs import call_model, move_to, task_outputs
 from recon._progress import progress_bar
-from recon._recipe import check_batch, compute_losses, validate_tasks
+from recon._recipe import batch_count, batches, check_batch, compute_losses, validate_tasks
 
 PROFILE_FILE = "profile.json"
 COSINES_FILE = "cosines.npy"
@@ -284,10 +284,6 @@ def _warmup_method(method: Any, tasks: list[str]) -> Any:
     return m.bind(tasks)
 
 
-def _batches(data: Any) -> Iterable:
-    return data() if callable(data) else data
-
-
 def profile(
     model: nn.Module,
     data: Any,
@@ -372,7 +368,8 @@ def profile(
     layer_params: list[tuple[int, int]] = []  # (layer index, parameter index) for parameters of shared layers
     shared_layers: list[str] = []
     loss_log: list[list[float]] = []
-    total = steps if steps is not None else _count_steps(data, epochs)
+    n = batch_count(data)
+    total = steps if steps is not None else (None if n is None else n * epochs)
 
     def setup(task_grads: dict[str, list]) -> None:
         nonlocal recorder, usage, shared_layers
@@ -425,7 +422,7 @@ def profile(
     try:
         with progress_bar(total, "profiling", enabled=progress) as bar:
             for _epoch in range(epochs if steps is None else 10**12):
-                for batch in _batches(data):
+                for batch in batches(data):
                     if steps is not None and step >= steps:
                         break
                     inputs, targets = check_batch(batch, task_names, "data")
@@ -464,10 +461,3 @@ def profile(
     if step == 0:
         raise ReconError("the data yielded no batch; give at least one (inputs, targets) batch")
     return result(partial=False)
-
-
-def _count_steps(data: Any, epochs: int) -> int | None:
-    try:
-        return len(_batches(data)) * epochs  # type: ignore[arg-type]
-    except TypeError:
-        return None

@@ -219,3 +219,16 @@ def check_recipe(recipe: Recipe, *, device: torch.device | str | None = None) ->
         raise ReconError(f"{recipe.path}: {e}") from None
     compute_losses(recipe.losses, outputs, move_to(targets, device), str(recipe.path))
     return model
+
+
+def batches(data: Any) -> Iterable:
+    """The batches of ``data``: an iterable, or a function returning one (called once per epoch)."""
+    return data() if callable(data) else data
+
+
+def batch_count(data: Any) -> int | None:
+    """Batches per epoch when ``data`` has a length (a DataLoader, a list), else None."""
+    try:
+        return len(batches(data))  # type: ignore[arg-type]
+    except TypeError:
+        return None

@@ -27,7 +27,7 @@ from recon import _distributed, _io
 from recon._errors import ReconError, check_finite
 from recon._outputs import call_model, move_to, task_outputs
 from recon._progress import progress_bar
-from recon._recipe import check_batch, compute_losses, validate_tasks
+from recon._recipe import batch_count, batches, check_batch, compute_losses, validate_tasks
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
@@ -141,7 +141,7 @@ def evaluate(
     sums: dict[str, dict[str, float]] = {t: {} for t in tasks}
     count = 0
     try:
-        for batch in data() if callable(data) else data:
+        for batch in batches(data):
             inputs, targets = check_batch(batch, list(tasks), "val_data")
             outputs = task_outputs(call_model(net, move_to(inputs, device)), tasks)
             targets = move_to(targets, device)
@@ -282,7 +282,7 @@ def train(
 
     directions = {t: {n: d for n, (_, d) in (metrics or {}).get(t, {}).items()} for t in task_names}
     meter = ConflictMeter(net, task_names) if record_cosines and len(task_names) > 1 else None
-    steps_per_epoch = _len(data)
+    steps_per_epoch = batch_count(data)
     total = None if steps_per_epoch is None else steps_per_epoch * (epochs - start_epoch)
     step = start_epoch * (steps_per_epoch or 0)
     with progress_bar(total, f"training {_method_name(method)}", enabled=progress) as bar:
@@ -291,7 +291,7 @@ def train(
             net.train()
             sums = dict.fromkeys(task_names, 0.0)
             n_batches = 0
-            for batch in data() if callable(data) else data:
+            for batch in batches(data):
                 inputs, targets = check_batch(batch, task_names, "train_data")
                 inputs, targets, weight = _distributed.shard(inputs, targets)
                 outputs = task_outputs(call_model(net, move_to(inputs, dev)), all_tasks)
@@ -360,13 +360,6 @@ def train(
     return TrainResult(frame, final, summary, meter.all() if meter is not None else None)
 
 
-def _len(data: Any) -> int | None:
-    try:
-        return len(data() if callable(data) else data)
-    except TypeError:
-        return None
-
-
 def _method_name(method: Any) -> str:
     if isinstance(method, str):
         return method
@@ -416,7 +409,7 @@ def _attach_sparse(sparse: Any, net: nn.Module, data: Any, tasks, loss_fns, devi
 
     if isinstance(sparse, (int, float)):
         sparse = SparseTraining(ratio=float(sparse))
-    inputs, targets = check_batch(next(iter(data() if callable(data) else data)), list(tasks), "train_data")
+    inputs, targets = check_batch(next(iter(batches(data))), list(tasks), "train_data")
     outputs = task_outputs(call_model(net, move_to(inputs, device)), list(loss_fns))
     values = compute_losses({t: loss_fns[t] for t in tasks}, outputs, move_to(targets, device), "losses")
     params = [p for p in net.parameters() if p.requires_grad]
