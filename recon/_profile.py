@@ -422,6 +422,7 @@ def profile(
     try:
         with progress_bar(total, "profiling", enabled=progress) as bar:
             for _epoch in range(epochs if steps is None else 10**12):
+                epoch_start = step
                 for batch in batches(data):
                     if steps is not None and step >= steps:
                         break
@@ -449,7 +450,8 @@ def profile(
                     step += 1
                     bar.advance(dict(zip(task_names, row, strict=True)))
                 else:
-                    continue
+                    if step > epoch_start:
+                        continue  # a one-shot iterator that is used up yields nothing: stop, don't spin
                 break
     except (KeyboardInterrupt, NonFiniteLossError) as e:
         e.profile = result(partial=True)  # type: ignore[attr-defined]

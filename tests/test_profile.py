@@ -260,3 +260,8 @@ def test_bad_arguments_are_clear():
         recon.profile(BranchyNet(), batches(1), {"a.b": F.cross_entropy, "c": F.cross_entropy})
     with pytest.raises(ReconError, match="returned a tensor"):
         recon.profile(nn.Linear(3, 3), [(torch.randn(2, 3), {"a": 0, "b": 0})], {"a": F.mse_loss, "b": F.mse_loss})
+
+
+def test_steps_beyond_a_one_shot_iterator_stop_when_it_runs_out():
+    prof = recon.profile(BranchyNet(), iter(batches(3)), LOSSES, steps=10)
+    assert prof.steps == 3
