@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -92,7 +91,3 @@ def frame_table(
                 cells.append("" if pd.isna(value) else str(value))
         table.add_row(*cells)
     return table
-
-
-def print_stderr(*args: Any) -> None:
-    print(*args, file=sys.stderr)
