@@ -135,6 +135,123 @@ def _partition(grads: Sequence[Sequence[Tensor | None]], n_params: int) -> tuple
     return shared_idx, own
 
 
+@dataclass
+class TaskGradients:
+    """One step's per-task gradients, as :func:`task_gradients` collects them.
+
+    * ``J``: ``(K, P)`` task gradients of the shared parameters (``shared_idx``, flattened in that order), or
+      ``None`` when nothing is shared;
+    * ``rows[k][i]``: task k's gradient of non-shared parameter i (``None`` where task k does not reach it);
+    * ``own``: the ``(parameter, task)`` pairs with a gradient in ``rows``;
+    * ``users``: per parameter, the tasks that reached it (only when the partition was discovered this step).
+    """
+
+    J: Tensor | None
+    rows: list[list[Tensor | None]]
+    own: list[tuple[int, int]]
+    shared_idx: list[int]
+    users: list[tuple[int, ...]] | None = None
+
+    def tensors(self) -> list[Tensor]:
+        """Every gradient tensor held (for one all-reduce under torchrun)."""
+        return [*([self.J] if self.J is not None else []), *(self.rows[k][i] for i, k in self.own)]
+
+    def per_parameter(self, params: Sequence[Tensor]) -> list[list[Tensor | None]]:
+        """``[k][i]``: task k's gradient of parameter i, shared ones as views of ``J`` (no copy)."""
+        out = [list(row) for row in self.rows]
+        if self.J is not None:
+            offset = 0
+            for i in self.shared_idx:
+                n = params[i].numel()
+                for k, row in enumerate(out):
+                    row[i] = self.J[k, offset : offset + n]
+                offset += n
+        return out
+
+
+def task_gradients(
+    values: Sequence[Tensor],
+    params: Sequence[Tensor],
+    *,
+    shared_idx: Sequence[int] | None = None,
+    retain_graph: bool = False,
+) -> TaskGradients:
+    """The K tasks' gradients w.r.t. ``params``: one backward pass per task.
+
+    With ``shared_idx=None`` the partition is discovered (a parameter is shared when 2+ tasks reach it): every
+    task's gradients are computed with ``torch.autograd.grad`` and then copied into ``J``. With a known
+    partition, task k's backward accumulates straight into views of ``J[k]`` (each parameter's ``.grad`` is
+    pointed at its slice, autograd adds into it in place), so the peak memory is ``J`` plus one parameter's
+    gradient, not ``J`` plus a whole set of task gradients. The caller's ``.grad`` are put back untouched.
+    """
+    K = len(values)
+    if shared_idx is None:
+        grads = [
+            list(torch.autograd.grad(v, params, retain_graph=retain_graph or k < K - 1, allow_unused=True))
+            for k, v in enumerate(values)
+        ]
+        users = [tuple(k for k in range(K) if grads[k][i] is not None) for i in range(len(params))]
+        found, own = _partition(grads, len(params))
+        J = _matrix_for(K, [params[i] for i in found]) if found else None
+        if J is not None:
+            for k in range(K):
+                _fill_row(J, k, grads[k], found, params)
+        return TaskGradients(J, grads, own, found, users)
+
+    shared_idx = list(shared_idx)
+    shared = [params[i] for i in shared_idx]
+    J = _matrix_for(K, shared) if shared else None
+    if J is not None and not all(p.dtype == J.dtype and p.device == J.device for p in shared):
+        rows = []  # mixed dtypes or devices: .grad cannot be a view of J; copy each task's gradients in
+        for k, v in enumerate(values):
+            row = list(torch.autograd.grad(v, params, retain_graph=retain_graph or k < K - 1, allow_unused=True))
+            _fill_row(J, k, row, shared_idx, params)
+            rows.append(row)
+    else:
+        rows = _backward_into(J, values, params, shared_idx, retain_graph)
+    own = [(i, k) for k in range(K) for i, g in enumerate(rows[k]) if g is not None]
+    return TaskGradients(J, rows, own, shared_idx)
+
+
+def _backward_into(
+    J: Tensor | None, values: Sequence[Tensor], params: Sequence[Tensor], shared_idx: list[int], retain_graph: bool
+) -> list[list[Tensor | None]]:
+    """K ``Tensor.backward`` passes, task k's shared gradients accumulated in place into ``J[k]``."""
+    K = len(values)
+    in_j = set(shared_idx)
+    stash = [p.grad for p in params]
+    rows: list[list[Tensor | None]] = []
+    if J is not None:
+        J.zero_()
+    try:
+        for p in params:
+            p.grad = None
+        for k, v in enumerate(values):
+            views = []
+            offset = 0
+            for i in shared_idx:
+                p = params[i]
+                view = J[k, offset : offset + p.numel()].view(p.shape)
+                p.grad = view
+                views.append(view)
+                offset += p.numel()
+            v.backward(inputs=list(params), retain_graph=retain_graph or k < K - 1)
+            row: list[Tensor | None] = [None] * len(params)
+            for i, p in enumerate(params):
+                if i not in in_j:
+                    row[i], p.grad = p.grad, None
+            for view, i in zip(views, shared_idx, strict=True):
+                g = params[i].grad
+                if g is not view:  # autograd replaced the buffer instead of adding in place: copy it in
+                    view.copy_(g.to_dense() if g.layout != torch.strided else g)
+                params[i].grad = None
+            rows.append(row)
+    finally:
+        for p, g in zip(params, stash, strict=True):
+            p.grad = g
+    return rows
+
+
 def _features_matrix(values: Sequence[Tensor], features: Any) -> Tensor:
     """``(K, D)``: the gradient of each loss with respect to ``features`` (a tensor or a list of tensors)."""
     feats = [features] if isinstance(features, Tensor) else list(features)
@@ -230,69 +347,35 @@ def backward(
     params = _params_of(net)
     if not params:
         raise ReconError("recon.backward: the model has no parameter that requires grad")
-    K = len(values)
-    grads: list[list[Tensor | None]] = []
-    if shared is not None:  # known partition: each task's shared gradients go into J as soon as computed
+    shared_idx = None
+    if shared is not None:
         ids = {id(p) for p in shared}
         shared_idx = [i for i, p in enumerate(params) if id(p) in ids]
-        J = _matrix_for(K, [params[i] for i in shared_idx]) if shared_idx else None
-        for k, loss in enumerate(values):
-            row = list(torch.autograd.grad(loss, params, retain_graph=retain_graph or k < K - 1, allow_unused=True))
-            if J is not None:
-                _fill_row(J, k, row, shared_idx, params)
-            grads.append(row)
-        own = [(i, k) for k in range(K) for i, g in enumerate(grads[k]) if g is not None]
-    else:  # discovery: a parameter is shared when 2+ tasks' gradients reach it
-        for k, loss in enumerate(values):
-            grads.append(
-                list(torch.autograd.grad(loss, params, retain_graph=retain_graph or k < K - 1, allow_unused=True))
-            )
-        shared_idx, own = _partition(grads, len(params))
-        J = _matrix_for(K, [params[i] for i in shared_idx]) if shared_idx else None
-        if J is not None:
-            for k in range(K):
-                _fill_row(J, k, grads[k], shared_idx, params)
-    if _distributed.active():  # under torchrun: the global batch's task gradients, before the method sees them
-        _distributed.average_([*([J] if J is not None else []), *(grads[k][i] for i, k in own), loss_values])
-    return _apply(m, J, grads, own, shared_idx, params, loss_values)
+    grads = task_gradients(values, params, shared_idx=shared_idx, retain_graph=retain_graph)
+    # under torchrun: the global batch's task gradients, before the method sees them
+    _distributed.average_([*grads.tensors(), loss_values])
+    return apply_task_gradients(grads, params, m, loss_values)
 
 
 def apply_task_gradients(
-    rows: list[list[Tensor | None]], params: Sequence[Tensor], method: Any, losses: Tensor
+    grads: TaskGradients, params: Sequence[Tensor], method: Any, loss_values: Tensor
 ) -> BackwardResult:
-    """Fill ``.grad`` from per-task gradients already computed (``rows[k][i]``: task k, parameter i; None if
-    unused), as :func:`backward` does after its K backward passes. The profiler uses it: it needs the same
-    gradients for its cosines. ``rows`` is consumed (shared entries are released as they go into J).
-    """
+    """Fill ``.grad``: ``method``'s update of the shared parameters (from ``grads.J``) and each task's own
+    gradient elsewhere. ``grads`` is consumed: ``J`` is released once the update is written (memory)."""
     from recon.methods import resolve
 
     m = resolve(method)
     if m.tasks is None and not m.learnable:
-        m.bind(len(rows))
+        m.bind(len(grads.rows))
     if m.kind not in ("gradient", "representation") or getattr(m, "custom_backward", None) is not None:
         raise ReconError(
             f"{type(m).__name__} does not aggregate per-task gradients; use a gradient method "
             "(e.g. mean, pcgrad, cagrad) here"
         )
-    shared_idx, own = _partition(rows, len(params))
-    J = _matrix_for(len(rows), [params[i] for i in shared_idx]) if shared_idx else None
-    if J is not None:
-        for k in range(len(rows)):
-            _fill_row(J, k, rows[k], shared_idx, params)
-    return _apply(m, J, rows, own, shared_idx, params, losses)
-
-
-def _apply(
-    m: Any,
-    J: Tensor | None,
-    grads: list[list[Tensor | None]],
-    own: list[tuple[int, int]],
-    shared_idx: Sequence[int],
-    params: Sequence[Tensor],
-    loss_values: Tensor,
-) -> BackwardResult:
-    """The method's update of the shared parameters (from J) and each task's own gradient elsewhere."""
-    tasks = range(len(grads))
+    J, own = grads.J, grads.own
+    tasks = range(len(grads.rows))
+    shared_idx = grads.shared_idx
+    grads.J = None
     shared_params = tuple(params[i] for i in shared_idx)
     weights: Tensor | None = None
     with torch.no_grad():
@@ -310,11 +393,11 @@ def _apply(
                     f"it must return a ({J.shape[1]},) update"
                 )
             _write_update(update.detach(), shared_params)
-            del J
+            del J, update
         elif m.kind == "representation":
             weights = torch.ones(len(tasks), dtype=loss_values.dtype, device=loss_values.device)
         for i, k in own:
-            g = grads[k][i]
+            g = grads.rows[k][i]
             if m.kind == "representation" and weights is not None:
                 g = g * weights[k].to(g.device, g.dtype)
             if g.layout != torch.strided:

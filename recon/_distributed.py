@@ -121,13 +121,6 @@ def average_(tensors: Sequence[torch.Tensor], weight: float = 1.0) -> None:
         offset += n
 
 
-def average_task_grads_(rows: Sequence[Sequence[torch.Tensor | None]], losses: torch.Tensor, weight: float) -> None:
-    """Average every task's parameter gradients and the loss values across processes (one collective)."""
-    if not active():
-        return
-    average_([g for row in rows for g in row if g is not None] + [losses], weight)
-
-
 def broadcast_parameters(module: torch.nn.Module) -> None:
     """Start every process from rank 0's parameters and buffers."""
     if not active():

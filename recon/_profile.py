@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from recon import _distributed, _io
-from recon._backward import apply_task_gradients
+from recon._backward import apply_task_gradients, task_gradients
 from recon._cosines import CosineRecorder, open_cosines
 from recon._errors import NonFiniteLossError, ReconError, check_finite
 from recon._gram import layer_cosines
@@ -259,15 +259,13 @@ def layer_usage_fx(model: nn.Module, tasks: Sequence[str], leaf_modules: Sequenc
     return layer_tasks(model, list(tasks), leaf_modules=tuple(leaf_modules))
 
 
-def layer_usage_autograd(
-    names: Sequence[str], task_grads: Mapping[str, Sequence[torch.Tensor | None]]
-) -> dict[str, frozenset]:
-    """Per layer, the tasks that give any of its parameters a gradient (autograd fallback for any module)."""
+def layer_usage_autograd(names: Sequence[str], users: Sequence[Sequence[str]]) -> dict[str, frozenset]:
+    """Per layer, the tasks that give any of its parameters a gradient (autograd fallback for any module);
+    ``users[i]``: the tasks whose gradient reached parameter ``names[i]``."""
     usage: dict[str, set[str]] = {}
-    for i, name in enumerate(names):
-        users = usage.setdefault(owner_name(name), set())
-        users.update(t for t, grads in task_grads.items() if grads[i] is not None)
-    return {layer: frozenset(users) for layer, users in usage.items()}
+    for name, tasks in zip(names, users, strict=True):
+        usage.setdefault(owner_name(name), set()).update(tasks)
+    return {layer: frozenset(tasks) for layer, tasks in usage.items()}
 
 
 # --- the profiler -----------------------------------------------------------------------------------------
@@ -367,18 +365,19 @@ def profile(
     recorder: CosineRecorder | None = None
     layer_params: list[tuple[int, int]] = []  # (layer index, parameter index) for parameters of shared layers
     shared_layers: list[str] = []
+    shared_idx: list[int] | None = None  # the parameters whose task gradients go into J (found on step 1)
     loss_log: list[list[float]] = []
     n = batch_count(data)
     total = steps if steps is not None else (None if n is None else n * epochs)
 
-    def setup(task_grads: dict[str, list]) -> None:
-        nonlocal recorder, usage, shared_layers
-        if usage is None:
-            usage = layer_usage_autograd(names, task_grads)
+    def setup() -> None:
+        nonlocal recorder, shared_layers, shared_idx
         owners = [owner_name(n) for n in names]
         shared_layers = [ln for ln in dict.fromkeys(owners) if len(usage.get(ln, ())) >= 2]
         index = {ln: k for k, ln in enumerate(shared_layers)}
         layer_params.extend((index[o], i) for i, o in enumerate(owners) if o in index)
+        if shared_idx is None:  # fx: the shared layers' parameters; autograd: those 2+ tasks reached
+            shared_idx = [i for _, i in layer_params]
         recorder = CosineRecorder(folder / "cosines.npy", len(shared_layers), len(pair_i), device=dev, chunk=chunk)
 
     def result(partial: bool) -> ConflictProfile:
@@ -418,6 +417,8 @@ def profile(
             prof.save(folder)
         return prof
 
+    if usage is not None:
+        setup()
     step = 0
     try:
         with progress_bar(total, "profiling", enabled=progress) as bar:
@@ -431,21 +432,23 @@ def profile(
                     outputs = task_outputs(call_model(model, move_to(inputs, dev)), task_names)
                     values = compute_losses(loss_fns, outputs, move_to(targets, dev), "losses")
                     loss_vector = torch.stack(list(values.values())).detach()
-                    task_grads = {
-                        t: list(torch.autograd.grad(values[t], params, retain_graph=k < K - 1, allow_unused=True))
-                        for k, t in enumerate(task_names)
-                    }
+                    grads = task_gradients(list(values.values()), params, shared_idx=shared_idx)
                     # under torchrun: the global batch's task gradients, before any cosine or aggregation
-                    _distributed.average_task_grads_(list(task_grads.values()), loss_vector, weight)
+                    _distributed.average_([*grads.tensors(), loss_vector], weight)
                     row = loss_vector.tolist()
                     check_finite(task_names, row, step)
-                    if recorder is None:
-                        setup(task_grads)
-                    rows = list(task_grads.values())
-                    recorder.append(layer_cosines(rows, layer_params, len(shared_layers), pair_i, pair_j, dev))
+                    if recorder is None:  # autograd discovery, on the first step
+                        usage = layer_usage_autograd(names, [[task_names[k] for k in u] for u in grads.users])
+                        shared_idx = grads.shared_idx
+                        setup()
+                    per_parameter = grads.per_parameter(params)
+                    recorder.append(layer_cosines(per_parameter, layer_params, len(shared_layers), pair_i, pair_j, dev))
+                    del per_parameter  # views of J: let apply_task_gradients release it before the step
                     opt.zero_grad(set_to_none=True)
-                    apply_task_gradients(rows, params, method_obj, loss_vector)
+                    apply_task_gradients(grads, params, method_obj, loss_vector)
+                    del grads
                     opt.step()
+                    opt.zero_grad(set_to_none=True)  # .grad is not kept between steps: memory for J
                     loss_log.append(row)
                     step += 1
                     bar.advance(dict(zip(task_names, row, strict=True)))

@@ -72,7 +72,8 @@ class ConflictMeter:
             for t in self.tasks
         }
         if self.layers is None:
-            usage = layer_usage_autograd(self.names, grads)
+            users = [[t for t in self.tasks if grads[t][i] is not None] for i in range(len(self.names))]
+            usage = layer_usage_autograd(self.names, users)
             owners = [owner_name(n) for n in self.names]
             self.layers = [ln for ln in dict.fromkeys(owners) if len(usage.get(ln, ())) >= 2]
             index = {ln: k for k, ln in enumerate(self.layers)}
@@ -285,6 +286,7 @@ def train(
     steps_per_epoch = batch_count(data)
     total = None if steps_per_epoch is None else steps_per_epoch * (epochs - start_epoch)
     step = start_epoch * (steps_per_epoch or 0)
+    shared: tuple[nn.Parameter, ...] | None = None
     with progress_bar(total, f"training {_method_name(method)}", enabled=progress) as bar:
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
@@ -305,7 +307,8 @@ def train(
                 if meter is not None:
                     meter.measure(values)
                 optimizer.zero_grad(set_to_none=True)
-                backward(values, net, agg)
+                # after the first step the partition is known: task gradients then go straight into J (memory)
+                shared = backward(values, net, agg, shared=shared).shared or None
                 optimizer.step()
                 for t, v in zip(task_names, row, strict=True):
                     sums[t] += v

@@ -8,7 +8,7 @@ import torch.fx
 from torch import nn
 
 import recon.methods as M
-from recon._backward import backward
+from recon._backward import backward, task_gradients
 from recon._errors import NonFiniteLossError, ReconError
 
 TASKS = ("seg", "depth", "normal")
@@ -112,13 +112,15 @@ def test_works_on_an_fx_graph_module_and_with_explicit_shared():
     assert torch.allclose(named["branch.seg.weight"].grad, per_task["seg"]["branch.seg.weight"])
 
 
-def test_accumulates_like_tensor_backward():
+@pytest.mark.parametrize("known_shared", [False, True])
+def test_accumulates_like_tensor_backward(known_shared):
     torch.manual_seed(0)
     net = TrunkHeads()
     x, y = data()
-    backward(make_losses(net, x, y), net, "mean")
+    shared = list(net.trunk.parameters()) if known_shared else None
+    backward(make_losses(net, x, y), net, "mean", shared=shared)
     once = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
-    backward(make_losses(net, x, y), net, "mean")
+    backward(make_losses(net, x, y), net, "mean", shared=shared)
     for n, p in net.named_parameters():
         if n in once:
             assert torch.allclose(p.grad, 2 * once[n])
@@ -249,3 +251,30 @@ def test_dwa_through_backward_and_end_epoch():
         m.end_epoch()
     assert int(m.epochs) == 3
     assert res.weights.shape == (3,) and float(res.weights.sum()) == pytest.approx(3.0)
+
+
+def test_task_gradients_with_a_known_partition_equal_discovery_and_keep_the_callers_grads():
+    """Known partition: task k's backward writes into J[k] in place; the result equals the autograd.grad path."""
+    torch.manual_seed(0)
+    net = TrunkHeads()
+    x, y = data()
+    params = list(net.parameters())
+    found = task_gradients(list(make_losses(net, x, y).values()), params)
+    before = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, before, strict=True):
+        p.grad = g.clone()
+    known = task_gradients(list(make_losses(net, x, y).values()), params, shared_idx=found.shared_idx)
+    assert torch.equal(known.J, found.J)
+    assert known.own == found.own
+    for i, k in found.own:
+        assert torch.equal(known.rows[k][i], found.rows[k][i])
+    for p, g in zip(params, before, strict=True):  # the caller's .grad are put back untouched
+        assert torch.equal(p.grad, g)
+    # mixed dtypes cannot be views of one J: the copying path, checked against autograd
+    a = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    values = [(a.float() * b).sum(), (a * b.double()).pow(2).sum()]
+    ref = [torch.cat([g.double() for g in torch.autograd.grad(v, [a, b], retain_graph=True)]) for v in values]
+    mixed = task_gradients(values, [a, b], shared_idx=[0, 1])
+    assert mixed.J.dtype == torch.float64
+    assert torch.allclose(mixed.J, torch.stack(ref))

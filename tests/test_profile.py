@@ -93,13 +93,15 @@ def oracle_cosines(model: nn.Module, data, steps: int) -> list[dict[tuple[str, s
     return out
 
 
-def test_cosines_match_independent_autograd():
+@pytest.mark.parametrize("model_cls", ["BranchyNet", "Untraceable"])  # fx and autograd discovery
+def test_cosines_match_independent_autograd(model_cls):
     torch.manual_seed(0)
-    model = BranchyNet()
+    model = globals()[model_cls]()
     data = batches(4)
     expected = oracle_cosines(model, data, steps=4)
     prof = recon.profile(model, data, LOSSES, steps=4, chunk=3)  # chunk < steps: exercises the streaming path
     assert prof.steps == 4
+    assert prof.discovery == ("fx" if model_cls == "BranchyNet" else "autograd")
     frame = prof.cosines.dropna()
     assert len(frame) > 0
     for row in frame.itertuples():
