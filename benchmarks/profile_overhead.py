@@ -183,19 +183,17 @@ class NaiveProfiler:
 
 def _probe_targets() -> list[tuple[object, str, str]]:
     """Where the profiler's step looks up its cosine kernel and its update (the names recon._profile uses)."""
-    targets = [(recon_profile_module, "layer_cosines", "cosines")]
-    if hasattr(recon_profile_module, "apply_task_gradients"):
-        targets.append((recon_profile_module, "apply_task_gradients", "update"))
-    elif hasattr(recon_profile_module, "_Aggregate"):
-        targets.append((recon_profile_module._Aggregate, "__call__", "update"))
-    return targets
+    return [
+        (recon_profile_module.LayerCosines, "__call__", "cosines"),
+        (recon_profile_module, "apply_task_gradients", "update"),
+    ]
 
 
 class ReconRunner:
     """(d) ``recon.profile`` on a persistent model and optimizer; per-step times from batch-pull timestamps.
 
     While it runs, three pieces of the profiler's step are timed in place (time only, results untouched): the
-    cosine kernel ``layer_cosines``, the joint update (``apply_task_gradients``) and the optimizer step. On CUDA
+    cosine kernel ``LayerCosines``, the joint update (``apply_task_gradients``) and the optimizer step. On CUDA
     each probe synchronises, which slightly perturbs (d)'s pipelining; on the CPU it costs two clock reads.
     """
 
@@ -479,7 +477,7 @@ def print_tables(args, results: list[dict], memory: dict, device: torch.device, 
         print(line)
     print()
     print("Inside (d), timed in place in the same run (already included in (d) above, nothing subtracted there):")
-    print("| K | layer_cosines ms | joint update ms | Adam step ms | d - Adam ms | (d - Adam)/b | per-call fixed ms |")
+    print("| K | layer cosines ms | joint update ms | Adam step ms | d - Adam ms | (d - Adam)/b | per-call fixed ms |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         ins = r["inside_d_ms"]

@@ -156,18 +156,6 @@ class TaskGradients:
         """Every gradient tensor held (for one all-reduce under torchrun)."""
         return [*([self.J] if self.J is not None else []), *(self.rows[k][i] for i, k in self.own)]
 
-    def per_parameter(self, params: Sequence[Tensor]) -> list[list[Tensor | None]]:
-        """``[k][i]``: task k's gradient of parameter i, shared ones as views of ``J`` (no copy)."""
-        out = [list(row) for row in self.rows]
-        if self.J is not None:
-            offset = 0
-            for i in self.shared_idx:
-                n = params[i].numel()
-                for k, row in enumerate(out):
-                    row[i] = self.J[k, offset : offset + n]
-                offset += n
-        return out
-
 
 def task_gradients(
     values: Sequence[Tensor],

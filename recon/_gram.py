@@ -1,89 +1,118 @@
-"""Per-step layer-wise cosines from per-task gradients: the profiler's inner kernel.
+"""Per-step layer-wise cosines of task gradients: the profiler's inner kernel.
 
 For each shared layer k, the K x K Gram matrix ``G_k = J_k J_k^T`` of the task gradients restricted to the
 layer's parameters gives every pairwise cosine at once: ``cos_ij = G_ij / sqrt(G_ii G_jj)``.
 
-On the CPU each parameter's gradients are streamed through one small reusable block (``K x block`` floats,
-about 512 KiB, so it stays in cache): ``torch.stack(..., out=block)`` then ``gram.addmm_(block, block.T)``. Each
-gradient element is read from memory once, nothing of parameter size is allocated (no ``K x numel`` stack, no
-zero tensors for tasks that do not reach a parameter), and the float32 sum is blocked, which is also more
-accurate than one long dot product. These block ops are too small to gain from intra-op threads (at most 1.3x
-on 2 cores, measured) but each would open an OpenMP parallel region, and on a busy machine every region can
-stall on a descheduled thread (the kernel took 4.5 s instead of 0.2 s at K=8 under load): so the CPU path runs
-with one intra-op thread and restores the caller's setting afterwards. On other devices one ``stack`` +
-``addmm_`` per parameter is used: launches cost more there than bandwidth.
+The task gradients arrive as the ``(K, P)`` matrix ``J`` of :func:`recon._backward.task_gradients`, whose
+columns follow the parameters, so each layer is one or a few column spans of ``J`` and its Gram matrix is
+``J[:, span] @ J[:, span].T`` with no copy. On the CPU each span is cut into column blocks of about 2 MiB
+(``K x block`` floats): one ``addmm_`` per block reads each gradient element once while it is in cache, and the
+float32 sum is blocked, which is also more accurate than one long dot product; a whole-span product on large
+layers was 1.4x slower at K = 8 (measured). These block products are too small to gain from intra-op threads
+but each would open an OpenMP parallel region, and on a busy machine every region can stall on a descheduled
+thread (4.5 s instead of 0.2 s at K = 8 under load, measured), so the CPU path runs with one intra-op thread
+and restores the caller's setting afterwards. On other devices one ``addmm_`` per span: launches cost more there
+than bandwidth.
+
+A parameter of a shared layer that only one task reached this step is not in ``J``; it adds its squared norm
+to that task's diagonal entry and nothing else.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+from torch import Tensor
 
-_BLOCK_BYTES = 1 << 19  # per-block working set on the CPU (K rows together)
+from recon._backward import TaskGradients
+
+_BLOCK_BYTES = 1 << 21  # per-block working set on the CPU (K rows together)
 
 
-def layer_cosines(
-    rows: list[list[torch.Tensor | None]],
-    layer_params: list[tuple[int, int]],
-    n_layers: int,
-    pair_i: torch.Tensor,
-    pair_j: torch.Tensor,
-    device: torch.device,
-) -> torch.Tensor:
-    """``(layers, pairs)`` cosines from per-parameter K x K Gram matrices summed per layer; NaN if a norm is 0.
+class LayerCosines:
+    """``(layers, pairs)`` cosines of one step's task gradients, NaN where a task's layer gradient is zero.
 
-    ``rows[k][i]`` is task k's gradient of parameter i (None where the task does not reach it: a zero row);
-    ``layer_params`` lists ``(layer index, parameter index)``; ``pair_i, pair_j`` index the task pairs.
+    Args:
+        params: the parameters ``TaskGradients`` refers to by index.
+        layer_params: ``(layer index, parameter index)`` for every parameter of a measured layer.
+        n_layers: number of measured layers.
+        n_tasks: K; the pairs are ``torch.triu_indices(K, K, 1)`` in that order.
     """
-    threads = torch.get_num_threads()
-    single = torch.device(device).type == "cpu" and threads > 1
-    if single:
-        torch.set_num_threads(1)
-    try:
-        gram = _layer_grams(rows, layer_params, n_layers, torch.device(device))
-    finally:
-        if single:
-            torch.set_num_threads(threads)
+
+    def __init__(
+        self, params: Sequence[Tensor], layer_params: Sequence[tuple[int, int]], n_layers: int, n_tasks: int
+    ) -> None:
+        self._sizes = [p.numel() for p in params]
+        self._layer_of = dict((i, layer) for layer, i in layer_params)
+        self.n_layers = n_layers
+        self.n_tasks = n_tasks
+        self._spans: list[tuple[int, int, int]] | None = None
+        self._shared_idx: list[int] | None = None
+
+    def _layer_spans(self, shared_idx: list[int]) -> list[tuple[int, int, int]]:
+        """``(layer, start, stop)`` column spans of ``J``, adjacent parameters of a layer merged."""
+        if shared_idx != self._shared_idx:
+            spans: list[tuple[int, int, int]] = []
+            offset = 0
+            for i in shared_idx:
+                n = self._sizes[i]
+                layer = self._layer_of.get(i)
+                if layer is not None:
+                    if spans and spans[-1][0] == layer and spans[-1][2] == offset:
+                        spans[-1] = (layer, spans[-1][1], offset + n)
+                    else:
+                        spans.append((layer, offset, offset + n))
+                offset += n
+            self._spans, self._shared_idx = spans, list(shared_idx)
+        return self._spans
+
+    def __call__(self, grads: TaskGradients, device: torch.device) -> Tensor:
+        K = self.n_tasks
+        gram = torch.zeros((self.n_layers, K, K), dtype=torch.float32, device=device)
+        J = grads.J
+        if J is not None:
+            spans = self._layer_spans(grads.shared_idx)
+            if J.device.type == "cpu":
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    _cpu_grams(J, spans, gram)
+                finally:
+                    torch.set_num_threads(threads)
+            else:
+                for layer, start, stop in spans:
+                    block = J[:, start:stop].to(torch.promote_types(J.dtype, torch.float32))
+                    gram[layer] += (block @ block.T).to(gram)
+        for i, k in grads.own:  # a layer's parameter one task reached: its own diagonal entry only
+            layer = self._layer_of.get(i)
+            if layer is not None:
+                g = grads.rows[k][i]
+                g = g.to_dense() if g.layout != torch.strided else g
+                gram[layer, k, k] += g.float().square().sum().to(device)
+        return gram_cosines(gram)
+
+
+def _cpu_grams(J: Tensor, spans: list[tuple[int, int, int]], gram: Tensor) -> None:
+    K = J.shape[0]
+    block = max(4096, _BLOCK_BYTES // (J.element_size() * K))
+    dtype = torch.promote_types(J.dtype, torch.float32)  # half precision gradients: float32 sums
+    direct = dtype == gram.dtype
+    for layer, start, stop in spans:
+        acc = gram[layer] if direct else torch.zeros((K, K), dtype=dtype)
+        for c in range(start, stop, block):
+            view = J[:, c : min(c + block, stop)].to(dtype)
+            acc.addmm_(view, view.T)
+        if not direct:
+            gram[layer] += acc.to(gram)
+
+
+def gram_cosines(gram: Tensor) -> Tensor:
+    """``(L, pairs)`` cosines from ``(L, K, K)`` Gram matrices, pairs in ``triu_indices(K, K, 1)`` order;
+    NaN where either norm is zero."""
+    K = gram.shape[-1]
+    pair_i, pair_j = torch.triu_indices(K, K, offset=1, device=gram.device)
     norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()  # (L, K)
     denom = norms[:, pair_i] * norms[:, pair_j]
     cos = gram[:, pair_i, pair_j] / denom
     return torch.where(denom > 0, cos, torch.full_like(cos, float("nan")))
-
-
-def _layer_grams(
-    rows: list[list[torch.Tensor | None]], layer_params: list[tuple[int, int]], n_layers: int, device: torch.device
-) -> torch.Tensor:
-    """``(layers, K, K)`` float32 Gram matrices of the task gradients, summed over each layer's parameters."""
-    K = len(rows)
-    gram = torch.zeros((n_layers, K, K), dtype=torch.float32, device=device)
-    block = max(1024, _BLOCK_BYTES // (4 * K))
-    work: torch.Tensor | None = None
-    for layer, i in layer_params:
-        present = [k for k in range(K) if rows[k][i] is not None]
-        if not present:
-            continue
-        flats = [rows[k][i].reshape(-1) for k in present]
-        p = len(present)
-        dtype = torch.promote_types(flats[0].dtype, torch.float32)
-        direct = p == K and dtype == torch.float32 and flats[0].device == gram.device
-        acc = gram[layer] if direct else torch.zeros((p, p), dtype=dtype, device=flats[0].device)
-        if flats[0].device.type != "cpu":
-            M = torch.stack(flats).to(dtype)
-            acc.addmm_(M, M.T)
-        else:
-            if work is None or work.dtype != dtype:
-                work = torch.empty(K * block, dtype=dtype)
-            same = flats[0].dtype == dtype
-            whole = work[: p * block].view(p, block)
-            for pieces in zip(*(f.split(block) for f in flats), strict=True):
-                m = pieces[0].numel()
-                blk = whole if m == block else work[: p * m].view(p, m)
-                if same:
-                    torch.stack(pieces, out=blk)
-                else:
-                    for r, piece in enumerate(pieces):
-                        blk[r].copy_(piece)
-                acc.addmm_(blk, blk.T)
-        if not direct:
-            idx = torch.tensor(present, device=gram.device)
-            gram[layer].index_put_((idx[:, None], idx[None, :]), acc.to(gram), accumulate=True)
-    return gram

@@ -32,7 +32,7 @@ from recon import _distributed, _io
 from recon._backward import apply_task_gradients, task_gradients
 from recon._cosines import CosineRecorder, open_cosines
 from recon._errors import NonFiniteLossError, ReconError, check_finite
-from recon._gram import layer_cosines
+from recon._gram import LayerCosines
 from recon._outputs import call_model, move_to, task_outputs
 from recon._progress import progress_bar
 from recon._recipe import batch_count, batches, check_batch, compute_losses, validate_tasks
@@ -269,6 +269,16 @@ def layer_usage_autograd(names: Sequence[str], users: Sequence[Sequence[str]]) -
 
 
 # --- the profiler -----------------------------------------------------------------------------------------
+def shared_layer_params(
+    names: Sequence[str], usage: Mapping[str, frozenset]
+) -> tuple[list[str], list[tuple[int, int]]]:
+    """The layers 2+ tasks use (in parameter order), and ``(layer index, parameter index)`` of their parameters."""
+    owners = [owner_name(n) for n in names]
+    layers = [ln for ln in dict.fromkeys(owners) if len(usage.get(ln, ())) >= 2]
+    index = {ln: k for k, ln in enumerate(layers)}
+    return layers, [(index[o], i) for i, o in enumerate(owners) if o in index]
+
+
 def _warmup_method(method: Any, tasks: list[str]) -> Any:
     """The warm-up update: a gradient method of ``recon.methods`` (default: the joint mean)."""
     from recon.methods import resolve
@@ -361,30 +371,30 @@ def profile(
         folder.mkdir(parents=True, exist_ok=True)
 
     K = len(task_names)
-    pair_i, pair_j = torch.triu_indices(K, K, offset=1, device=dev)
+    n_pairs = K * (K - 1) // 2
     recorder: CosineRecorder | None = None
     layer_params: list[tuple[int, int]] = []  # (layer index, parameter index) for parameters of shared layers
     shared_layers: list[str] = []
     shared_idx: list[int] | None = None  # the parameters whose task gradients go into J (found on step 1)
+    cosines: LayerCosines | None = None
     loss_log: list[list[float]] = []
     n = batch_count(data)
     total = steps if steps is not None else (None if n is None else n * epochs)
 
     def setup() -> None:
-        nonlocal recorder, shared_layers, shared_idx
-        owners = [owner_name(n) for n in names]
-        shared_layers = [ln for ln in dict.fromkeys(owners) if len(usage.get(ln, ())) >= 2]
-        index = {ln: k for k, ln in enumerate(shared_layers)}
-        layer_params.extend((index[o], i) for i, o in enumerate(owners) if o in index)
+        nonlocal recorder, shared_layers, shared_idx, cosines
+        shared_layers, found = shared_layer_params(names, usage)
+        layer_params.extend(found)
         if shared_idx is None:  # fx: the shared layers' parameters; autograd: those 2+ tasks reached
             shared_idx = [i for _, i in layer_params]
-        recorder = CosineRecorder(folder / "cosines.npy", len(shared_layers), len(pair_i), device=dev, chunk=chunk)
+        cosines = LayerCosines(params, layer_params, len(shared_layers), K)
+        recorder = CosineRecorder(folder / "cosines.npy", len(shared_layers), n_pairs, device=dev, chunk=chunk)
 
     def result(partial: bool) -> ConflictProfile:
         if recorder is not None:
             recorder.close()
         else:  # interrupted before the first step completed: an empty but valid record
-            CosineRecorder(folder / "cosines.npy", 0, len(pair_i), device=dev).close()
+            CosineRecorder(folder / "cosines.npy", 0, n_pairs, device=dev).close()
         _io.write_text(
             folder / LOSSES_FILE,
             pd.DataFrame(loss_log, columns=task_names).rename_axis("step").to_csv(float_format="%.6g"),
@@ -441,9 +451,7 @@ def profile(
                         usage = layer_usage_autograd(names, [[task_names[k] for k in u] for u in grads.users])
                         shared_idx = grads.shared_idx
                         setup()
-                    per_parameter = grads.per_parameter(params)
-                    recorder.append(layer_cosines(per_parameter, layer_params, len(shared_layers), pair_i, pair_j, dev))
-                    del per_parameter  # views of J: let apply_task_gradients release it before the step
+                    recorder.append(cosines(grads, dev))
                     opt.zero_grad(set_to_none=True)
                     apply_task_gradients(grads, params, method_obj, loss_vector)
                     del grads

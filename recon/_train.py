@@ -60,29 +60,24 @@ class ConflictMeter:
             list, zip(*[(n, p) for n, p in net.named_parameters() if p.requires_grad], strict=True)
         )
         self.layers: list[str] | None = None
-        self._layer_params: list[tuple[int, int]] = []
+        self._shared_idx: list[int] | None = None
+        self._cosines = None
         self.rows: list[np.ndarray] = []
 
     def measure(self, values: Mapping[str, torch.Tensor]) -> None:
-        from recon._gram import layer_cosines
-        from recon._profile import layer_usage_autograd, owner_name
+        from recon._backward import task_gradients
+        from recon._gram import LayerCosines
+        from recon._profile import layer_usage_autograd, shared_layer_params
 
-        grads = {
-            t: list(torch.autograd.grad(values[t], self.params, retain_graph=True, allow_unused=True))
-            for t in self.tasks
-        }
-        if self.layers is None:
-            users = [[t for t in self.tasks if grads[t][i] is not None] for i in range(len(self.names))]
-            usage = layer_usage_autograd(self.names, users)
-            owners = [owner_name(n) for n in self.names]
-            self.layers = [ln for ln in dict.fromkeys(owners) if len(usage.get(ln, ())) >= 2]
-            index = {ln: k for k, ln in enumerate(self.layers)}
-            self._layer_params = [(index[o], i) for i, o in enumerate(owners) if o in index]
-        K = len(self.tasks)
-        dev = self.params[0].device
-        pi, pj = torch.triu_indices(K, K, offset=1, device=dev)
-        cos = layer_cosines(list(grads.values()), self._layer_params, len(self.layers), pi, pj, dev)
-        self.rows.append(cos.cpu().numpy())
+        grads = task_gradients(
+            [values[t] for t in self.tasks], self.params, shared_idx=self._shared_idx, retain_graph=True
+        )
+        if self._cosines is None:
+            usage = layer_usage_autograd(self.names, [[self.tasks[k] for k in u] for u in grads.users])
+            self.layers, layer_params = shared_layer_params(self.names, usage)
+            self._shared_idx = grads.shared_idx
+            self._cosines = LayerCosines(self.params, layer_params, len(self.layers), len(self.tasks))
+        self.rows.append(self._cosines(grads, self.params[0].device).cpu().numpy())
 
     def take_epoch(self) -> float:
         """Share of this epoch's recorded cosines below 0 (skipped pairs excluded); resets the epoch."""

@@ -95,36 +95,158 @@ def test_cagrad_matches_torchjd_without_rescale_and_scaled_with_it(K, seed):
     assert rel(M.get("cagrad", rescale=2)(J), theirs / 1.4) < 5e-4
 
 
+# --- Nash-MTL (Navon et al. 2022): weights alpha > 0 with G alpha = 1 / alpha, G = J J^T ------------------------
+def nash_residual(J: torch.Tensor, alpha: torch.Tensor) -> float:
+    """max_i |(G alpha)_i - 1/alpha_i| / (1/alpha_i): the defining equation, relative (float64)."""
+    J, alpha = J.double(), alpha.double()
+    return float((alpha * (J @ (J.T @ alpha)) - 1.0).abs().max())
+
+
+@pytest.mark.parametrize("K", range(2, 9))
+def test_nashmtl_solves_the_bargaining_equation(K):
+    m = M.get("nashmtl", max_norm=0.0)
+    for step in range(3):  # a cold start, then warm starts from the previous solution
+        J = random_jacobian(K, P=3 * K, seed=10 * K + step, common=0.5 * step)
+        d = m(J)
+        alpha = m.last_weights
+        assert bool((alpha > 0).all()) and nash_residual(J, alpha) < 1e-6
+        assert rel(d, alpha @ J) < 1e-12
+        # g_i^T d = 1 / alpha_i, so ||d||^2 = alpha^T G alpha = K (unclipped)
+        assert float(d.norm()) == pytest.approx(K**0.5, rel=1e-6)
+
+
 @pytest.mark.filterwarnings("ignore:.*DPP.*")
-def test_nashmtl_matches_torchjd_including_norm_clipping():
+@pytest.mark.parametrize("max_norm,every", [(0.0, 1), (1.0, 1), (1.0, 2)])
+@pytest.mark.parametrize("K", [2, 3, 5, 8])
+def test_nashmtl_agrees_with_torchjd_over_consecutive_steps(K, max_norm, every):
     pytest.importorskip("cvxpy")
-    ours, theirs = M.get("nashmtl"), ta.NashMTL(n_tasks=3)
-    for step in range(3):
-        J = random_jacobian(3, seed=step) * (0.05 if step == 2 else 3.0)  # clipped, then not clipped
+    ours = M.get("nashmtl", max_norm=max_norm, update_weights_every=every)
+    theirs = ta.NashMTL(n_tasks=K, max_norm=max_norm, update_weights_every=every)
+    for step in range(4):  # torchjd stops its cvxpy iterations at |G a - 1/a| < 1e-3 (G normalised)
+        J = random_jacobian(K, seed=100 + step, common=0.5) * (3.0 if step % 2 else 0.2)
         a, b = ours(J), theirs(J)
-        assert rel(a, b) < 1e-9
-    assert float(M.get("nashmtl")(random_jacobian(3) * 3.0).norm()) == pytest.approx(1.0, rel=1e-6)
+        assert float(a @ b / (a.norm() * b.norm())) > 0.999 and rel(a, b) < 1e-2
+        assert rel(ours.alpha, torch.as_tensor(theirs.weighting.prvs_alpha, dtype=torch.float64)) < 1e-2
 
 
-@pytest.mark.filterwarnings("ignore:.*DPP.*")
+def test_nashmtl_two_tasks_hand_derived():
+    # g1, g2 with norms n1, n2 and cosine c > -1: G = [[n1^2, c n1 n2], [c n1 n2, n2^2]]. With alpha_i = k / n_i,
+    # (G alpha)_1 = k n1 (1 + c) must equal 1 / alpha_1 = n1 / k, so k^2 = 1 / (1 + c) (for either i); the
+    # solution is unique, hence alpha_i = 1 / (n_i sqrt(1 + c)) and d = (u1 + u2) / sqrt(1 + c), u_i = g_i / n_i:
+    # the bisector, of norm sqrt(2). Orthogonal gradients: alpha_i = 1 / n_i, d = u1 + u2.
+    n1, n2 = 3.0, 0.5
+    for c in (0.0, 0.6, -0.8):
+        u1 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+        u2 = torch.tensor([c, (1 - c * c) ** 0.5, 0.0], dtype=torch.float64)
+        J = torch.stack([n1 * u1, n2 * u2])
+        m = M.get("nashmtl", max_norm=0.0)
+        d = m(J)
+        k = 1.0 / (1.0 + c) ** 0.5
+        assert torch.allclose(m.last_weights, torch.tensor([k / n1, k / n2], dtype=torch.float64), rtol=1e-12)
+        assert torch.allclose(d, k * (u1 + u2), rtol=1e-12, atol=1e-15)
+        clipped = M.get("nashmtl")(J)  # max_norm = 1: the same direction, of norm 1
+        assert torch.allclose(clipped, d / 2**0.5, rtol=1e-12, atol=1e-15)
+
+
+def test_nashmtl_three_tasks_hand_derived_from_a_warm_start():
+    # three unit gradients with equal pairwise cosine c > -1/2 (here conflicting): by symmetry and uniqueness
+    # alpha_i = a with a^2 (1 + 2c) = 1; scaled by norms n_i: alpha_i = 1 / (n_i sqrt(1 + 2c)).
+    c, n = -0.4, torch.tensor([2.0, 0.1, 7.0], dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.full((3, 3), c, dtype=torch.float64) + (1 - c) * torch.eye(3, dtype=torch.float64))
+    J = torch.cat([U, torch.zeros(3, 2, dtype=torch.float64)], dim=1) * n[:, None]
+    m = M.get("nashmtl", max_norm=0.0)
+    m(random_jacobian(3, seed=7))  # so that Newton starts away from the solution
+    m(J)
+    assert torch.allclose(m.last_weights, 1.0 / (n * (1 + 2 * c) ** 0.5), rtol=1e-9)
+
+
+def test_nashmtl_norm_clipping_and_weight_reuse():
+    J0, J1, J2, J3 = (random_jacobian(3, seed=s, common=0.5) for s in range(4))
+    free = M.get("nashmtl", max_norm=0.0)
+    d0 = free(J0)  # norm sqrt(3)
+    m = M.get("nashmtl", max_norm=1.0)
+    assert torch.allclose(m(J0), d0 / 3**0.5, rtol=1e-10)
+    assert torch.allclose(m.last_weights, free.last_weights / 3**0.5, rtol=1e-10)
+    assert rel(M.get("nashmtl", max_norm=2.0)(J0), d0) < 1e-12  # sqrt(3) < 2: not clipped
+
+    reuse = M.get("nashmtl", max_norm=0.0, update_weights_every=3)
+    alpha0 = free.last_weights.clone()
+    assert rel(reuse(J0), d0) < 1e-12
+    for J in (J1, J2):  # steps 1 and 2 reuse the weights of step 0
+        assert rel(reuse(J), alpha0 @ J) < 1e-12 and torch.equal(reuse.last_weights, alpha0)
+    reuse(J3)  # step 3 solves again
+    assert nash_residual(J3, reuse.last_weights) < 1e-6
+    assert int(reuse.step) == 4
+
+    clip = M.get("nashmtl", max_norm=1.0, update_weights_every=2)
+    clip(J0)
+    big = 10.0 * J1  # reused weights on larger gradients: the update is clipped to norm 1
+    d = clip(big)
+    unclipped = free.last_weights @ big
+    assert float(d.norm()) == pytest.approx(1.0, rel=1e-10) and rel(d, unclipped / unclipped.norm()) < 1e-12
+    assert rel(clip.last_weights @ big, d) < 1e-12
+    assert torch.equal(clip.alpha, free.last_weights)  # the state keeps the unclipped weights, as torchjd
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nashmtl_degenerate_cases(dtype):
+    g = torch.Generator().manual_seed(3)
+    g1, g2, g3 = torch.randn(3, 10, generator=g, dtype=torch.float64)
+    zero = torch.zeros(10, dtype=torch.float64)
+
+    # linearly dependent gradients: singular G, the solution is still unique (alpha_i = 1 / g_i^T d)
+    for J in (torch.stack([g1, g2, g1 + g2]), torch.stack([g1, g2, 2 * g1]), torch.stack([g1, g2, g3, g1 - g3])):
+        m = M.get("nashmtl", max_norm=0.0)
+        d = m(J.to(dtype))
+        assert bool(torch.isfinite(d).all()) and nash_residual(J, m.last_weights) < (
+            1e-6 if dtype == torch.float64 else 1e-4
+        )
+
+    # a zero gradient has no say: the others bargain among themselves, its weight keeps its previous value (1)
+    m, ref = M.get("nashmtl", max_norm=0.0), M.get("nashmtl", max_norm=0.0)
+    d = m(torch.stack([g1, zero, g2]).to(dtype))
+    assert rel(d, ref(torch.stack([g1, g2]).to(dtype))) < 1e-6
+    assert torch.allclose(m.last_weights[[0, 2]], ref.last_weights) and float(m.last_weights[1]) == 1.0
+    assert torch.equal(M.get("nashmtl")(torch.zeros(3, 10, dtype=dtype)), torch.zeros(10, dtype=dtype))
+
+    # no direction improves every task (0 in the convex hull): no solution, the previous weights are kept
+    for J in (
+        torch.stack([g1, -g1]),
+        torch.stack([g1, -3 * g1]),
+        torch.stack([g1, -g1, g2]),
+        torch.stack([g1, g2, -(g1 + g2)]),
+        torch.stack([g1, 0.3 * g2, -(0.7 * g1 + g2)]),
+    ):
+        K = J.shape[0]
+        m = M.get("nashmtl", max_norm=0.0)
+        assert torch.equal(m(J.to(dtype)), torch.ones(K, dtype=dtype) @ J.to(dtype))  # initial weights: ones
+        m(random_jacobian(K, seed=K, common=1.0).to(dtype))
+        before = m.last_weights.clone()
+        d = m(J.to(dtype))
+        assert bool(torch.isfinite(d).all()) and torch.equal(m.last_weights, before)
+
+
 def test_nashmtl_state_dict_resumes_exactly():
-    pytest.importorskip("cvxpy")
-    a = M.get("nashmtl", max_norm=0.0)
-    mats = [random_jacobian(3, seed=s) for s in range(4)]
-    a(mats[0])
-    a(mats[1])
-    b = M.get("nashmtl", max_norm=0.0)
+    mats = [random_jacobian(4, seed=s, common=0.5) for s in range(6)]
+    a = M.get("nashmtl", update_weights_every=2)
+    for J in mats[:3]:
+        a(J)
+    assert set(a.state_dict()) == {"alpha", "step"} and int(a.state_dict()["step"]) == 3
+    b = M.get("nashmtl", update_weights_every=2)  # fresh: its empty state takes the saved shape
     b.load_state_dict(a.state_dict())
-    for J in mats[2:]:
+    for J in mats[3:]:
         assert torch.equal(a(J), b(J))
+    a.reset()
+    assert a.alpha.numel() == 0 and int(a.step) == 0
 
 
-def test_nashmtl_without_cvxpy_says_how_to_install(monkeypatch):
-    import recon.methods._gradient as grad_module
-
-    monkeypatch.setattr(grad_module, "find_spec", lambda name: None)
-    with pytest.raises(ReconError, match=r"pip install 'recon-mtl\[solvers\]'"):
-        M.get("nashmtl")
+def test_nashmtl_needs_no_solver(monkeypatch):
+    for name in ("cvxpy", "ecos", "torchjd"):
+        monkeypatch.setitem(sys.modules, name, None)  # any import of them would now fail
+    J = random_jacobian(5)
+    m = M.get("nashmtl", max_norm=0.0)
+    m(J)
+    assert nash_residual(J, m.last_weights) < 1e-6
 
 
 # --- against scipy ------------------------------------------------------------------------------------------

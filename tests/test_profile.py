@@ -267,3 +267,35 @@ def test_bad_arguments_are_clear():
 def test_steps_beyond_a_one_shot_iterator_stop_when_it_runs_out():
     prof = recon.profile(BranchyNet(), iter(batches(3)), LOSSES, steps=10)
     assert prof.steps == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layer_cosine_kernel_against_float64_per_layer_products(dtype):
+    """Spans of J across block boundaries, layers made of several parameters, and a parameter of a measured
+    layer that only one task reached (it may only add to that task's diagonal)."""
+    from recon._backward import TaskGradients
+    from recon._gram import LayerCosines
+
+    torch.manual_seed(0)
+    K = 3
+    sizes = [300_000, 7, 5, 11, 4]  # the first one spans several column blocks
+    params = [torch.zeros(n, dtype=dtype) for n in sizes]
+    layer_params = [(0, 0), (0, 1), (1, 2), (1, 4)]  # parameter 3 belongs to no measured layer
+    shared_idx = [0, 1, 2, 3]
+    J = torch.randn(K, sum(sizes[i] for i in shared_idx), dtype=dtype)
+    own_grad = torch.randn(4, dtype=dtype)
+    rows = [[None] * len(sizes) for _ in range(K)]
+    rows[2][4] = own_grad
+    grads = TaskGradients(J, rows, [(4, 2)], shared_idx)
+    got = LayerCosines(params, layer_params, 2, K)(grads, torch.device("cpu"))
+
+    J64 = J.double()
+    full = [torch.cat([J64[k], torch.zeros(4, dtype=torch.float64)]) for k in range(K)]
+    full[2][-4:] = own_grad.double()
+    layer_cols = [range(0, 300_007), [*range(300_007, 300_012), *range(300_023, 300_027)]]
+    for layer, cols in enumerate(layer_cols):
+        idx = torch.tensor(list(cols))
+        M = torch.stack([f[idx] for f in full])
+        for p, (a, b) in enumerate(zip(*torch.triu_indices(K, K, 1).tolist(), strict=True)):
+            expected = F.cosine_similarity(M[a], M[b], dim=0).item()
+            assert got[layer, p].item() == pytest.approx(expected, abs=1e-6)

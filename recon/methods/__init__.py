@@ -18,8 +18,8 @@ Kinds (``method.kind``):
 :class:`SparseTraining` is a composable option, not a method: it masks the shared encoder's gradients so
 any method trains only the top-magnitude weights of each neuron.
 
-Importing this package never imports cvxpy, quadprog or torchjd: every method is native except Nash-MTL,
-which loads torchjd (and cvxpy) on first use.
+Every method is native (PyTorch plus small float64 NumPy solvers on the K x K Gram matrix): importing or using
+this package never imports cvxpy, quadprog or torchjd. torchjd aggregators can still be attached as methods.
 """
 
 from recon.methods._base import GradientMethod, GramMethod, LossWeighting, Method, RepresentationMethod

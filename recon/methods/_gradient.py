@@ -7,22 +7,19 @@ run gives the same update with either library.
 
 All Gram-based methods are written natively on the K x K Gram matrix (see :mod:`recon.methods._solvers`):
 they read ``J`` twice (``J @ J.T`` and ``w @ J``), never copy it, and are never slower than torchjd's.
-Nash-MTL delegates to torchjd (cvxpy), imported only when the method is first used.
 """
 
 from __future__ import annotations
 
 import math
-from importlib.util import find_spec
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from recon._errors import ReconError
 from recon.methods._base import GradientMethod, GramMethod, check_choice, check_number
-from recon.methods._solvers import cagrad_dual, lower_bounded_qp, simplex_qp
+from recon.methods._solvers import cagrad_dual, lower_bounded_qp, nash_bargaining, simplex_qp
 
 __all__ = [
     "CAGrad",
@@ -38,9 +35,6 @@ __all__ = [
     "Sum",
     "UPGrad",
 ]
-
-_SOLVERS_HINT = "install them with: pip install 'recon-mtl[solvers]'"
-
 
 _CONSTANT_WEIGHTS: dict[tuple[int, torch.dtype, torch.device, bool], Tensor] = {}
 
@@ -432,14 +426,36 @@ class UPGrad(GramMethod):
 class NashMTL(GradientMethod):
     r"""Nash-MTL: the Nash bargaining solution between tasks.
 
-    Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022, Eq. (4) and Algorithm 1: weights
-    :math:`\alpha \succ 0` with :math:`G \alpha = 1 / \alpha`, approximated by a sequence of convex problems
-    (``optim_niter`` iterations), recomputed every ``update_weights_every`` steps, and the update
-    :math:`\alpha^\top J` clipped to norm ``max_norm`` (0 disables clipping). Defaults from the official
-    code (max_norm=1.0, update_weights_every=1, optim_niter=20).
+    Navon et al., "Multi-Task Learning as a Bargaining Game", ICML 2022 (arXiv 2202.01017), Eq. (4) and
+    Algorithm 1: the update :math:`d = J^\top \alpha` with the weights :math:`\alpha \succ 0` solving
+    :math:`G \alpha = 1 / \alpha` (elementwise), :math:`G = J J^\top`; equivalently :math:`g_i^\top d = 1 /
+    \alpha_i`, and :math:`d` maximises :math:`\sum_i \log(g_i^\top d) - \tfrac12 \|d\|^2`. Recomputed every
+    ``update_weights_every`` steps (the previous weights are reused in between), and the update clipped to norm
+    ``max_norm`` by rescaling :math:`\alpha` (0 disables clipping). Defaults from the official code
+    (max_norm=1.0, update_weights_every=1, optim_niter=20).
 
-    Delegates to torchjd's ``NashMTL`` (cvxpy with ECOS), imported on first use only; needs the ``solvers``
-    extra. Stateful (:meth:`reset`); the solver's warm start and step counter are saved by ``state_dict()``.
+    Solved natively and to machine precision (the official code and torchjd approximate it by a
+    concave-convex procedure solved with cvxpy at every step; both converge to the same :math:`\alpha`):
+    since the solution is covariant to the scale of each task gradient, the equation is solved on the cosine
+    matrix :math:`C = S^{-1} G S^{-1}`, :math:`S = \mathrm{diag}(\|g_i\|)`, as :math:`C \gamma = 1/\gamma`,
+    :math:`\alpha = S^{-1} \gamma`, by damped Newton on the convex dual :math:`\tfrac12 \gamma^\top C \gamma -
+    \sum_i \log \gamma_i` (:func:`recon.methods._solvers.nash_bargaining`; closed form
+    :math:`\gamma_i = 1/\sqrt{1 + \cos(g_1, g_2)}` for two tasks), warm-started from the previous weights and
+    capped at ``optim_niter`` Newton steps. torchjd and the official code divide G by its Frobenius norm inside
+    their solver but put the norm back in its constraints: their :math:`\alpha`, like this one, solves the
+    equation for the unnormalised G. Since :math:`\|d\|^2 = \alpha^\top G \alpha = K`, with ``max_norm=1`` a
+    freshly solved update is always clipped (to norm 1). Degenerate cases:
+
+    * linearly dependent gradients (singular :math:`G`): :math:`d` and :math:`\alpha` are still unique
+      (:math:`\alpha_i = 1 / g_i^\top d`); nothing special is done.
+    * zero gradients: a task with :math:`g_i = 0` has no say (no :math:`d` improves it); the others bargain
+      among themselves and its weight keeps its previous value (it does not change the update); torchjd keeps
+      all the previous weights instead.
+    * no direction improves every task (0 in the convex hull of the gradients, e.g. :math:`g_1 = -g_2`): the
+      equation has no solution; the previous weights are kept (initially ones), as torchjd does in practice.
+
+    Stateful (:meth:`reset`): the buffers ``alpha`` (the last solution, float64) and ``step`` are saved by
+    ``state_dict()``, so a resumed run continues exactly.
     """
 
     paper: ClassVar[str] = "Navon et al., ICML 2022"
@@ -449,9 +465,6 @@ class NashMTL(GradientMethod):
         check_number("max_norm", max_norm, low=0.0, method="nashmtl")
         check_number("update_weights_every", update_weights_every, low=1, integer=True, method="nashmtl")
         check_number("optim_niter", optim_niter, low=1, integer=True, method="nashmtl")
-        missing = [name for name in ("cvxpy", "ecos") if find_spec(name) is None]
-        if missing:
-            raise ReconError(f"method 'nashmtl' needs {' and '.join(missing)}; {_SOLVERS_HINT}")
         self.max_norm = float(max_norm)
         self.update_weights_every = int(update_weights_every)
         self.optim_niter = int(optim_niter)
@@ -460,52 +473,104 @@ class NashMTL(GradientMethod):
             "update_weights_every": update_weights_every,
             "optim_niter": optim_niter,
         }
-        self._agg: Any = None
-
-    def _aggregator(self, n_tasks: int) -> Any:
-        if self._agg is None or self._agg.n_tasks != n_tasks:
-            try:
-                from torchjd.aggregation import NashMTL as _TorchJDNashMTL
-            except ImportError as exc:  # pragma: no cover - depends on the environment
-                raise ReconError(f"method 'nashmtl' needs torchjd with cvxpy; {_SOLVERS_HINT}") from exc
-            self._agg = _TorchJDNashMTL(
-                n_tasks=n_tasks,
-                max_norm=self.max_norm,
-                update_weights_every=self.update_weights_every,
-                optim_niter=self.optim_niter,
-            )
-        return self._agg
+        self.register_buffer("alpha", torch.zeros(0, dtype=torch.float64))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def reset(self) -> None:
-        if self._agg is not None:
-            self._agg.reset()
+        self.alpha = torch.zeros(0, dtype=torch.float64)
+        self.step = torch.zeros((), dtype=torch.long)
 
-    def get_extra_state(self) -> dict[str, Any]:
-        """The solver's warm start and step counter, so that ``state_dict()`` resumes a run exactly."""
-        if self._agg is None:
-            return {}
-        w = self._agg.weighting
-        return {
-            "n_tasks": int(w.n_tasks),
-            "step": float(w.step),
-            "prvs_alpha": np.asarray(w.prvs_alpha, dtype=np.float64).tolist(),
-            "normalization_factor": np.asarray(w.normalization_factor, dtype=np.float64).tolist(),
-        }
+    def _solve(self, G: np.ndarray, prev: np.ndarray, cold: bool, eps: float) -> np.ndarray | None:
+        r"""The weights for the Gram matrix ``G`` (float64), or None to keep ``prev`` (no solution).
 
-    def set_extra_state(self, state: Any) -> None:
-        if not state:
-            self._agg = None
-            return
-        w = self._aggregator(int(state["n_tasks"])).weighting
-        w.reset()
-        w.prvs_alpha = np.asarray(state["prvs_alpha"], dtype=np.float64)
-        w.normalization_factor = np.asarray(state["normalization_factor"], dtype=np.float64)
-        if state["step"] > 0:
-            w._init_optim_problem()  # torchjd builds the cvxpy problem at step 0 only
-        w.step = state["step"]
+        No solution when 0 is in the convex hull of the normalised gradients, numerically: when the squared
+        distance m from 0 to that hull is within the Gram matrix's rounding (``thr = n eps``, n live tasks). As
+        :math:`\max_i \gamma_i \ge 1 / \sqrt{n m}` at the solution, the hull is only computed (by
+        :func:`simplex_qp`) when Newton did not converge or gamma is large.
+        """
+        K = G.shape[0]
+        if K == 2:  # closed form: gamma_1 = gamma_2 = 1 / sqrt(1 + cos(g1, g2)), and m = (1 + cos) / 2
+            g11, g12, g22 = float(G[0, 0]), float(G[0, 1]), float(G[1, 1])
+            tiny = max(g11, g22) * 1e-24
+            if g11 > tiny and g22 > tiny and math.isfinite(g11 + g12 + g22):
+                c = max(-1.0, min(1.0, g12 / math.sqrt(g11 * g22)))
+                if (1.0 + c) / 2.0 <= max(2 * eps, 1e-12):
+                    return None
+                k = 1.0 / math.sqrt(1.0 + c)
+                return np.array([k / math.sqrt(g11), k / math.sqrt(g22)])
+        if not np.isfinite(G).all():
+            return None
+        diag = np.diag(G)
+        live = diag > max(float(diag.max()), 0.0) * 1e-24  # |g_i| > 1e-12 max_j |g_j|: zero gradients drop out
+        n = int(live.sum())
+        if n == 0:
+            return None
+        s = np.sqrt(diag[live])
+        C = (G if n == K else G[np.ix_(live, live)]) / np.outer(s, s)
+        thr = max(n * eps, 1e-12)
+        if n == 1:
+            gamma = np.ones(1)
+        elif n == 2:
+            c = float(np.clip(C[0, 1], -1.0, 1.0))
+            if (1.0 + c) / 2.0 <= thr:
+                return None
+            gamma = np.full(2, 1.0 / math.sqrt(1.0 + c))
+        else:
+            x0 = np.ones(n) if cold else prev[live] * s
+            if not (np.isfinite(x0).all() and (x0 > 0.0).all()):
+                x0 = np.ones(n)
+            try:
+                gamma, converged = nash_bargaining(C, x0, maxiter=self.optim_niter)
+            except np.linalg.LinAlgError:
+                return None
+            if not (np.isfinite(gamma).all() and (gamma > 0.0).all()):
+                return None
+            if not converged or float(gamma.max()) ** 2 * n * thr >= 1.0:
+                w = simplex_qp(C)
+                if float(w @ C @ w) <= thr:
+                    return None
+            # (not converged but feasible: the last iterate is returned, as torchjd does after optim_niter)
+        alpha = prev.copy()
+        alpha[live] = gamma / s
+        return alpha
 
     def forward(self, matrix: Tensor, /) -> Tensor:
-        agg = self._aggregator(matrix.shape[0])
-        weights = agg.weighting(matrix)
+        K = matrix.shape[0]
+        state = self._buffers  # (direct access: this runs every step)
+        if state["alpha"].shape != (K,):  # first call, or another number of tasks: start afresh (alpha = ones)
+            self.alpha = torch.ones(K, dtype=torch.float64)
+            self.step = torch.zeros((), dtype=torch.long)
+        elif state["alpha"].device.type != "cpu" or state["alpha"].dtype != torch.float64:
+            self.alpha = state["alpha"].to("cpu", torch.float64)  # the solver works on the host
+        if state["step"].device.type != "cpu":
+            self.step = state["step"].cpu()
+        alpha_t, step_t = state["alpha"], state["step"]
+        step = int(step_t)
+        step_t.add_(1)
+        if step % self.update_weights_every != 0:  # reuse the previous weights (clipped on the update itself)
+            weights = alpha_t.to(matrix.device, matrix.dtype, copy=True)  # not a view of the state
+            update = weights @ matrix
+            if self.max_norm > 0:
+                scale = (self.max_norm / torch.linalg.vector_norm(update)).clamp_(max=1.0)  # no host sync
+                update.mul_(scale)
+                weights.mul_(scale)
+            self.last_weights = weights
+            return update
+        G = matrix @ matrix.T
+        if G.device.type != "cpu":
+            G = G.cpu()  # K x K only: the one host transfer (and sync) of the step
+        if G.dtype not in (torch.float32, torch.float64):
+            G = G.float()
+        G = G.numpy().astype(np.float64)
+        alpha = alpha_t.numpy()  # shares memory with the buffer
+        new = self._solve(G, alpha, step == 0, torch.finfo(matrix.dtype).eps)
+        if new is not None:
+            alpha[:] = new
+        w = alpha
+        if self.max_norm > 0:
+            norm = math.sqrt(max(float(alpha @ G @ alpha), 0.0))  # |alpha @ J|, from the Gram matrix
+            if norm > self.max_norm:
+                w = alpha * (self.max_norm / norm)
+        weights = torch.from_numpy(np.array(w, dtype=np.float64)).to(matrix.device, matrix.dtype)
         self.last_weights = weights
         return weights @ matrix

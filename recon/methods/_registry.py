@@ -77,7 +77,7 @@ REGISTRY: dict[str, MethodInfo] = {
         _info("gradvac", GradVac, "raise pairwise cosines towards EMA targets (stateful)"),
         _info("gradops", GradOPS, "project each gradient off the span of the others (equal weights)"),
         _info("imtl_g", IMTLG, "equal projection of the update on every task direction"),
-        _info("nashmtl", NashMTL, "Nash bargaining solution between tasks", extra="solvers"),
+        _info("nashmtl", NashMTL, "Nash bargaining solution between tasks"),
         _info("aligned_mtl", AlignedMTL, "align and equally rescale the gradients' principal components"),
         _info("upgrad", UPGrad, "mean of each gradient's projection onto the dual cone"),
         _info("uncertainty", UncertaintyWeighting, "learned homoscedastic uncertainty weights"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 _TINY = 1e-300
+_EPS = float(np.finfo(np.float64).eps)
 
 
 def _solve(A: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -304,3 +305,60 @@ def _cagrad_dual_2(G: np.ndarray, a: np.ndarray, r: float) -> np.ndarray:
         t = t0 - np.sign(delta) * abs(delta) * np.sqrt(m / (A * k))
     t = float(np.clip(t, 0.0, 1.0))
     return np.array([t, 1.0 - t])
+
+
+def nash_bargaining(C: np.ndarray, x0: np.ndarray, *, maxiter: int = 20, tol: float = 1e-10) -> tuple[np.ndarray, bool]:
+    r"""Solve :math:`C x = 1 / x`, :math:`x \succ 0`: the Nash bargaining weights (Navon et al. 2022, Eq. 4).
+
+    ``C`` is symmetric positive semi-definite (for Nash-MTL, the cosine matrix of the task gradients, unit
+    diagonal). The solution is the minimiser of the strictly convex, self-concordant
+    :math:`\phi(x) = \tfrac12 x^\top C x - \sum_i \log x_i` (gradient :math:`Cx - 1/x`), which exists, and is then
+    unique even for a singular ``C``, iff no :math:`v \succeq 0, v \ne 0` has :math:`Cv = 0`, i.e. (Gordan) iff
+    some direction :math:`d` has :math:`g_i^\top d > 0` for every task.
+
+    Damped Newton from ``x0`` (first rescaled by the exact minimiser of :math:`\phi` along it), on the scaled
+    system :math:`(D C D + I) y = -\rho` with :math:`D = \mathrm{diag}(x)`, :math:`\rho = x \circ Cx - 1`, and
+    the step :math:`x \leftarrow x \circ (1 + t y)`. The Newton decrement is :math:`\lambda^2 = -\rho^\top y` and
+    :math:`|y_i| \le \lambda`: for :math:`\lambda^2 < 0.1` the full step (quadratic convergence region) keeps
+    :math:`x \succ 0`; otherwise an Armijo backtracking on :math:`\phi` starts from the largest step keeping
+    every :math:`x_i` above 1/100 of its value. Returns ``(x, converged)``, converged when
+    :math:`\max_i |x_i (Cx)_i - 1| \le` ``tol`` (or its rounding error, if larger) after at most ``maxiter``
+    Newton steps; an infeasible problem never converges (its iterates grow without bound).
+    """
+    K = C.shape[0]
+    x = np.array(x0, dtype=np.float64)
+    q = float(x @ C @ x)
+    if q > 0.0:
+        x *= np.sqrt(K / q)  # argmin_s phi(s x) = sqrt(K / x^T C x)
+    eye = np.eye(K)
+    for it in range(maxiter + 1):
+        Cx = C @ x
+        rho = x * Cx
+        rho -= 1.0
+        err = float(np.abs(rho).max())
+        if err <= tol:
+            return x, True
+        if err <= 1e-3 and err <= tol + 64 * _EPS * float((x * (np.abs(C) @ x)).max()):
+            return x, True  # converged to the rounding error of x * Cx (ill-conditioned, e.g. nearly infeasible)
+        if it == maxiter or err != err:
+            break
+        A = C * x
+        A *= x[:, None]
+        A += eye
+        y = np.linalg.solve(A, rho)  # minus the scaled Newton step
+        lam2 = float(rho @ y)
+        if not lam2 > 0.0:  # rounding has taken over (a huge x, as when there is no solution)
+            break
+        ymax = float(y.max())
+        if lam2 < 0.1 and ymax < 0.99:
+            x = x - x * y
+            continue
+        t = 1.0 if ymax <= 0.99 else 0.99 / ymax
+        phi = 0.5 * float(x @ Cx) - float(np.log(x).sum())
+        for _ in range(60):
+            xn = x - (t * x) * y
+            if 0.5 * float(xn @ C @ xn) - float(np.log(xn).sum()) <= phi - 0.25 * t * lam2:
+                break
+            t *= 0.5
+        x = xn
+    return x, False
