@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -643,3 +644,22 @@ def test_sparse_training_state_dict_restores_the_original_masks():
     again.apply()  # without a target: put the frozen entries back
     mask = sp.masks[enc.weight]
     assert torch.equal(enc.weight.detach()[~mask], original[~mask])
+
+
+@pytest.mark.parametrize("cos", [-1.0, -0.99, 0.0, 0.5, 0.999, 1 - 1e-6, 1.0])
+@pytest.mark.parametrize("ratio", [1.0, 1e3])
+def test_two_task_closed_forms_match_torchjd_from_orthogonal_to_collinear(cos, ratio):
+    """IMTL-G and Aligned-MTL have closed forms at K = 2; near rank 1 they defer to the general path."""
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(2, 50, generator=g, dtype=torch.float64)
+    v = v - (v @ u) / (u @ u) * u
+    u, v = u / u.norm(), v / v.norm()
+    J = torch.stack([u, ratio * (cos * u + math.sqrt(max(1 - cos * cos, 0.0)) * v)])
+    for name, oracle in (
+        ("imtl_g", ta.IMTLG()),
+        ("aligned_mtl", ta.AlignedMTL()),
+        ("aligned_mtl:scale_mode=median", ta.AlignedMTL(scale_mode="median")),
+        ("aligned_mtl:scale_mode=rmse", ta.AlignedMTL(scale_mode="rmse")),
+    ):
+        ours, theirs = M.get(name)(J), oracle(J)
+        assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-9 * ratio), name

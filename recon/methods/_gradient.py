@@ -340,12 +340,27 @@ class IMTLG(GramMethod):
 
     def _weights(self, G: np.ndarray, eps: float) -> np.ndarray:
         K = G.shape[0]
+        if K == 2 and (w := self._two_tasks(G, eps)) is not None:
+            return w
         d = np.sqrt(np.clip(np.diag(G), 0.0, None))
         lam, V = np.linalg.eigh(G)  # pinv(G) from the eigendecomposition, cut-off K * eps * max |lambda|
         keep = np.abs(lam) > K * eps * np.abs(lam).max()
         v = V @ (np.where(keep, 1.0 / np.where(keep, lam, 1.0), 0.0) * (V.T @ d))
         s = v.sum()
         return np.zeros(K) if abs(s) < 1e-12 else v / s
+
+    @staticmethod
+    def _two_tasks(G: np.ndarray, eps: float) -> np.ndarray | None:
+        """Closed form for a well-conditioned 2 x 2 Gram matrix ``[[a, b], [b, c]]`` (host time at small K):
+        ``G^{-1} (sqrt a, sqrt c)`` normalised to sum 1 is ``(c sqrt a - b sqrt c, a sqrt c - b sqrt a) /
+        ((sqrt a + sqrt c)(sqrt(ac) - b))``. None where the pseudo-inverse cut-off would matter."""
+        a, b, c = float(G[0, 0]), float(G[0, 1]), float(G[1, 1])
+        half_gap = math.hypot((a - c) / 2, b)
+        lam_max, lam_min = (a + c) / 2 + half_gap, (a + c) / 2 - half_gap
+        if not lam_min > 2 * eps * lam_max * 1e3:  # leave near-singular cases to the general pseudo-inverse
+            return None
+        ra, rc = math.sqrt(a), math.sqrt(c)
+        return np.array([c * ra - b * rc, a * rc - b * ra]) / ((ra + rc) * (math.sqrt(a * c) - b))
 
 
 class AlignedMTL(GramMethod):
@@ -369,6 +384,8 @@ class AlignedMTL(GramMethod):
 
     def _weights(self, G: np.ndarray, eps: float) -> np.ndarray:
         K = G.shape[0]
+        if K == 2 and (w := self._two_tasks(G, eps)) is not None:
+            return w
         lam, V = np.linalg.eigh(G)
         tol = lam.max() * K * eps
         rank = int((lam > tol).sum())
@@ -385,6 +402,21 @@ class AlignedMTL(GramMethod):
             scale = lam.mean()
         B = math.sqrt(scale) * (V / np.sqrt(lam)) @ V.T
         return B @ pref
+
+    def _two_tasks(self, G: np.ndarray, eps: float) -> np.ndarray | None:
+        """Closed form for a full-rank 2 x 2 Gram matrix (host time at small K): with ``s = sqrt(det G)`` and
+        ``t = sqrt(tr G + 2 s)``, ``G^{-1/2} = adj(G + s I) / (s t)``, so ``alpha = sqrt(sigma) / 2 *
+        (c + s - b, a + s - b) / (s t)``. None for rank 1 (the general path drops the null direction)."""
+        a, b, c = float(G[0, 0]), float(G[0, 1]), float(G[1, 1])
+        half_gap = math.hypot((a - c) / 2, b)
+        lam_max, lam_min = (a + c) / 2 + half_gap, (a + c) / 2 - half_gap
+        if not lam_min > 1e3 * lam_max * 2 * eps:  # near rank 1: the eigendecomposition's cut-off decides
+            return None
+        # "min" and "median" (torch.median takes the lower middle value) both give the smaller eigenvalue
+        scale = (lam_max + lam_min) / 2 if self.scale_mode == "rmse" else lam_min
+        s = math.sqrt(a * c - b * b)
+        t = math.sqrt(a + c + 2 * s)
+        return math.sqrt(scale) / 2 * np.array([c + s - b, a + s - b]) / (s * t)
 
 
 class UPGrad(GramMethod):
