@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 _KIND_HELP = {
@@ -27,8 +26,7 @@ def methods_command() -> None:
     table.add_column("paper")
     table.add_column("what it does")
     for info in REGISTRY.values():
-        extra = f"  [dim]{escape(f'(needs: pip install recon-mtl[{info.extra}])')}[/]" if info.extra else ""
-        table.add_row(info.name, info.kind, info.hparams_text(), info.paper, info.summary + extra)
+        table.add_row(info.name, info.kind, info.hparams_text(), info.paper, info.summary)
     console.print(table)
 
     options = Table(title="composable options (apply to the shared parameters, with any method)")

@@ -5,10 +5,12 @@ measures, during a warm-up run, the layer-wise cosine ``cos_ij^(k)`` between tas
 w.r.t. every shared layer k, and scores each layer by how often it falls below a threshold S (Definition 3,
 the S-conflict score): ``score_k = sum_t sum_{i<j} 1[cos_ij^(k)(t) < S]``.
 
-Per step the profiler runs one forward, one ``torch.autograd.grad`` per task over the trainable parameters (the
-floor any exact profiler pays), accumulates each shared layer's K x K Gram matrix of task gradients with one
-small matmul per parameter, and keeps the cosines on the device until a chunk is full. Nothing is cloned per
-parameter and nothing moves to the host per layer, unlike the official code.
+Per step the profiler runs one forward and one backward per task (the floor any exact profiler pays); each
+task's shared-parameter gradients accumulate in place into row k of one ``(K, P)`` matrix J
+(:func:`recon._backward.task_gradients`), each shared layer's K x K Gram matrix is read from its column spans of
+J (:class:`recon._gram.LayerCosines`), the warm-up update is computed from the same J, and the cosines stay on
+the device until a chunk is full. Nothing is cloned per parameter and nothing moves to the host per layer,
+unlike the official code.
 """
 
 from __future__ import annotations

@@ -45,7 +45,6 @@ class MethodInfo:
     kind: str
     paper: str
     summary: str
-    extra: str | None = None  # the pip extra it needs, if any
     hparams: dict[str, Any] = field(default_factory=dict)  # name -> default (inspect.Parameter.empty: required)
 
     def hparams_text(self) -> str:
@@ -60,8 +59,8 @@ def _hparams_of(cls: type, skip: tuple[str, ...] = ("n_tasks",)) -> dict[str, An
     }
 
 
-def _info(name: str, cls: type, summary: str, extra: str | None = None) -> MethodInfo:
-    return MethodInfo(name, cls, cls.kind, cls.paper, summary, extra, _hparams_of(cls))
+def _info(name: str, cls: type, summary: str) -> MethodInfo:
+    return MethodInfo(name, cls, cls.kind, cls.paper, summary, _hparams_of(cls))
 
 
 REGISTRY: dict[str, MethodInfo] = {
@@ -92,7 +91,6 @@ REGISTRY["rotograd"] = MethodInfo(
     "model",
     RotoGradMethod.paper,
     REGISTRY["rotograd"].summary + "; the model must contain a recon.methods.RotoGrad module",
-    None,
     {"latent_size": _REQUIRED, "dim": 1, "burn_in_period": 20, "normalize_losses": False},
 )
 
@@ -104,7 +102,6 @@ OPTIONS: dict[str, MethodInfo] = {
         "option",
         SparseTraining.paper,
         "train only the top-|w| incoming weights of each shared neuron; composes with any method",
-        None,
         {"ratio": _REQUIRED},
     )
 }
