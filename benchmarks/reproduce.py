@@ -9,6 +9,11 @@ For each recipe (2-task MultiDigits, 3-task MultiDigits-3):
      claim: Recon lowers it sharply), per-task accuracy, Δm% against the single-task baselines (lower is
      better), and the parameter increase. The figure overlays the cosine distributions (Figures 1/3).
 
+Capacity control (``--control``, on by default): branching adds parameters, so each method is also trained
+with *other* shared layers branched, chosen at random per seed so that their parameters add up to the top-k
+layers' as closely as possible: the same added capacity, no conflict guidance. Recon's claim is that the
+conflict-guided choice beats it.
+
 Default flags: 2048 training pairs, 4 epochs per model, 3 seeds (about 40 minutes on 2 quiet CPU cores for
 both recipes); the README's table used ``--seeds 2 --epochs 3`` to fit 30 minutes beside other work.
 ``--quick`` shrinks everything to a smoke test.
@@ -41,6 +46,10 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=2048)
     parser.add_argument("--val-size", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    parser.add_argument(
+        "--control", action=argparse.BooleanOptionalAction, default=True,
+        help="also branch k random layers of the same sizes (capacity control; default on)",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="a smoke test: tiny data, 1 seed, 1 epoch")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
@@ -91,19 +100,23 @@ def main() -> None:
 
         directions = {t: {m: d for m, (_, d) in recipe.metrics[t].items()} for t in tasks}
         base_params = sum(p.numel() for p in recipe.build_model().parameters())
+        variants = {"": dict.fromkeys(seeds), "+recon": dict.fromkeys(seeds, layers)}  # seed -> branched layers
+        if args.control:
+            variants["+random"] = {s: matched_random_layers(layers, prof.layers, prof.layer_info, s) for s in seeds}
+            print(f"[{name}] random capacity-matched layers per seed: {variants['+random']}", flush=True)
         rows = []
         for method in methods:
-            for with_recon in (False, True):
+            for suffix, branched in variants.items():
                 finals, shares, cosines = [], [], []
                 for seed in seeds:
-                    net = fresh(seed, layers if with_recon else None)
+                    net = fresh(seed, branched[seed])
                     params = sum(p.numel() for p in net.parameters())
                     result = fit(net, method, seed, tasks)
                     finals.append(result.final)
                     shares.append(result.summary["conflict_share"])
                     if result.cosines is not None:
                         cosines.append(result.cosines.reshape(-1))
-                label = method + ("+recon" if with_recon else "")
+                label = method + suffix
                 mean_final = {t: {m: float(np.mean([f[t][m] for f in finals])) for m in finals[0][t]} for t in tasks}
                 row = {"recipe": name, "method": label}
                 for t in tasks:
@@ -132,6 +145,26 @@ def main() -> None:
     for name, runs in distributions.items():
         fig = plots.cosine_distribution(runs, S=0.0, title=f"{name}: layer-wise cosines of shared layers")
         _io.save_figure(args.out / f"cosines_{name}.png", fig, dpi=110)
+
+
+def matched_random_layers(top: list[str], shared: list[str], info: dict, seed: int, tries: int = 4000) -> list[str]:
+    """Random other shared layers whose parameters add up as closely as possible to the top layers' (the
+    capacity-matched, conflict-blind control): the best prefix of ``tries`` random orders of the remaining
+    shared layers."""
+    rng = np.random.default_rng(seed)
+    pool = [layer for layer in shared if layer not in top]
+    if not pool:
+        return []
+    target = sum(info[layer]["params"] for layer in top)
+    sizes = np.array([info[layer]["params"] for layer in pool])
+    best, best_gap = [], float("inf")
+    for _ in range(tries):
+        order = rng.permutation(len(pool))
+        gaps = np.abs(np.cumsum(sizes[order]) - target)
+        n = int(gaps.argmin())
+        if gaps[n] < best_gap:
+            best, best_gap = [pool[i] for i in order[: n + 1]], float(gaps[n])
+    return best
 
 
 def _has_tabulate() -> bool:
