@@ -10,8 +10,8 @@ For each recipe (2-task MultiDigits, 3-task MultiDigits-3):
      better), and the parameter increase. The figure overlays the cosine distributions (Figures 1/3).
 
 Capacity control (``--control``, on by default): branching adds parameters, so each method is also trained
-with *other* shared layers branched, chosen at random per seed so that their parameters add up to the top-k
-layers' as closely as possible: the same added capacity, no conflict guidance. Recon's claim is that the
+with shared layers chosen at random per seed (any but exactly the top-k set) whose parameters add up to the
+top-k layers' as closely as possible: the same added capacity, no conflict guidance. Recon's claim is that the
 conflict-guided choice beats it.
 
 Default flags: 2048 training pairs, 4 epochs per model, 3 seeds (about 40 minutes on 2 quiet CPU cores for
@@ -148,22 +148,21 @@ def main() -> None:
 
 
 def matched_random_layers(top: list[str], shared: list[str], info: dict, seed: int, tries: int = 4000) -> list[str]:
-    """Random other shared layers whose parameters add up as closely as possible to the top layers' (the
-    capacity-matched, conflict-blind control): the best prefix of ``tries`` random orders of the remaining
-    shared layers."""
+    """Shared layers drawn at random, conflict-blind, whose parameters add up as closely as possible to the top
+    layers' (the capacity-matched control): the best prefix of ``tries`` random orders of all shared layers,
+    the top set itself excluded. Top layers may be drawn: excluding them could not match the capacity when
+    they are the largest layers."""
     rng = np.random.default_rng(seed)
-    pool = [layer for layer in shared if layer not in top]
-    if not pool:
-        return []
     target = sum(info[layer]["params"] for layer in top)
-    sizes = np.array([info[layer]["params"] for layer in pool])
+    sizes = np.array([info[layer]["params"] for layer in shared])
     best, best_gap = [], float("inf")
     for _ in range(tries):
-        order = rng.permutation(len(pool))
+        order = rng.permutation(len(shared))
         gaps = np.abs(np.cumsum(sizes[order]) - target)
         n = int(gaps.argmin())
-        if gaps[n] < best_gap:
-            best, best_gap = [pool[i] for i in order[: n + 1]], float(gaps[n])
+        pick = [shared[i] for i in order[: n + 1]]
+        if gaps[n] < best_gap and set(pick) != set(top):
+            best, best_gap = pick, float(gaps[n])
     return best
 
 
