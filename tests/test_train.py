@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -147,3 +148,28 @@ def test_sparse_training_freezes_the_masked_shared_weights():
         assert torch.equal(w1[~keep], w0[~keep]), name  # frozen entries never move
         assert not torch.equal(w1[keep], w0[keep]), name  # the kept ones train
     assert not torch.equal(before["a.weight"], net.a.weight)  # heads are not masked
+
+
+@pytest.mark.parametrize("model_cls", ["BranchyNet", "Untraceable"])
+def test_recorded_cosines_match_independent_autograd_and_leave_training_unchanged(model_cls):
+    """record_cosines: every step's layer-wise cosines equal per-task autograd on the same joint/Adam run (the
+    profiler's oracle), and recording them changes nothing in the training itself."""
+    from tests import test_profile as tp
+
+    torch.manual_seed(0)
+    model = getattr(tp, model_cls)()
+    data = tp.batches(4)
+    expected = tp.oracle_cosines(model, data, steps=4)
+    kwargs = dict(method="joint", epochs=1, seed=0, tasks=list(tp.TASKS))
+    recorded, plain = copy.deepcopy(model), copy.deepcopy(model)
+    result = recon.train(recorded, data, tp.LOSSES, record_cosines=True, **kwargs)
+    recon.train(plain, data, tp.LOSSES, **kwargs)
+    layers = ["stem", "block.conv1", "block.bn1", "block.conv2", "fc"]  # the shared layers, in parameter order
+    pairs = [(a, b) for i, a in enumerate(tp.TASKS) for b in tp.TASKS[i + 1 :]]
+    assert result.cosines.shape == (4, len(layers), len(pairs))
+    for step in range(4):
+        for li, layer in enumerate(layers):
+            for pi, (a, b) in enumerate(pairs):
+                assert result.cosines[step, li, pi] == pytest.approx(expected[step][(layer, a, b)], abs=1e-5)
+    for p, q in zip(recorded.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p, q)
