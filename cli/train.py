@@ -81,7 +81,10 @@ def train_command(
     ),
     label: str | None = typer.Option(None, "--label", help="Name of the variant folder under train/."),
     record_cosines: bool = typer.Option(
-        False, "--record-cosines", help="Record the shared layers' cosines every step (one more backward per task)."
+        False,
+        "--record-cosines",
+        help="Record the shared layers' cosines every step (free with gradient methods; one more backward per "
+        "task otherwise).",
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing variant."),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,6 +207,7 @@ def _backward_into(
     """K ``Tensor.backward`` passes, task k's shared gradients accumulated in place into ``J[k]``."""
     K = len(values)
     in_j = set(shared_idx)
+    inputs = list(params)
     stash = [p.grad for p in params]
     rows: list[list[Tensor | None]] = []
     if J is not None:
@@ -223,7 +224,7 @@ def _backward_into(
                 p.grad = view
                 views.append(view)
                 offset += p.numel()
-            v.backward(inputs=list(params), retain_graph=retain_graph or k < K - 1)
+            v.backward(inputs=inputs, retain_graph=retain_graph or k < K - 1)
             row: list[Tensor | None] = [None] * len(params)
             for i, p in enumerate(params):
                 if i not in in_j:
@@ -340,9 +341,24 @@ def backward(
         ids = {id(p) for p in shared}
         shared_idx = [i for i, p in enumerate(params) if id(p) in ids]
     grads = task_gradients(values, params, shared_idx=shared_idx, retain_graph=retain_graph)
-    # under torchrun: the global batch's task gradients, before the method sees them
+    return reduce_and_apply(grads, params, m, loss_values)
+
+
+def reduce_and_apply(
+    grads: TaskGradients,
+    params: Sequence[Tensor],
+    method: Any,
+    loss_values: Tensor,
+    *,
+    observe: Callable[[TaskGradients], None] | None = None,
+) -> BackwardResult:
+    """What :func:`backward` does once the task gradients are computed: under torchrun, average them (the
+    global batch's, before the method sees them); ``observe(grads)`` if given (the training loop's conflict
+    meter reads its cosines there, so recording them costs no extra backward pass); fill ``.grad``."""
     _distributed.average_([*grads.tensors(), loss_values])
-    return apply_task_gradients(grads, params, m, loss_values)
+    if observe is not None:
+        observe(grads)
+    return apply_task_gradients(grads, params, method, loss_values)
 
 
 def apply_task_gradients(

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from recon import _distributed, _io
+from recon._backward import TaskGradients, backward, reduce_and_apply, task_gradients
 from recon._errors import ReconError, check_finite
 from recon._outputs import call_model, move_to, task_outputs
 from recon._progress import progress_bar
@@ -50,8 +51,9 @@ class TrainResult:
 class ConflictMeter:
     """Layer-wise cosines of the shared layers at each training step (the paper's Figures 1 and 3).
 
-    Shared layers are found with autograd on the first step (any module, split or not); each measurement
-    takes one extra ``autograd.grad`` per task, so it is off unless asked for.
+    Shared layers are found with autograd on the first step (any module, split or not). With a gradient method
+    the meter reads the step's own task gradients (:meth:`record`); other methods compute none, so the meter
+    then takes one more backward pass per task (:meth:`measure`): off unless asked for.
     """
 
     def __init__(self, net: nn.Module, tasks: Sequence[str]) -> None:
@@ -64,20 +66,28 @@ class ConflictMeter:
         self._cosines = None
         self.rows: list[np.ndarray] = []
 
-    def measure(self, values: Mapping[str, torch.Tensor]) -> None:
-        from recon._backward import task_gradients
+    def gradients(self, values: Mapping[str, torch.Tensor], *, keep_graph: bool) -> TaskGradients:
+        """The step's per-task gradients (the shared/own partition is found on the first call, then kept)."""
+        return task_gradients(
+            [values[t] for t in self.tasks], self.params, shared_idx=self._shared_idx, retain_graph=keep_graph
+        )
+
+    def record(self, grads: TaskGradients) -> None:
+        """Record the shared layers' cosines of one step's task gradients."""
         from recon._gram import LayerCosines
         from recon._profile import layer_usage_autograd, shared_layer_params
 
-        grads = task_gradients(
-            [values[t] for t in self.tasks], self.params, shared_idx=self._shared_idx, retain_graph=True
-        )
         if self._cosines is None:
             usage = layer_usage_autograd(self.names, [[self.tasks[k] for k in u] for u in grads.users])
             self.layers, layer_params = shared_layer_params(self.names, usage)
             self._shared_idx = grads.shared_idx
             self._cosines = LayerCosines(self.params, layer_params, len(self.layers), len(self.tasks))
         self.rows.append(self._cosines(grads, self.params[0].device).cpu().numpy())
+
+    def measure(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Its own K backward passes (the graph is kept for the method's), for methods that take no per-task
+        gradients."""
+        self.record(self.gradients(values, keep_graph=True))
 
     def take_epoch(self) -> float:
         """Share of this epoch's recorded cosines below 0 (skipped pairs excluded); resets the epoch."""
@@ -229,10 +239,10 @@ def train(
         out: folder for ``metrics.csv``, ``checkpoint.pt`` (every epoch) and ``summary.json``.
         resume: continue from ``out/checkpoint.pt``; the result equals an uninterrupted run's.
         sparse: a ``recon.methods.SparseTraining`` (or ratio) applied to the shared parameters before training.
-        record_cosines: measure the shared layers' layer-wise cosines every step (costs one more backward per
-            task): the history gets ``conflict_share`` (share of cosines < 0) and the result ``cosines``.
+        record_cosines: measure the shared layers' layer-wise cosines every step (free for gradient methods,
+            which compute the per-task gradients anyway; one more backward per task for the others): the history
+            gets ``conflict_share`` (share of cosines < 0) and the result ``cosines``.
     """
-    from recon._backward import backward
     from recon.methods import resolve
 
     if callable(losses) and not isinstance(losses, Mapping):
@@ -299,11 +309,16 @@ def train(
                 _distributed.average_([loss_vector])  # every process sees the same losses: same NaN decision
                 row = loss_vector.tolist()
                 check_finite(task_names, row, step)
-                if meter is not None:
-                    meter.measure(values)
                 optimizer.zero_grad(set_to_none=True)
-                # after the first step the partition is known: task gradients then go straight into J (memory)
-                shared = backward(values, net, agg, shared=shared).shared or None
+                if meter is not None and agg.kind == "gradient":  # one set of K backward passes serves both
+                    grads = meter.gradients(values, keep_graph=False)
+                    loss_values = torch.stack([v.detach() for v in values.values()])
+                    reduce_and_apply(grads, meter.params, agg, loss_values, observe=meter.record)
+                else:
+                    if meter is not None:
+                        meter.measure(values)
+                    # after the first step the partition is known: task gradients then go straight into J (memory)
+                    shared = backward(values, net, agg, shared=shared).shared or None
                 optimizer.step()
                 for t, v in zip(task_names, row, strict=True):
                     sums[t] += v

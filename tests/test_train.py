@@ -173,3 +173,24 @@ def test_recorded_cosines_match_independent_autograd_and_leave_training_unchange
                 assert result.cosines[step, li, pi] == pytest.approx(expected[step][(layer, a, b)], abs=1e-5)
     for p, q in zip(recorded.parameters(), plain.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_recorded_cosines_with_a_loss_weighting_method_take_their_own_pass_and_change_nothing():
+    """Loss-weighting methods compute no per-task gradients: the meter runs its own backward passes."""
+    from tests import test_profile as tp
+
+    torch.manual_seed(0)
+    model = tp.BranchyNet()
+    data = tp.batches(3)
+    first = tp.oracle_cosines(model, data, steps=1)[0]  # before any update: the same for every method
+    kwargs = dict(method="uncertainty", epochs=1, seed=0, tasks=list(tp.TASKS))
+    recorded, plain = copy.deepcopy(model), copy.deepcopy(model)
+    result = recon.train(recorded, data, tp.LOSSES, record_cosines=True, **kwargs)
+    recon.train(plain, data, tp.LOSSES, **kwargs)
+    assert result.cosines.shape[0] == 3
+    pairs = [(a, b) for i, a in enumerate(tp.TASKS) for b in tp.TASKS[i + 1 :]]
+    for li, layer in enumerate(["stem", "block.conv1", "block.bn1", "block.conv2", "fc"]):
+        for pi, (a, b) in enumerate(pairs):
+            assert result.cosines[0, li, pi] == pytest.approx(first[(layer, a, b)], abs=1e-5)
+    for p, q in zip(recorded.parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p, q)
