@@ -60,16 +60,17 @@ def test_random_order_methods_match_torchjd_with_the_same_seed(K, seed):
         assert rel(ours, theirs) < 1e-12, name
 
 
-def test_gradvac_matches_torchjd_over_several_steps():
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_gradvac_matches_torchjd_over_several_steps(K):
     ours, theirs = M.get("gradvac"), ta.GradVac()
     for step in range(4):
-        J = random_jacobian(4, seed=step, common=0.1)
+        J = random_jacobian(K, seed=step, common=0.1)
         torch.manual_seed(step)
         a = ours(J)
         torch.manual_seed(step)
         b = theirs(J)
         assert rel(a, b) < 1e-10
-    assert ours.phi.shape == (4, 4) and ours.phi.abs().sum() > 0
+    assert ours.phi.shape == (K, K) and ours.phi.abs().sum() > 0
     ours.reset()
     assert ours.phi.numel() == 0
 
@@ -387,13 +388,51 @@ def test_upgrad_on_non_conflicting_gradients_is_the_mean():
     assert float(T([1.0, 0.0], [-1.0, 1.0]).matmul(d).min()) >= -1e-9  # in the dual cone
 
 
-def test_weights_from_a_gram_matrix():
-    J = random_jacobian(4, seed=1)
+@pytest.mark.parametrize("K", [2, 4])
+def test_weights_from_a_gram_matrix(K):
+    J = random_jacobian(K, seed=1)
     G = J @ J.T
     for name in ("mgda", "cagrad", "imtl_g", "upgrad", "aligned_mtl", "gradops"):
         m = M.get(name)
         w = m.weights(G)
         assert rel(w @ J, M.get(name)(J)) < 1e-9, name
+
+
+TWO_TASK_GRAMS = {
+    "random": None,
+    "opposite": ((1.0, -1.0), (-1.0, 1.0)),
+    "orthogonal": ((4.0, 0.0), (0.0, 1e-3)),
+    "nearly parallel": ((1.0, 1.0 - 1e-6), (1.0 - 1e-6, 1.0 + 1e-6)),
+    "conflicting, norms 1:1000": ((1.0, -300.0), (-300.0, 1e6)),
+    "conflicting, norms 1:10": ((1.0, -3.0), (-3.0, 100.0)),
+    "aligned": ((2.0, 1.5), (1.5, 3.0)),
+    "one zero gradient": ((0.0, 0.0), (0.0, 2.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(TWO_TASK_GRAMS))
+@pytest.mark.parametrize("name", ["mgda", "pcgrad", "cagrad", "gradops", "imtl_g", "aligned_mtl", "upgrad"])
+def test_two_task_closed_forms_equal_the_general_solvers(name, case):
+    """The plain-float two-task paths against the general K-task path (active sets, eigendecompositions)."""
+    rows = TWO_TASK_GRAMS[case]
+    if rows is None:
+        J = random_jacobian(2, seed=7)
+        G = (J @ J.T).numpy()
+    else:
+        G = np.array(rows)
+    m = M.get(name)
+    torch.manual_seed(0)
+    fast = m._two_tasks(float(G[0, 0]), float(G[0, 1]), float(G[1, 1]), 1e-7)
+    next_draw_fast = torch.rand(1)
+    if fast is None:  # ill-conditioned: IMTL-G and Aligned-MTL defer to the general path by design
+        lam = np.linalg.eigvalsh(G)
+        assert name in ("imtl_g", "aligned_mtl") and lam[0] <= 2e3 * 1e-7 * lam[-1]
+        return
+    torch.manual_seed(0)
+    general = m._weights(G, 1e-7)
+    # (1e-6: the general solvers regularise by 1e-12, which shows when |g1 - g2|^2 is 3e-6 of the trace)
+    np.testing.assert_allclose(fast, general, rtol=1e-6, atol=1e-12, err_msg=f"{name}, {case}")
+    assert torch.equal(next_draw_fast, torch.rand(1))  # both drew the same from the RNG (PCGrad's order)
 
 
 # --- loss weighting and representation methods --------------------------------------------------------------

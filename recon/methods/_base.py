@@ -136,11 +136,36 @@ class GradientMethod(Method):
             return super().__call__(matrix)
 
 
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def host_gram(gramian: Tensor) -> np.ndarray:
+    """The K x K Gram matrix as float64 NumPy on the host (the one host transfer, and sync, of a step)."""
+    G = gramian.detach()
+    if G.device.type != "cpu":
+        G = G.cpu()
+    if G.dtype not in _NUMPY_DTYPES:
+        G = G.float()
+    return G.numpy().astype(np.float64)
+
+
+def weights_like(w: np.ndarray | Sequence[float], like: Tensor) -> Tensor:
+    """Host weights as a new ``(K,)`` tensor with the dtype and device of ``like``.
+
+    On the CPU one NumPy cast and ``torch.from_numpy``: at small K this round trip is a visible share of a step.
+    """
+    np_dtype = _NUMPY_DTYPES.get(like.dtype)
+    if like.device.type == "cpu" and np_dtype is not None:
+        return torch.from_numpy(np.array(w, dtype=np_dtype))
+    return torch.from_numpy(np.array(w, dtype=np.float64)).to(like.device, like.dtype)
+
+
 class GramMethod(GradientMethod):
     """A gradient method whose update is ``w @ J`` with weights ``w`` found from the Gram matrix ``J J^T``.
 
-    Only the ``K x K`` Gram matrix crosses to the host (float64 NumPy) for the solver; ``J`` itself is read
-    twice on its device: once for ``J @ J.T`` and once for ``w @ J``.
+    Only the ``K x K`` Gram matrix crosses to the host for the solver; ``J`` itself is read twice on its
+    device: once for ``J @ J.T`` and once for ``w @ J``. Subclasses implement :meth:`_weights` (float64 NumPy)
+    and may add a closed form for two tasks in plain floats, :meth:`_two_tasks`.
     """
 
     def weights(self, gramian: Tensor | np.ndarray, /) -> Tensor | np.ndarray:
@@ -149,23 +174,34 @@ class GramMethod(GradientMethod):
         Usable on its own, e.g. with a Gram matrix computed by torchjd's autogram engine.
         """
         if isinstance(gramian, Tensor):
-            G = gramian.detach().to("cpu", torch.float64).numpy()
-            w = self._weights(G, torch.finfo(gramian.dtype).eps if gramian.is_floating_point() else 1e-7)
+            eps = torch.finfo(gramian.dtype).eps if gramian.is_floating_point() else 1e-7
+            w = self._host_weights(host_gram(gramian), eps)
             return torch.as_tensor(w, dtype=gramian.dtype, device=gramian.device)
-        return self._weights(np.asarray(gramian, dtype=np.float64), float(np.finfo(np.float32).eps))
+        return self._host_weights(np.asarray(gramian, dtype=np.float64), float(np.finfo(np.float32).eps))
+
+    def _host_weights(self, G: np.ndarray, eps: float) -> np.ndarray:
+        if G.shape[0] == 2 and (w := self._two_tasks(float(G[0, 0]), float(G[0, 1]), float(G[1, 1]), eps)):
+            return np.array(w)
+        return self._weights(G, eps)
 
     def _weights(self, G: np.ndarray, eps: float) -> np.ndarray:  # pragma: no cover - abstract
         """Weights from the float64 Gram matrix ``G``; ``eps`` is the machine epsilon of the gradients."""
         raise NotImplementedError
 
+    def _two_tasks(self, g11: float, g12: float, g22: float, eps: float) -> tuple[float, float] | None:
+        """Weights for two tasks from ``G = [[g11, g12], [g12, g22]]`` in plain floats, or None to use
+        :meth:`_weights`. At K = 2 NumPy's per-call cost is most of the host time of a step."""
+        return None
+
     def forward(self, matrix: Tensor, /) -> Tensor:
+        eps = torch.finfo(matrix.dtype).eps
         G = matrix @ matrix.T
-        if G.device.type != "cpu":
-            G = G.cpu()  # K x K only: the one host transfer (and sync) of the step
-        if G.dtype not in (torch.float32, torch.float64):
-            G = G.float()
-        w = self._weights(G.numpy().astype(np.float64), torch.finfo(matrix.dtype).eps)
-        weights = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64)).to(matrix.device, matrix.dtype)
+        if matrix.shape[0] == 2:
+            rows = G.tolist()  # (on an accelerator, the one host transfer and sync of the step)
+            w = self._two_tasks(rows[0][0], rows[0][1], rows[1][1], eps) or self._weights(np.array(rows), eps)
+        else:
+            w = self._weights(host_gram(G), eps)
+        weights = weights_like(w, matrix)
         self.last_weights = weights
         return weights @ matrix
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from recon.methods._base import GradientMethod, GramMethod, check_choice, check_number
-from recon.methods._solvers import cagrad_dual, lower_bounded_qp, nash_bargaining, simplex_qp
+from recon.methods._base import GradientMethod, GramMethod, check_choice, check_number, host_gram, weights_like
+from recon.methods._solvers import cagrad_dual, cagrad_dual_two, lower_bounded_qp, nash_bargaining, simplex_qp
 
 __all__ = [
     "CAGrad",
@@ -92,12 +92,13 @@ class MGDA(GramMethod):
         K = G.shape[0]
         if np.trace(G) <= 0.0:
             return np.full(K, 1.0 / K)
-        if K == 2:
-            # Algorithm 1 of the paper: gamma = [(g2 - g1)^T g2] / ||g1 - g2||^2, clipped to [0, 1]
-            den = G[0, 0] + G[1, 1] - 2 * G[0, 1]
-            gamma = 0.5 if den <= 0 else float(np.clip((G[1, 1] - G[0, 1]) / den, 0.0, 1.0))
-            return np.array([gamma, 1.0 - gamma])
         return simplex_qp(G)
+
+    def _two_tasks(self, g11: float, g12: float, g22: float, eps: float) -> tuple[float, float]:
+        # Algorithm 1 of the paper: gamma = [(g2 - g1)^T g2] / ||g1 - g2||^2, clipped to [0, 1]
+        den = g11 + g22 - 2.0 * g12
+        gamma = 0.5 if den <= 0.0 else min(max((g22 - g12) / den, 0.0), 1.0)
+        return gamma, 1.0 - gamma
 
 
 class PCGrad(GramMethod):
@@ -113,6 +114,12 @@ class PCGrad(GramMethod):
     """
 
     paper: ClassVar[str] = "Yu et al., NeurIPS 2020"
+
+    def _two_tasks(self, g11: float, g12: float, g22: float, eps: float) -> tuple[float, float]:
+        torch.randperm(2), torch.randperm(2)  # the general path's draws: the RNG stream stays torchjd's
+        if g12 >= 0.0:
+            return 1.0, 1.0
+        return 1.0 - g12 / g11, 1.0 - g12 / g22  # (g12 < 0 implies g11, g22 > 0)
 
     def _weights(self, G: np.ndarray, eps: float) -> np.ndarray:
         K = G.shape[0]
@@ -144,23 +151,36 @@ class GradDrop(GradientMethod):
     \mathbb{1}[g_i < 0]`, update :math:`\sum_i M_i g_i`.
 
     Applied to the flattened shared-parameter gradients, as torchjd's ``GradDrop`` (the paper applies it to
-    the gradients at a layer's activations). Vectorised: since :math:`\sum_i \max(g_i, 0) = (S + A)/2` and
-    :math:`\sum_i \min(g_i, 0) = (S - A)/2` with :math:`S = \sum_i g_i`, :math:`A = \sum_i |g_i|`, it needs two
-    reductions over ``J`` and draws ``U`` with the same ``torch.rand`` call as torchjd (same RNG stream).
+    the gradients at a layer's activations). Vectorised with half sums: with :math:`s = \frac12 \sum_i g_i`
+    and :math:`a = \frac12 \sum_i |g_i|`, the positive and negative parts sum to :math:`s + a` and
+    :math:`s - a`, and :math:`\mathcal{P} > U \iff s + a - 2Ua > 0`. With :math:`\sigma` the sign of that
+    quantity the update is :math:`\sigma (\sigma s + a)`: :math:`s + a`, :math:`s - a`, or 0 when
+    :math:`\mathcal{P} = U` (and where every :math:`g_i = 0`, where :math:`\mathcal{P}` is undefined), as the
+    paper's two strict comparisons give. ``U`` is drawn with the same ``uniform_`` call as ``torch.rand`` (so
+    the same RNG stream as torchjd's ``GradDrop``).
+
+    Cost: one pass over ``J`` for :math:`s` and one per task for :math:`a`, then about eight passes over ``P``
+    values, all in one scratch block; no ``(K, P)`` temporary. Drawing ``P`` uniform numbers dominates on a CPU.
     """
 
     paper: ClassVar[str] = "Chen et al., NeurIPS 2020"
 
     def forward(self, matrix: Tensor, /) -> Tensor:
-        ones = torch.ones(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-        S = ones @ matrix  # sum_i g_i
-        A = ones @ matrix.abs()  # sum_i |g_i|
-        U = torch.rand(S.shape, dtype=matrix.dtype, device=matrix.device)
-        # P > U  <=>  S > (2U - 1) A   (and P < U <=> S < (2U - 1) A); A = 0 gives neither, as P = nan does
-        sgn = torch.sign(S - U.mul_(2.0).sub_(1.0).mul_(A))
-        update = torch.addcmul(S, A, sgn).mul_(0.5)  # (S + A) / 2 where P > U, (S - A) / 2 where P < U
+        K, P = matrix.shape
+        half = torch.full((K,), 0.5, dtype=matrix.dtype, device=matrix.device)
+        scratch = torch.empty(3, P, dtype=matrix.dtype, device=matrix.device)  # one allocation, three rows
+        s, a, d = scratch.unbind(0)
+        torch.mv(matrix.T, half, out=s)  # s = sum_i g_i / 2
+        torch.abs(matrix[0], out=a)
+        for k in range(1, K):  # row by row: no (K, P) temporary for |J|
+            torch.abs(matrix[k], out=d)
+            a.add_(d)
+        a.mul_(0.5)  # a = sum_i |g_i| / 2
+        d.uniform_()  # U, the same draw as torch.rand(P)
+        torch.addcmul(s, d, a, value=-2.0, out=d).add_(a).sign_()  # sign(s + a - 2 U a)
+        update = torch.addcmul(a, s, d)
         self.last_weights = None
-        return update.masked_fill_(sgn == 0, 0.0)
+        return update.mul_(d)
 
 
 class CAGrad(GramMethod):
@@ -190,6 +210,7 @@ class CAGrad(GramMethod):
         check_number("norm_eps", norm_eps, low=0.0, method="cagrad")
         self.c, self.rescale, self.norm_eps = float(c), int(rescale), float(norm_eps)
         self._hparams = {"c": c, "rescale": rescale, "norm_eps": norm_eps}
+        self._scale = (1.0, 1.0 / (1.0 + self.c**2), 1.0 / (1.0 + self.c))[self.rescale]
 
     def _weights(self, G: np.ndarray, eps: float) -> np.ndarray:
         K = G.shape[0]
@@ -200,18 +221,29 @@ class CAGrad(GramMethod):
         a = Gn.mean(axis=1)
         sqrt_phi = self.c * math.sqrt(max(float(Gn.mean()), 0.0))
         if sqrt_phi == 0.0:
-            weights = np.full(K, 1.0 / K)
-        else:
-            w = cagrad_dual(Gn, a, sqrt_phi)
-            gw_norm = math.sqrt(max(float(w @ Gn @ w), 0.0))
-            if gw_norm < self.norm_eps:
-                return np.zeros(K)
-            weights = np.full(K, 1.0 / K) + (sqrt_phi / gw_norm) * w
-        if self.rescale == 1:
-            weights = weights / (1.0 + self.c**2)
-        elif self.rescale == 2:
-            weights = weights / (1.0 + self.c)
-        return weights
+            return np.full(K, self._scale / K)
+        w = cagrad_dual(Gn, a, sqrt_phi)
+        gw_norm = math.sqrt(max(float(w @ Gn @ w), 0.0))
+        if gw_norm < self.norm_eps:
+            return np.zeros(K)
+        return (np.full(K, 1.0 / K) + (sqrt_phi / gw_norm) * w) * self._scale
+
+    def _two_tasks(self, g11: float, g12: float, g22: float, eps: float) -> tuple[float, float]:
+        # _weights in plain floats, with the trace-normalised Gram matrix [[p, q], [q, r]]
+        trace = g11 + g22
+        if trace < self.norm_eps:
+            return 0.0, 0.0
+        p, q, r = g11 / trace, g12 / trace, g22 / trace
+        sqrt_phi = self.c * math.sqrt(max((p + 2.0 * q + r) / 4.0, 0.0))
+        if sqrt_phi == 0.0:
+            return self._scale / 2, self._scale / 2
+        t = cagrad_dual_two(p, q, r, (p + q) / 2.0, (q + r) / 2.0, sqrt_phi)
+        u = 1.0 - t
+        gw_norm = math.sqrt(max(t * t * p + 2.0 * t * u * q + u * u * r, 0.0))
+        if gw_norm < self.norm_eps:
+            return 0.0, 0.0
+        k = sqrt_phi / gw_norm
+        return (0.5 + k * t) * self._scale, (0.5 + k * u) * self._scale
 
 
 class GradVac(GramMethod):
@@ -250,27 +282,34 @@ class GradVac(GramMethod):
             self.phi = torch.zeros(m, m, dtype=torch.float64)
         elif self.phi.device.type != "cpu" or self.phi.dtype != torch.float64:
             self.phi = self.phi.to("cpu", torch.float64)  # the solver works on the host
-        phi = self.phi.numpy()  # shares memory with the buffer
         beta, e = self.beta, self.eps
-        C = np.eye(m)
+        # Plain Python floats: K is small and every step below is a scalar or a length-K update, where NumPy's
+        # per-call cost would dominate.
+        g = G.tolist()
+        phi = self.phi.tolist()
+        weights = [0.0] * m
         for i in range(m):
-            cG = C[i] @ G
+            c = [0.0] * m  # g_i^PC = sum_k c[k] g_k
+            c[i] = 1.0
+            cG = list(g[i])  # cG[j] = g_i^PC . g_j
             others = [j for j in range(m) if j != i]
-            order = [others[k] for k in torch.randperm(m - 1).tolist()]
-            for j in order:
-                dot_ij = cG[j]
-                norm_i = math.sqrt(max(float(cG @ C[i]), 0.0))
-                norm_j = math.sqrt(max(float(G[j, j]), 0.0))
-                phi_ij = dot_ij / (norm_i * norm_j + e)
-                phi_hat = phi[i, j]
+            if m > 2:  # (randperm(1) draws nothing from the RNG: skipping it keeps the stream torchjd's)
+                others = [others[k] for k in torch.randperm(m - 1).tolist()]
+            for j in others:
+                norm_i = math.sqrt(max(sum(ck * x for ck, x in zip(c, cG, strict=True)), 0.0))
+                norm_j = math.sqrt(max(g[j][j], 0.0))
+                phi_ij = cG[j] / (norm_i * norm_j + e)
+                phi_hat = phi[i][j]
                 if phi_ij < phi_hat:
                     s1 = math.sqrt(max(1.0 - phi_ij * phi_ij, 0.0))
                     s2 = math.sqrt(max(1.0 - phi_hat * phi_hat, 0.0))
                     w = norm_i * (phi_hat * s1 - phi_ij * s2) / (norm_j * s2 + e)
-                    C[i, j] += w
-                    cG = cG + w * G[j]
-                phi[i, j] = (1.0 - beta) * phi_hat + beta * phi_ij
-        return C.sum(axis=0)
+                    c[j] += w
+                    cG = [x + w * y for x, y in zip(cG, g[j], strict=True)]
+                phi[i][j] = (1.0 - beta) * phi_hat + beta * phi_ij
+            weights = [x + y for x, y in zip(weights, c, strict=True)]
+        self.phi.copy_(torch.tensor(phi, dtype=torch.float64))
+        return np.array(weights)
 
 
 class GradOPS(GramMethod):
@@ -296,12 +335,12 @@ class GradOPS(GramMethod):
 
     paper: ClassVar[str] = "Zhu et al., WSDM 2025 (arXiv 2503.03438)"
 
+    def _two_tasks(self, g11: float, g12: float, g22: float, eps: float) -> tuple[float, float]:
+        # g1' = g1 - (g1.g2 / |g2|^2) g2, g2' = g2 - (g1.g2 / |g1|^2) g1
+        return (1.0 - g12 / g11 if g11 > 0.0 else 0.0), (1.0 - g12 / g22 if g22 > 0.0 else 0.0)
+
     def _weights(self, G: np.ndarray, eps: float) -> np.ndarray:
         K = G.shape[0]
-        if K == 2:  # g1' = g1 - (g1.g2 / |g2|^2) g2, g2' = g2 - (g1.g2 / |g1|^2) g1
-            w1 = 1.0 - G[0, 1] / G[0, 0] if G[0, 0] > 0 else 0.0
-            w2 = 1.0 - G[0, 1] / G[1, 1] if G[1, 1] > 0 else 0.0
-            return np.array([w1, w2])
         d = np.sqrt(np.clip(np.diag(G), 0.0, None))
         live = d > 0
         C = np.zeros((K, K))  # row i: coefficients of g_i' on the g_j
@@ -340,8 +379,6 @@ class IMTLG(GramMethod):
 
     def _weights(self, G: np.ndarray, eps: float) -> np.ndarray:
         K = G.shape[0]
-        if K == 2 and (w := self._two_tasks(G, eps)) is not None:
-            return w
         d = np.sqrt(np.clip(np.diag(G), 0.0, None))
         lam, V = np.linalg.eigh(G)  # pinv(G) from the eigendecomposition, cut-off K * eps * max |lambda|
         keep = np.abs(lam) > K * eps * np.abs(lam).max()
@@ -349,18 +386,17 @@ class IMTLG(GramMethod):
         s = v.sum()
         return np.zeros(K) if abs(s) < 1e-12 else v / s
 
-    @staticmethod
-    def _two_tasks(G: np.ndarray, eps: float) -> np.ndarray | None:
-        """Closed form for a well-conditioned 2 x 2 Gram matrix ``[[a, b], [b, c]]`` (host time at small K):
-        ``G^{-1} (sqrt a, sqrt c)`` normalised to sum 1 is ``(c sqrt a - b sqrt c, a sqrt c - b sqrt a) /
-        ((sqrt a + sqrt c)(sqrt(ac) - b))``. None where the pseudo-inverse cut-off would matter."""
-        a, b, c = float(G[0, 0]), float(G[0, 1]), float(G[1, 1])
+    def _two_tasks(self, a: float, b: float, c: float, eps: float) -> tuple[float, float] | None:
+        """Closed form for a well-conditioned 2 x 2 Gram matrix ``[[a, b], [b, c]]``: ``G^{-1} (sqrt a, sqrt
+        c)`` normalised to sum 1 is ``(c sqrt a - b sqrt c, a sqrt c - b sqrt a) / ((sqrt a + sqrt c)(sqrt(ac) -
+        b))``. None where the pseudo-inverse cut-off would matter."""
         half_gap = math.hypot((a - c) / 2, b)
         lam_max, lam_min = (a + c) / 2 + half_gap, (a + c) / 2 - half_gap
         if not lam_min > 2 * eps * lam_max * 1e3:  # leave near-singular cases to the general pseudo-inverse
             return None
         ra, rc = math.sqrt(a), math.sqrt(c)
-        return np.array([c * ra - b * rc, a * rc - b * ra]) / ((ra + rc) * (math.sqrt(a * c) - b))
+        den = (ra + rc) * (math.sqrt(a * c) - b)
+        return (c * ra - b * rc) / den, (a * rc - b * ra) / den
 
 
 class AlignedMTL(GramMethod):
@@ -384,8 +420,6 @@ class AlignedMTL(GramMethod):
 
     def _weights(self, G: np.ndarray, eps: float) -> np.ndarray:
         K = G.shape[0]
-        if K == 2 and (w := self._two_tasks(G, eps)) is not None:
-            return w
         lam, V = np.linalg.eigh(G)
         tol = lam.max() * K * eps
         rank = int((lam > tol).sum())
@@ -403,11 +437,10 @@ class AlignedMTL(GramMethod):
         B = math.sqrt(scale) * (V / np.sqrt(lam)) @ V.T
         return B @ pref
 
-    def _two_tasks(self, G: np.ndarray, eps: float) -> np.ndarray | None:
-        """Closed form for a full-rank 2 x 2 Gram matrix (host time at small K): with ``s = sqrt(det G)`` and
+    def _two_tasks(self, a: float, b: float, c: float, eps: float) -> tuple[float, float] | None:
+        """Closed form for a full-rank 2 x 2 Gram matrix ``[[a, b], [b, c]]``: with ``s = sqrt(det G)`` and
         ``t = sqrt(tr G + 2 s)``, ``G^{-1/2} = adj(G + s I) / (s t)``, so ``alpha = sqrt(sigma) / 2 *
         (c + s - b, a + s - b) / (s t)``. None for rank 1 (the general path drops the null direction)."""
-        a, b, c = float(G[0, 0]), float(G[0, 1]), float(G[1, 1])
         half_gap = math.hypot((a - c) / 2, b)
         lam_max, lam_min = (a + c) / 2 + half_gap, (a + c) / 2 - half_gap
         if not lam_min > 1e3 * lam_max * 2 * eps:  # near rank 1: the eigendecomposition's cut-off decides
@@ -416,7 +449,8 @@ class AlignedMTL(GramMethod):
         scale = (lam_max + lam_min) / 2 if self.scale_mode == "rmse" else lam_min
         s = math.sqrt(a * c - b * b)
         t = math.sqrt(a + c + 2 * s)
-        return math.sqrt(scale) / 2 * np.array([c + s - b, a + s - b]) / (s * t)
+        k = math.sqrt(scale) / (2.0 * s * t)
+        return k * (c + s - b), k * (a + s - b)
 
 
 class UPGrad(GramMethod):
@@ -445,14 +479,19 @@ class UPGrad(GramMethod):
         trace = float(np.trace(G))
         Gn = G / trace if trace >= self.norm_eps else np.zeros_like(G)
         Q = Gn + self.reg_eps * np.eye(K)
-        if K == 2:  # v = (1, max(0, -Q12/Q22)) for u = e1, symmetrically for e2
-            return np.array([1.0 + max(0.0, -Q[0, 1] / Q[0, 0]), 1.0 + max(0.0, -Q[0, 1] / Q[1, 1])]) / 2
         weights = np.zeros(K)
         for i in range(K):
             u = np.zeros(K)
             u[i] = 1.0
             weights += lower_bounded_qp(Q, u)
         return weights / K
+
+    def _two_tasks(self, g11: float, g12: float, g22: float, eps: float) -> tuple[float, float]:
+        # _weights for K = 2: v = (1, max(0, -Q12 / Q22)) for u = e1, symmetrically for e2
+        trace = g11 + g22
+        n = 1.0 / trace if trace >= self.norm_eps else 0.0
+        q11, q12, q22 = g11 * n + self.reg_eps, g12 * n, g22 * n + self.reg_eps
+        return (1.0 + max(0.0, -q12 / q11)) / 2.0, (1.0 + max(0.0, -q12 / q22)) / 2.0
 
 
 class NashMTL(GradientMethod):
@@ -588,12 +627,7 @@ class NashMTL(GradientMethod):
                 weights.mul_(scale)
             self.last_weights = weights
             return update
-        G = matrix @ matrix.T
-        if G.device.type != "cpu":
-            G = G.cpu()  # K x K only: the one host transfer (and sync) of the step
-        if G.dtype not in (torch.float32, torch.float64):
-            G = G.float()
-        G = G.numpy().astype(np.float64)
+        G = host_gram(matrix @ matrix.T)
         alpha = alpha_t.numpy()  # shares memory with the buffer
         new = self._solve(G, alpha, step == 0, torch.finfo(matrix.dtype).eps)
         if new is not None:
@@ -603,6 +637,6 @@ class NashMTL(GradientMethod):
             norm = math.sqrt(max(float(alpha @ G @ alpha), 0.0))  # |alpha @ J|, from the Gram matrix
             if norm > self.max_norm:
                 w = alpha * (self.max_norm / norm)
-        weights = torch.from_numpy(np.array(w, dtype=np.float64)).to(matrix.device, matrix.dtype)
+        weights = weights_like(w, matrix)
         self.last_weights = weights
         return weights @ matrix

@@ -7,6 +7,8 @@ and are fast because every step is a tiny dense linear solve.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 _TINY = 1e-300
@@ -154,7 +156,8 @@ def cagrad_dual(G: np.ndarray, a: np.ndarray, r: float, *, tol: float = 1e-12) -
     if K == 1:
         return np.ones(1)
     if K == 2:
-        return _cagrad_dual_2(G, a, r)
+        t = cagrad_dual_two(float(G[0, 0]), float(G[0, 1]), float(G[1, 1]), float(a[0]), float(a[1]), r)
+        return np.array([t, 1.0 - t])
     # A 1e-10 ridge makes every face problem well posed when the gradients are linearly dependent; it moves
     # the objective by less than 1e-9 (G is scaled to unit trace).
     G = G + 1e-10 * np.eye(K)
@@ -289,22 +292,23 @@ def _cagrad_dual_newton(G: np.ndarray, a: np.ndarray, r: float, *, tol: float = 
     return w
 
 
-def _cagrad_dual_2(G: np.ndarray, a: np.ndarray, r: float) -> np.ndarray:
-    """Two tasks, ``w = (t, 1 - t)``: ``f(t) = a_2 + t delta + r sqrt(A (t - t0)^2 + m)``, convex in t."""
-    delta = a[0] - a[1]
-    A = G[0, 0] + G[1, 1] - 2.0 * G[0, 1]  # |g1 - g2|^2
-    if A <= 1e-15 * max(G[0, 0], G[1, 1], 1e-300):
-        t = 0.5 if abs(delta) <= 1e-15 else (0.0 if delta > 0 else 1.0)
-        return np.array([t, 1.0 - t])
-    t0 = (G[1, 1] - G[0, 1]) / A  # closest point of the line through g1, g2 to the origin
-    m = max(G[1, 1] - A * t0 * t0, 0.0)  # its squared distance
+def cagrad_dual_two(g11: float, g12: float, g22: float, a1: float, a2: float, r: float) -> float:
+    """Two tasks, ``w = (t, 1 - t)``: ``f(t) = a_2 + t delta + r sqrt(A (t - t0)^2 + m)``, convex in t; returns t.
+
+    Plain floats (this runs at every step of a two-task model: NumPy's per-call cost would dominate).
+    """
+    delta = a1 - a2
+    A = g11 + g22 - 2.0 * g12  # |g1 - g2|^2
+    if A <= 1e-15 * max(g11, g22, 1e-300):
+        return 0.5 if abs(delta) <= 1e-15 else (0.0 if delta > 0 else 1.0)
+    t0 = (g22 - g12) / A  # closest point of the line through g1, g2 to the origin
+    m = max(g22 - A * t0 * t0, 0.0)  # its squared distance
     k = r * r * A - delta * delta
     if k <= 0.0:  # the slope never vanishes: f is monotone in t
         t = 0.0 if delta > 0 else 1.0
     else:
-        t = t0 - np.sign(delta) * abs(delta) * np.sqrt(m / (A * k))
-    t = float(np.clip(t, 0.0, 1.0))
-    return np.array([t, 1.0 - t])
+        t = t0 - delta * math.sqrt(m / (A * k))
+    return min(max(t, 0.0), 1.0)
 
 
 def nash_bargaining(C: np.ndarray, x0: np.ndarray, *, maxiter: int = 20, tol: float = 1e-10) -> tuple[np.ndarray, bool]:
