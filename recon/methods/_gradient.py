@@ -19,7 +19,15 @@ import torch
 from torch import Tensor
 
 from recon.methods._base import GradientMethod, GramMethod, check_choice, check_number, host_gram, weights_like
-from recon.methods._solvers import cagrad_dual, cagrad_dual_two, lower_bounded_qp, nash_bargaining, simplex_qp
+from recon.methods._solvers import (
+    cagrad_dual,
+    cagrad_dual_two,
+    eigh,
+    lower_bounded_qp,
+    nash_bargaining,
+    simplex_qp,
+    submatrix,
+)
 
 __all__ = [
     "CAGrad",
@@ -308,7 +316,7 @@ class GradVac(GramMethod):
                     cG = [x + w * y for x, y in zip(cG, g[j], strict=True)]
                 phi[i][j] = (1.0 - beta) * phi_hat + beta * phi_ij
             weights = [x + y for x, y in zip(weights, c, strict=True)]
-        self.phi.copy_(torch.tensor(phi, dtype=torch.float64))
+        self.phi.numpy()[:] = phi  # (the buffer is float64 on the host, checked above)
         return np.array(weights)
 
 
@@ -341,25 +349,29 @@ class GradOPS(GramMethod):
 
     def _weights(self, G: np.ndarray, eps: float) -> np.ndarray:
         K = G.shape[0]
-        d = np.sqrt(np.clip(np.diag(G), 0.0, None))
+        d = np.sqrt(np.maximum(G.diagonal(), 0.0))
         live = d > 0
         C = np.zeros((K, K))  # row i: coefficients of g_i' on the g_j
         idx = np.flatnonzero(live)
         if idx.size == 0:
             return np.zeros(K)
-        Gl = G[np.ix_(idx, idx)] / np.outer(d[idx], d[idx])  # correlation matrix of the non-zero gradients
-        lam = np.linalg.eigvalsh(Gl)
+        dl = d[idx]
+        Gl = submatrix(G, idx) / np.outer(dl, dl)  # correlation matrix of the non-zero gradients
+        lam, V = eigh(Gl)
         rtol = max(1e3 * K * eps, 1e-10)
         if lam[0] > rtol * lam[-1]:
-            inv = np.linalg.inv(Gl)
-            Cl = inv / np.diag(inv)[:, None]
-            C[np.ix_(idx, idx)] = Cl / d[idx][None, :] * d[idx][:, None]
+            inv = (V / lam) @ V.T
+            Cl = inv / inv.diagonal()[:, None]
+            Cd = Cl / dl[None, :] * dl[:, None]
+            if idx.size == K:
+                return Cd.sum(axis=0)
+            C[np.ix_(idx, idx)] = Cd
         else:
             for a, i in enumerate(idx):
                 others = np.delete(idx, a)
                 C[i, i] = 1.0
                 if others.size:
-                    coef = np.linalg.lstsq(G[np.ix_(others, others)], G[others, i], rcond=10 * K * eps)[0]
+                    coef = np.linalg.lstsq(submatrix(G, others), G[others, i], rcond=10 * K * eps)[0]
                     C[i, others] = -coef
         return C.sum(axis=0)
 
@@ -379,8 +391,8 @@ class IMTLG(GramMethod):
 
     def _weights(self, G: np.ndarray, eps: float) -> np.ndarray:
         K = G.shape[0]
-        d = np.sqrt(np.clip(np.diag(G), 0.0, None))
-        lam, V = np.linalg.eigh(G)  # pinv(G) from the eigendecomposition, cut-off K * eps * max |lambda|
+        d = np.sqrt(np.maximum(G.diagonal(), 0.0))
+        lam, V = eigh(G)  # pinv(G) from the eigendecomposition, cut-off K * eps * max |lambda|
         keep = np.abs(lam) > K * eps * np.abs(lam).max()
         v = V @ (np.where(keep, 1.0 / np.where(keep, lam, 1.0), 0.0) * (V.T @ d))
         s = v.sum()
@@ -420,7 +432,7 @@ class AlignedMTL(GramMethod):
 
     def _weights(self, G: np.ndarray, eps: float) -> np.ndarray:
         K = G.shape[0]
-        lam, V = np.linalg.eigh(G)
+        lam, V = eigh(G)
         tol = lam.max() * K * eps
         rank = int((lam > tol).sum())
         pref = np.full(K, 1.0 / K)
@@ -577,7 +589,7 @@ class NashMTL(GradientMethod):
         if n == 0:
             return None
         s = np.sqrt(diag[live])
-        C = (G if n == K else G[np.ix_(live, live)]) / np.outer(s, s)
+        C = (G if n == K else submatrix(G, np.flatnonzero(live))) / np.outer(s, s)
         thr = max(n * eps, 1e-12)
         if n == 1:
             gamma = np.ones(1)
