@@ -62,6 +62,11 @@ class Method(nn.Module):
         #: The weights of the last step, ``(K,)`` in the order of the losses, when the method has any.
         self.last_weights: Tensor | None = None
 
+    def _set_last_weights(self, weights: Tensor | None) -> None:
+        # A plain attribute: nn.Module.__setattr__ would only end in object.__setattr__ after checking whether
+        # it is a parameter, module or buffer, which costs several µs on every step.
+        self.__dict__["last_weights"] = weights
+
     # --- lifecycle hooks a trainer calls -------------------------------------------------------------------
     def bind(self, tasks: Sequence[str] | int) -> Method:
         """Tell the method the tasks (names, or their number) before training.
@@ -202,7 +207,7 @@ class GramMethod(GradientMethod):
         else:
             w = self._weights(host_gram(G), eps)
         weights = weights_like(w, matrix)
-        self.last_weights = weights
+        self._set_last_weights(weights)
         return weights @ matrix
 
 

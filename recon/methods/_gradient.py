@@ -68,7 +68,7 @@ class Mean(GradientMethod):
     paper: ClassVar[str] = "joint training (equal weights)"
 
     def forward(self, matrix: Tensor, /) -> Tensor:
-        self.last_weights = _constant_weights(matrix, mean=True)
+        self._set_last_weights(_constant_weights(matrix, mean=True))
         return self.last_weights @ matrix  # a matrix-vector product is faster than matrix.mean(dim=0)
 
 
@@ -78,7 +78,7 @@ class Sum(GradientMethod):
     paper: ClassVar[str] = "joint training (sum of losses)"
 
     def forward(self, matrix: Tensor, /) -> Tensor:
-        self.last_weights = _constant_weights(matrix, mean=False)
+        self._set_last_weights(_constant_weights(matrix, mean=False))
         return self.last_weights @ matrix
 
 
@@ -187,7 +187,7 @@ class GradDrop(GradientMethod):
         d.uniform_()  # U, the same draw as torch.rand(P)
         torch.addcmul(s, d, a, value=-2.0, out=d).add_(a).sign_()  # sign(s + a - 2 U a)
         update = torch.addcmul(a, s, d)
-        self.last_weights = None
+        self._set_last_weights(None)
         return update.mul_(d)
 
 
@@ -286,15 +286,16 @@ class GradVac(GramMethod):
 
     def _weights(self, G: np.ndarray, eps: float) -> np.ndarray:
         m = G.shape[0]
-        if self.phi.shape != (m, m):
-            self.phi = torch.zeros(m, m, dtype=torch.float64)
-        elif self.phi.device.type != "cpu" or self.phi.dtype != torch.float64:
-            self.phi = self.phi.to("cpu", torch.float64)  # the solver works on the host
+        phi_t = self._buffers["phi"]  # (direct access: this runs every step)
+        if phi_t.shape != (m, m):
+            self.phi = phi_t = torch.zeros(m, m, dtype=torch.float64)
+        elif phi_t.device.type != "cpu" or phi_t.dtype != torch.float64:
+            self.phi = phi_t = phi_t.to("cpu", torch.float64)  # the solver works on the host
         beta, e = self.beta, self.eps
         # Plain Python floats: K is small and every step below is a scalar or a length-K update, where NumPy's
         # per-call cost would dominate.
         g = G.tolist()
-        phi = self.phi.tolist()
+        phi = phi_t.tolist()
         weights = [0.0] * m
         for i in range(m):
             c = [0.0] * m  # g_i^PC = sum_k c[k] g_k
@@ -316,7 +317,7 @@ class GradVac(GramMethod):
                     cG = [x + w * y for x, y in zip(cG, g[j], strict=True)]
                 phi[i][j] = (1.0 - beta) * phi_hat + beta * phi_ij
             weights = [x + y for x, y in zip(weights, c, strict=True)]
-        self.phi.numpy()[:] = phi  # (the buffer is float64 on the host, checked above)
+        phi_t.numpy()[:] = phi  # (the buffer is float64 on the host, checked above)
         return np.array(weights)
 
 
@@ -628,8 +629,9 @@ class NashMTL(GradientMethod):
         if state["step"].device.type != "cpu":
             self.step = state["step"].cpu()
         alpha_t, step_t = state["alpha"], state["step"]
-        step = int(step_t)
-        step_t.add_(1)
+        counter = step_t.numpy()  # a view of the buffer (on the host, checked above): cheaper than add_()
+        step = int(counter)
+        counter[...] = step + 1
         if step % self.update_weights_every != 0:  # reuse the previous weights (clipped on the update itself)
             weights = alpha_t.to(matrix.device, matrix.dtype, copy=True)  # not a view of the state
             update = weights @ matrix
@@ -637,7 +639,7 @@ class NashMTL(GradientMethod):
                 scale = (self.max_norm / torch.linalg.vector_norm(update)).clamp_(max=1.0)  # no host sync
                 update.mul_(scale)
                 weights.mul_(scale)
-            self.last_weights = weights
+            self._set_last_weights(weights)
             return update
         G = host_gram(matrix @ matrix.T)
         alpha = alpha_t.numpy()  # shares memory with the buffer
@@ -650,5 +652,5 @@ class NashMTL(GradientMethod):
             if norm > self.max_norm:
                 w = alpha * (self.max_norm / norm)
         weights = weights_like(w, matrix)
-        self.last_weights = weights
+        self._set_last_weights(weights)
         return weights @ matrix

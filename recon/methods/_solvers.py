@@ -54,43 +54,54 @@ def simplex_qp(Q: np.ndarray, q: np.ndarray | None = None, *, tol: float = 1e-13
     K = Q.shape[0]
     if K == 1:
         return np.ones(1)
-    scale = max(float(np.trace(Q)) / K, _TINY)
-    Qn = Q / scale + 1e-12 * np.eye(K)
-    qn = np.zeros(K) if q is None else np.asarray(q, dtype=np.float64) / scale
+    scale = max(float(Q.trace()) / K, _TINY)
+    # The KKT matrix [[Qn, 1], [1, 0]] of the whole simplex, built once; a face's system is a submatrix of it.
+    kkt = np.zeros((K + 1, K + 1))
+    Qn = kkt[:K, :K]
+    np.divide(Q, scale, out=Qn)
+    Qn.flat[:: K + 1] += 1e-12
+    kkt[:K, K] = 1.0
+    kkt[K, :K] = 1.0
+    rhs = np.zeros(K + 1)
+    if q is not None:
+        rhs[:K] = np.asarray(q, dtype=np.float64) / -scale
+    rhs[K] = 1.0
+    qn = -rhs[:K]
     x = np.full(K, 1.0 / K)
     free = np.ones(K, dtype=bool)
     for _ in range(20 * K + 20):
         F = np.flatnonzero(free)
         n = F.size
-        A = np.zeros((n + 1, n + 1))
-        A[:n, :n] = Qn if n == K else submatrix(Qn, F)
-        A[:n, n] = 1.0
-        A[n, :n] = 1.0
-        b = np.empty(n + 1)
-        b[:n] = -qn[F]
-        b[n] = 1.0
-        sol = _solve(A, b)
+        if n == K:
+            sol = _solve(kkt, rhs)
+        else:
+            rows = np.append(F, K)
+            sol = _solve(submatrix(kkt, rows), rhs.take(rows))
         y, lam = sol[:n], -sol[n]
-        d = y - x[F]
-        neg = d < 0
-        if np.all(y >= 0.0):
+        if y.min() >= 0.0:
+            if n == K:  # no bound is active: no multiplier to check
+                x = y
+                break
             x[:] = 0.0
             x[F] = y
             mu = Qn @ x + qn - lam
             mu[F] = np.inf
-            j = int(np.argmin(mu))
+            j = int(mu.argmin())
             if mu[j] >= -tol:
                 break
             free[j] = True
         else:
+            xF = x[F]
+            d = y - xF
+            neg = d < 0
             ratios = np.full(n, np.inf)
-            ratios[neg] = x[F][neg] / -d[neg]
-            k = int(np.argmin(ratios))
+            ratios[neg] = xF[neg] / -d[neg]
+            k = int(ratios.argmin())
             t = min(max(ratios[k], 0.0), 1.0)
-            x[F] = x[F] + t * d
+            x[F] = xF + t * d
             x[F[k]] = 0.0
             free[F[k]] = False
-    x = np.clip(x, 0.0, None)
+    x = np.maximum(x, 0.0)
     return x / x.sum()
 
 
@@ -104,6 +115,8 @@ def lower_bounded_qp(Q: np.ndarray, u: np.ndarray, *, tol: float = 1e-13) -> np.
     K = Q.shape[0]
     q = Q @ u
     free = q < 0  # start by freeing the bounds whose multiplier is negative at v = u
+    if not free.any():  # v = u is optimal (u conflicts with no direction the bounds allow)
+        return np.array(u, dtype=np.float64)
     best, budget = K + 1, 3
     x = np.zeros(K)
     for _ in range(10 * K + 10):
@@ -182,22 +195,24 @@ def cagrad_dual(G: np.ndarray, a: np.ndarray, r: float, *, tol: float = 1e-12) -
         return np.array([t, 1.0 - t])
     # A 1e-10 ridge makes every face problem well posed when the gradients are linearly dependent; it moves
     # the objective by less than 1e-9 (G is scaled to unit trace).
-    G = G + 1e-10 * np.eye(K)
+    G = G.copy()
+    G.flat[:: K + 1] += 1e-10
     w = np.full(K, 1.0 / K)
     free = np.ones(K, dtype=bool)
-    reg = 1e-12 * np.eye(K)
     for _ in range(20 * K + 20):
         F = np.flatnonzero(free)
-        y = _cagrad_face(G, a, r, F, reg)
+        y = _cagrad_face(G, a, r, F)
         if y is None:
             return _cagrad_dual_newton(G, a, r)
         yF = y[F]
-        if np.all(yF >= 0.0):
+        if yF.min() >= 0.0:
             w = y
             Gw = G @ w
-            n = np.sqrt(max(w @ Gw, 0.0))
+            n = math.sqrt(max(float(w @ Gw), 0.0))
             if n <= 1e-15:
                 return _cagrad_dual_newton(G, a, r)
+            if F.size == K:  # no bound is active: no multiplier to check
+                return w
             grad = a + r * Gw / n
             lam = float(w @ grad)
             mu = np.where(free, np.inf, grad - lam)
@@ -218,33 +233,39 @@ def cagrad_dual(G: np.ndarray, a: np.ndarray, r: float, *, tol: float = 1e-12) -
     return _cagrad_dual_newton(G, a, r)  # pragma: no cover - the active set converges long before
 
 
-def _cagrad_face(G: np.ndarray, a: np.ndarray, r: float, F: np.ndarray, reg: np.ndarray) -> np.ndarray | None:
+def _cagrad_face(G: np.ndarray, a: np.ndarray, r: float, F: np.ndarray) -> np.ndarray | None:
     """The minimiser of the dual over the affine hull of face F (zeros elsewhere), or None if degenerate."""
     m = F.size
-    GF = submatrix(G, F) + reg[:m, :m]
+    GF = G if m == G.shape[0] else submatrix(G, F)
+    GF = GF + 0.0  # a copy, regularised below
+    GF.flat[:: m + 1] += 1e-12
+    aF = a.take(F)
     rhs = np.empty((m, 2))
     rhs[:, 0] = 1.0
-    rhs[:, 1] = a[F]
+    rhs[:, 1] = aF
     sol = solve(GF, rhs)
     if sol is None:
         return None
     p, s = sol[:, 0], sol[:, 1]
-    A2, B2, C2 = p.sum(), s.sum(), float(a[F] @ s) - r * r
+    A2, B2, C2 = p.sum(), s.sum(), float(aF @ s) - r * r
     disc = B2 * B2 - A2 * C2
-    if not np.isfinite(disc) or disc < 0.0 or A2 <= 0.0:
+    if not math.isfinite(disc) or disc < 0.0 or A2 <= 0.0:
         return None
-    best, best_value = None, np.inf
-    for lam in ((B2 - np.sqrt(disc)) / A2, (B2 + np.sqrt(disc)) / A2):
-        z = (lam * p - s) / r
-        sz = z.sum()
+    best, best_value = None, math.inf
+    root = math.sqrt(disc)
+    for lam in ((B2 - root) / A2, (B2 + root) / A2):
+        z = (lam * p - s) / r  # w / |g_w| on the face, with z^T G_FF z = 1
+        sz = float(z.sum())
         if not sz > 0.0:
             continue
-        y = np.zeros(G.shape[0])
-        y[F] = z / sz
-        value = float(a @ y + r * np.sqrt(max(y @ G @ y, 0.0)))
+        value = (float(aF @ z) + r) / sz  # a^T w + r |g_w| at w = z / sz, where |g_w| = 1 / sz
         if value < best_value:
-            best, best_value = y, value
-    return best
+            best, best_value = z / sz, value
+    if best is None:
+        return None
+    y = np.zeros(G.shape[0])
+    y[F] = best
+    return y
 
 
 def _cagrad_dual_newton(G: np.ndarray, a: np.ndarray, r: float, *, tol: float = 1e-10) -> np.ndarray:
