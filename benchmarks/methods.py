@@ -3,7 +3,9 @@
 For K tasks and P shared parameters, times ``method(J)`` on a random ``(K, P)`` float32 matrix, the torchjd
 aggregator of the same name (when torchjd has one), and the K x K Gram product ``J @ J.T`` (the floor: every
 Gram-based method must at least compute it). Also compares recon's CAGrad with the official SLSQP-based CAGrad
-(same update, cosine > 0.9999).
+(same update, cosine > 0.9999), and GradDrop with its own floor: the Gram product plus ``torch.rand(P)``, the
+one uniform number per coordinate the paper's algorithm draws (GradDrop needs no Gram matrix; the draw is what
+it cannot avoid).
 
     python benchmarks/methods.py            # K in {2, 4, 8, 16}, P in {1e5, 1e6}
     python benchmarks/methods.py --quick    # P = 1e5 only, fewer repeats
@@ -13,6 +15,7 @@ Gram-based method must at least compute it). Also compares recon's CAGrad with t
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 import warnings
@@ -41,27 +44,33 @@ TORCHJD = {
 }
 
 
-def timed(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> dict[str, float]:
-    """Best (minimum) wall time in milliseconds of each function, measured in rotating rounds.
+def timed(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Wall times in milliseconds of each function, one per round, measured in rotating rounds.
 
     Each round runs every function once untimed (so that the thread pool it uses is awake: torch's
     matrix products and its element-wise kernels use different pools) and then once timed, in an order that
-    rotates from round to round. The minimum over rounds is kept: it is the estimate least disturbed by load
-    from other processes.
+    rotates from round to round. Callers report the minimum over rounds (the time least disturbed by load from
+    other processes) and, for ratios, the median of the per-round ratios (functions timed side by side, so a
+    slow spell of the machine affects both).
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     names = list(fns)
-    best = {k: float("inf") for k in fns}
+    samples: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(reps):
         for k in names[r % len(names) :] + names[: r % len(names)]:
             fn = fns[k]
             fn()
             t0 = time.perf_counter()
             fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return {k: v * 1e3 for k, v in best.items()}
+            samples[k].append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of ``a / b``."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def jacobian(K: int, P: int, seed: int = 0) -> torch.Tensor:
@@ -90,7 +99,7 @@ def slsqp_cagrad(J: torch.Tensor, c: float = 0.4) -> torch.Tensor:
     return (J.mean(0) + (cc / (gw.norm() + 1e-8)) * gw) / (1 + c**2)
 
 
-def run(Ks: list[int], Ps: list[int], reps: int, names: list[str]) -> tuple[list[dict], list[dict]]:
+def run(Ks: list[int], Ps: list[int], reps: int, names: list[str]) -> tuple[list[dict], list[dict], list[dict]]:
     warnings.filterwarnings("ignore")
     try:
         import torchjd.aggregation as ta
@@ -107,6 +116,8 @@ def run(Ks: list[int], Ps: list[int], reps: int, names: list[str]) -> tuple[list
                 }
                 if ta is not None and name in TORCHJD:
                     fns["torchjd"] = lambda a=TORCHJD[name](ta, K), J=J: a(J)
+                if name == "graddrop":
+                    fns["draw"] = lambda P=P: torch.rand(P)
                 torch.manual_seed(0)
                 t = timed(fns, reps)
                 rows.append(
@@ -114,9 +125,19 @@ def run(Ks: list[int], Ps: list[int], reps: int, names: list[str]) -> tuple[list
                         "method": name,
                         "K": K,
                         "P": P,
-                        "recon": t["recon"],
-                        "torchjd": t.get("torchjd"),
-                        "floor": t["floor"],
+                        "recon": min(t["recon"]),
+                        "torchjd": min(t["torchjd"]) if "torchjd" in t else None,
+                        "floor": min(t["floor"]),
+                        "draw": min(t["draw"]) if "draw" in t else None,
+                        "vs_torchjd": paired_ratio(t["recon"], t["torchjd"]) if "torchjd" in t else None,
+                        "vs_floor": paired_ratio(t["recon"], t["floor"]),
+                        "vs_draw": (
+                            statistics.median(
+                                r / (f + d) for r, f, d in zip(t["recon"], t["floor"], t["draw"], strict=True)
+                            )
+                            if "draw" in t
+                            else None
+                        ),
                     }
                 )
     cagrad_rows = []
@@ -124,22 +145,22 @@ def run(Ks: list[int], Ps: list[int], reps: int, names: list[str]) -> tuple[list
         J = jacobian(K, Ps[0], seed=1)
         ours_fn = M.get("cagrad")
         t = timed({"recon": lambda J=J, m=ours_fn: m(J), "scipy": lambda J=J: slsqp_cagrad(J)}, reps)
-        ours, scipy_t = t["recon"], t["scipy"]
+        ours, scipy_t = min(t["recon"]), min(t["scipy"])
         a, b = ours_fn(J).double(), slsqp_cagrad(J).double()
         cos = float(a @ b / (a.norm() * b.norm()))
         cagrad_rows.append({"K": K, "P": Ps[0], "recon": ours, "scipy": scipy_t, "cos": cos})
-    return rows, cagrad_rows
+    graddrop_rows = [r for r in rows if r["draw"] is not None]
+    return rows, cagrad_rows, graddrop_rows
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def report(rows: list[dict], cagrad_rows: list[dict], markdown: bool) -> None:
+def report(rows: list[dict], cagrad_rows: list[dict], graddrop_rows: list[dict], markdown: bool) -> None:
     header = ["method", "K", "P", "recon ms", "torchjd ms", "J@J.T ms", "recon/torchjd", "recon/floor"]
     table = []
     for r in rows:
-        ratio_t = r["recon"] / r["torchjd"] if r["torchjd"] else None
         table.append(
             [
                 r["method"],
@@ -148,8 +169,8 @@ def report(rows: list[dict], cagrad_rows: list[dict], markdown: bool) -> None:
                 _fmt(r["recon"], 3),
                 _fmt(r["torchjd"], 3),
                 _fmt(r["floor"], 3),
-                _fmt(ratio_t),
-                _fmt(r["recon"] / r["floor"]),
+                _fmt(r["vs_torchjd"]),
+                _fmt(r["vs_floor"]),
             ]
         )
     header2 = ["K", "P", "recon cagrad ms", "scipy SLSQP cagrad ms", "speed-up", "cosine"]
@@ -164,8 +185,27 @@ def report(rows: list[dict], cagrad_rows: list[dict], markdown: bool) -> None:
         ]
         for r in cagrad_rows
     ]
+    header3 = ["K", "P", "graddrop ms", "J@J.T ms", "rand(P) ms", "graddrop/floor", "graddrop/(J@J.T + rand(P))"]
+    table3 = [
+        [
+            str(r["K"]),
+            f"{r['P']:.0e}",
+            _fmt(r["recon"], 3),
+            _fmt(r["floor"], 3),
+            _fmt(r["draw"], 3),
+            _fmt(r["vs_floor"]),
+            _fmt(r["vs_draw"]),
+        ]
+        for r in graddrop_rows
+    ]
+    tables = [
+        ("aggregation time per step (ms: best of rounds; ratios: median of per-round ratios)", header, table),
+        ("CAGrad: recon vs the official SLSQP solver", header2, table2),
+    ]
+    if table3:
+        tables.append(("GradDrop against the Gram product plus its P uniform draws", header3, table3))
     if markdown:
-        for h, t in ((header, table), (header2, table2)):
+        for _, h, t in tables:
             print("| " + " | ".join(h) + " |")
             print("|" + "|".join(" --- " for _ in h) + "|")
             for row in t:
@@ -176,10 +216,7 @@ def report(rows: list[dict], cagrad_rows: list[dict], markdown: bool) -> None:
     from rich.table import Table
 
     console = Console()
-    for title, h, t in (
-        ("aggregation time per step (best of repeats)", header, table),
-        ("CAGrad: recon vs the official SLSQP solver", header2, table2),
-    ):
+    for title, h, t in tables:
         tab = Table(title=title)
         for col in h:
             tab.add_column(col, justify="right" if col not in ("method",) else "left")
@@ -195,14 +232,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default=None, help="comma-separated method names (default: all gradient ones)")
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--tasks", default="2,4,8,16", help="comma-separated numbers of tasks K (default 2,4,8,16)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    Ks = [2, 4, 8, 16]
+    Ks = [int(k) for k in args.tasks.split(",")]
     Ps = [100_000] if args.quick else [100_000, 1_000_000]
     reps = args.reps or (5 if args.quick else 9)
     names = args.methods.split(",") if args.methods else [n for n, i in M.REGISTRY.items() if i.kind == "gradient"]
-    rows, cagrad_rows = run(Ks, Ps, reps, names)
-    report(rows, cagrad_rows, args.markdown)
+    report(*run(Ks, Ps, reps, names), markdown=args.markdown)
 
 
 if __name__ == "__main__":
