@@ -157,47 +157,47 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+Column = tuple[str, Callable[[dict], str]]
+K_AND_P: list[Column] = [("K", lambda r: str(r["K"])), ("P", lambda r: f"{r['P']:.0e}")]
+
+
+def _table(records: list[dict], columns: list[Column]) -> tuple[list[str], list[list[str]]]:
+    return [name for name, _ in columns], [[cell(r) for _, cell in columns] for r in records]
+
+
 def report(rows: list[dict], cagrad_rows: list[dict], graddrop_rows: list[dict], markdown: bool) -> None:
-    header = ["method", "K", "P", "recon ms", "torchjd ms", "J@J.T ms", "recon/torchjd", "recon/floor"]
-    table = []
-    for r in rows:
-        table.append(
-            [
-                r["method"],
-                str(r["K"]),
-                f"{r['P']:.0e}",
-                _fmt(r["recon"], 3),
-                _fmt(r["torchjd"], 3),
-                _fmt(r["floor"], 3),
-                _fmt(r["vs_torchjd"]),
-                _fmt(r["vs_floor"]),
-            ]
-        )
-    header2 = ["K", "P", "recon cagrad ms", "scipy SLSQP cagrad ms", "speed-up", "cosine"]
-    table2 = [
+    header, table = _table(
+        rows,
+        [("method", lambda r: r["method"]), *K_AND_P]
+        + [
+            ("recon ms", lambda r: _fmt(r["recon"], 3)),
+            ("torchjd ms", lambda r: _fmt(r["torchjd"], 3)),
+            ("J@J.T ms", lambda r: _fmt(r["floor"], 3)),
+            ("recon/torchjd", lambda r: _fmt(r["vs_torchjd"])),
+            ("recon/floor", lambda r: _fmt(r["vs_floor"])),
+        ],
+    )
+    header2, table2 = _table(
+        cagrad_rows,
         [
-            str(r["K"]),
-            f"{r['P']:.0e}",
-            _fmt(r["recon"], 3),
-            _fmt(r["scipy"], 3),
-            f"{r['scipy'] / r['recon']:.1f}x",
-            f"{r['cos']:.7f}",
-        ]
-        for r in cagrad_rows
-    ]
-    header3 = ["K", "P", "graddrop ms", "J@J.T ms", "rand(P) ms", "graddrop/floor", "graddrop/(J@J.T + rand(P))"]
-    table3 = [
+            *K_AND_P,
+            ("recon cagrad ms", lambda r: _fmt(r["recon"], 3)),
+            ("scipy SLSQP cagrad ms", lambda r: _fmt(r["scipy"], 3)),
+            ("speed-up", lambda r: f"{r['scipy'] / r['recon']:.1f}x"),
+            ("cosine", lambda r: f"{r['cos']:.7f}"),
+        ],
+    )
+    header3, table3 = _table(
+        graddrop_rows,
         [
-            str(r["K"]),
-            f"{r['P']:.0e}",
-            _fmt(r["recon"], 3),
-            _fmt(r["floor"], 3),
-            _fmt(r["draw"], 3),
-            _fmt(r["vs_floor"]),
-            _fmt(r["vs_draw"]),
-        ]
-        for r in graddrop_rows
-    ]
+            *K_AND_P,
+            ("graddrop ms", lambda r: _fmt(r["recon"], 3)),
+            ("J@J.T ms", lambda r: _fmt(r["floor"], 3)),
+            ("rand(P) ms", lambda r: _fmt(r["draw"], 3)),
+            ("graddrop/floor", lambda r: _fmt(r["vs_floor"])),
+            ("graddrop/(J@J.T + rand(P))", lambda r: _fmt(r["vs_draw"])),
+        ],
+    )
     tables = [
         ("aggregation time per step (ms: best of rounds; ratios: median of per-round ratios)", header, table),
         ("CAGrad: recon vs the official SLSQP solver", header2, table2),
