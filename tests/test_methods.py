@@ -321,6 +321,39 @@ def T(*rows):
     return torch.tensor(rows, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_graddrop_follows_the_sign_purity_definition(dtype):
+    """Chen et al. 2020, Eq. (1)-(3), checked coordinate by coordinate on hand-built columns."""
+    J = torch.tensor(
+        [
+            [1.0, -2.0, 3.0, 0.0, 0.5, -1.0],
+            [2.0, -1.0, -1.0, 0.0, 0.5, 3.0],
+            [0.5, -0.5, -2.0, 0.0, -0.5, 0.0],
+        ],
+        dtype=dtype,
+    )
+    positive, negative = J.clamp(min=0).sum(0), J.clamp(max=0).sum(0)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        d = M.get("graddrop")(J)
+        assert d[0] == positive[0] and d[1] == negative[1]  # every sign agrees: P = 1 or 0, nothing is dropped
+        assert d[3] == 0  # all gradients zero (P undefined): zero
+        for i in (2, 4, 5):  # mixed signs: the sum of one sign's gradients
+            assert torch.isclose(d[i], positive[i]) or torch.isclose(d[i], negative[i])
+
+
+def test_graddrop_keeps_the_positive_sign_with_probability_p():
+    # column i: g = (a_i, -1) so P_i = (1 + (a_i - 1) / (a_i + 1)) / 2 = a_i / (a_i + 1)
+    a = torch.tensor([0.25, 1.0, 3.0, 9.0], dtype=torch.float64)
+    n = 4000
+    J = torch.stack([a, -torch.ones_like(a)]).repeat(1, n)  # n copies of every column
+    torch.manual_seed(0)
+    kept_positive = (M.get("graddrop")(J).view(n, 4) > 0).double().mean(0)
+    expected = a / (a + 1)
+    # binomial standard error <= sqrt(0.25 / 4000) = 0.008: 4.5 sigma
+    assert torch.allclose(kept_positive, expected, atol=0.036), (kept_positive, expected)
+
+
 def test_mgda_two_task_closed_forms():
     assert torch.allclose(M.get("mgda")(T([1.0, 0.0], [0.0, 1.0])), T(0.5, 0.5))
     # |(2a, 1-a)|^2 minimal at a = 1/5
