@@ -93,10 +93,10 @@ class Precision:
         """One combined loss times the scale (loss-weighting and representation methods)."""
         return total.float() * self.scale_value if self.scaling else total
 
-    def unscale(self, grads: TaskGradients) -> bool:
+    def unscale(self, grads: TaskGradients, *, update: bool = True) -> bool:
         """Divide J and the task-specific gradients by the scale, in place; False (step skipped, scale
         backed off) when any of them is inf or NaN. Call it on the gradients averaged across processes."""
-        return self.unscale_tensors(grads.tensors())
+        return self.unscale_tensors(grads.tensors(), update=update)
 
     def unscale_tensors(self, tensors: Iterable[Tensor | None], *, update: bool = True) -> bool:
         """:meth:`unscale` for any gradients (e.g. every ``.grad`` after a single combined backward);

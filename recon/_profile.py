@@ -36,6 +36,7 @@ from recon._cosines import ConflictCounts, CosineRecorder, open_cosines, read_sh
 from recon._errors import NonFiniteLossError, ReconError
 from recon._gram import LayerCosines
 from recon._loop import Observer, ProgressObserver, StepEngine
+from recon._precision import Precision
 from recon._progress import progress_bar
 from recon._recipe import batch_count, validate_tasks
 
@@ -406,6 +407,8 @@ def profile(
     out: str | os.PathLike | None = None,
     progress: bool = False,
     chunk: int = 256,
+    precision: str | int | Precision = "32",
+    batched: bool | str = "auto",
 ) -> ConflictProfile:
     """Warm-up training that records every shared layer's pairwise layer-wise cosines (Recon, stage 1).
 
@@ -421,6 +424,10 @@ def profile(
         device: where to profile; default: where the model's parameters are.
         out: folder to stream ``cosines.npy`` into (default: a temporary folder; :meth:`ConflictProfile.save`).
             Under torchrun only rank 0 writes; the other processes' profiles hold the scores at ``S`` only.
+        precision: ``"32"``, ``"bf16"`` or ``"fp16"`` (autocast on the model's device; fp16 with one loss scale
+            for the K task passes; a step whose gradients overflow is skipped and records no cosines).
+        batched: the K task gradients in one vectorised backward (``True``), K passes (``False``) or batched on
+            CUDA only (``"auto"``); see README, "Mixed precision, batched task gradients, sharded data".
 
     On Ctrl-C or a non-finite loss, what was recorded is kept: the exception is re-raised with the partial
     profile attached as ``exc.profile``.
@@ -440,8 +447,10 @@ def profile(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer if optimizer is not None else torch.optim.Adam(params, lr=1e-3)
     engine = StepEngine(
-        model, loss_fns, task_names, method=_warmup_method(method, task_names), optimizer=opt, device=dev
-    )
+        model, loss_fns, task_names, method=_warmup_method(method, task_names), optimizer=opt, device=dev,
+        precision=Precision.of(precision, dev), batched=batched,
+    )  # fmt: skip
+    data = _distributed.shard_data(data, "data")
     try:
         usage, discovery = layer_usage_fx(model, task_names, leaf_modules), "fx"
     except (ReconError, ImportError):  # TraceError is a ReconError: fall back to autograd on the first step
@@ -459,9 +468,11 @@ def profile(
         profiler.setup(engine, usage)
     engine.observers.append(profiler)
     meta = {"method": _method_spec(method), "seed": seed, "leaf_modules": list(leaf_modules), "discovery": discovery}
+    meta["precision"] = engine.precision.mode
 
     def result(partial: bool) -> ConflictProfile:
-        prof = profiler.result(engine, partial=partial, meta=dict(meta), tmp=tmp)
+        skipped = {"skipped_steps": engine.precision.skipped} if engine.precision.scaling else {}
+        prof = profiler.result(engine, partial=partial, meta={**meta, **skipped}, tmp=tmp)
         if out is not None and main:
             prof.save(folder)
         return prof

@@ -29,6 +29,7 @@ from recon._errors import ReconError
 from recon._gram import LayerCosines
 from recon._loop import Observer, ProgressObserver, StepEngine
 from recon._outputs import call_model, move_to, task_outputs
+from recon._precision import Precision
 from recon._profile import layer_usage_autograd, shared_layer_params
 from recon._progress import progress_bar
 from recon._recipe import batch_count, batches, check_batch, compute_losses, validate_tasks
@@ -126,7 +127,10 @@ class _Epochs(Observer):
         self.history.append(record)
         if run.folder is not None:
             _io.write_text(run.folder / METRICS, pd.DataFrame(self.history).to_csv(index=False, float_format="%.6g"))
-            _save_checkpoint(run.folder, epoch + 1, engine.model, engine.optimizer, run.method, self.history, run.meta)
+            _save_checkpoint(
+                run.folder, epoch + 1, engine.model, engine.optimizer, run.method, self.history, run.meta,
+                engine.precision,
+            )  # fmt: skip
         if run.on_epoch is not None:
             run.on_epoch(epoch + 1, record)
         engine.model.train()
@@ -164,11 +168,17 @@ def evaluate(
 
     A plain metric ``fn(output, target) -> float`` is averaged over batches weighted by batch size; a metric
     object with ``reset()``, ``update(output, target)`` and ``compute()`` (e.g. ``recon.dense``'s whole-set
-    mIoU) accumulates over the set instead.
+    mIoU) accumulates over the set instead. On data sharded across torchrun processes the sums and counts are
+    all-reduced and stateful metrics see every process's batches (:class:`recon._distributed.GatheredMetric`).
     """
     was_training = net.training
     net.eval()
+    iterable = batches(data)
+    sharded = _distributed.is_sharded(data)
     named = {t: dict((metrics or {}).get(t, {})) for t in tasks}
+    if sharded:
+        named = {t: {k: (_distributed.gathered(fn) if _stateful(fn) else fn, d) for k, (fn, d) in m.items()}
+                 for t, m in named.items()}  # fmt: skip
     for t in tasks:
         for fn, _ in named[t].values():
             if hasattr(fn, "update") and hasattr(fn, "compute"):
@@ -176,7 +186,7 @@ def evaluate(
     sums: dict[str, dict[str, float]] = {t: {} for t in tasks}
     count = 0
     try:
-        for batch in batches(data):
+        for batch in iterable:
             inputs, targets = check_batch(batch, list(tasks), "val_data")
             outputs = task_outputs(call_model(net, move_to(inputs, device)), tasks)
             targets = move_to(targets, device)
@@ -190,6 +200,11 @@ def evaluate(
                         sums[t][name] = sums[t].get(name, 0.0) + float(fn(outputs[t], targets[t])) * n
     finally:
         net.train(was_training)
+    if sharded:
+        keys = [(t, k) for t in tasks for k, (fn, _) in named[t].items() if not _stateful(fn)]
+        *totals, count = _distributed.sum_([*(sums[t].get(k, 0.0) for t, k in keys), count])
+        for (t, k), v in zip(keys, totals, strict=True):
+            sums[t][k] = v
     out: dict[str, dict[str, float]] = {}
     for t in tasks:
         out[t] = {}
@@ -197,6 +212,10 @@ def evaluate(
             stateful = hasattr(fn, "update") and hasattr(fn, "compute")
             out[t][name] = float(fn.compute()) if stateful else sums[t].get(name, float("nan")) / max(count, 1)
     return out
+
+
+def _stateful(fn: Any) -> bool:
+    return hasattr(fn, "update") and hasattr(fn, "compute")
 
 
 def _batch_size(target: Any) -> int:
@@ -279,6 +298,8 @@ def train(
     meta: Mapping[str, Any] | None = None,
     record_cosines: bool = False,
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+    precision: str | int | Precision = "32",
+    batched: bool | str = "auto",
 ) -> TrainResult:
     """Train ``net`` from its current parameters with a gradient method (Recon, stage 3).
 
@@ -298,6 +319,11 @@ def train(
         record_cosines: measure the shared layers' layer-wise cosines every step (free for gradient methods,
             which compute the per-task gradients anyway; one more backward per task for the others): the history
             gets ``conflict_share`` (share of cosines < 0) and the result ``cosines``.
+        precision: ``"32"``, ``"bf16"`` or ``"fp16"``: autocast on the model's device; fp16 scales the losses
+            (one scale for the K task passes), skips and counts steps whose gradients overflow; the scale goes
+            into the checkpoint. batched: how the K task gradients are computed (see :func:`recon.profile`).
+        Under torchrun each process loads only its shard of ``data`` and ``val_data`` where it can (README,
+        "Mixed precision, batched task gradients, sharded data"); metrics are reduced across processes.
     """
     from recon.methods import resolve
 
@@ -310,6 +336,8 @@ def train(
     if device is not None:
         net.to(_distributed.local_device(torch.device(device)))
     dev = next(net.parameters()).device
+    amp = Precision.of(precision, dev)
+    data, val_data = _distributed.shard_data(data, "train_data"), _distributed.shard_data(val_data, "val_data")
     _distributed.broadcast_parameters(net)
     writes = _distributed.is_main()  # only rank 0 writes files and prints; every rank reads a resumed checkpoint
     agg = resolve(method)
@@ -327,7 +355,7 @@ def train(
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if resume:
-        start_epoch, history = _load_checkpoint(folder, net, optimizer, agg)
+        start_epoch, history = _load_checkpoint(folder, net, optimizer, agg, amp)
     elif folder is not None and writes:
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -337,8 +365,10 @@ def train(
     engine = StepEngine(
         net, loss_fns, task_names, method=agg, optimizer=optimizer, device=dev, output_tasks=list(loss_fns),
         where="train_data", observers=[o for o in (meter, _Epochs(run, history)) if o is not None],
-        step=start_epoch * (steps_per_epoch or 0),
+        step=start_epoch * (steps_per_epoch or 0), precision=amp, batched=batched,
     )  # fmt: skip
+    if isinstance(data, _distributed.ShardedData):
+        data.epoch = start_epoch
     total = None if steps_per_epoch is None else steps_per_epoch * (epochs - start_epoch)
     net.train()
     with progress_bar(total, f"training {_method_name(method)}", enabled=progress and writes) as bar:
@@ -387,7 +417,7 @@ def _final_metrics(frame: pd.DataFrame, tasks: Sequence[str], directions) -> dic
     return {t: {m: float(last[f"val_{t}_{m}"]) for m in directions[t] if f"val_{t}_{m}" in last} for t in tasks}
 
 
-def _save_checkpoint(folder, epoch, net, optimizer, agg, history, meta) -> None:
+def _save_checkpoint(folder, epoch, net, optimizer, agg, history, meta, precision=None) -> None:
     _io.save_torch(
         folder / CHECKPOINT,
         {
@@ -398,11 +428,12 @@ def _save_checkpoint(folder, epoch, net, optimizer, agg, history, meta) -> None:
             "history": json.dumps(history),
             "rng": _rng_state(),
             "meta": json.dumps(dict(meta or {}), default=str),
+            "precision": precision.state_dict() if isinstance(precision, Precision) else None,
         },
     )
 
 
-def _load_checkpoint(folder, net, optimizer, agg) -> tuple[int, list[dict[str, Any]]]:
+def _load_checkpoint(folder, net, optimizer, agg, precision=None) -> tuple[int, list[dict[str, Any]]]:
     path = Path(folder) / CHECKPOINT
     if not path.exists():
         raise ReconError(f"{path} does not exist; nothing to resume, train without --resume")
@@ -412,6 +443,8 @@ def _load_checkpoint(folder, net, optimizer, agg) -> tuple[int, list[dict[str, A
     if ckpt.get("method") is not None:
         agg.load_state_dict(ckpt["method"])
     _set_rng_state(ckpt["rng"])
+    if ckpt.get("precision") is not None and precision is not None:
+        precision.load_state_dict(ckpt["precision"])
     return int(ckpt["epoch"]), json.loads(ckpt["history"])
 
 
