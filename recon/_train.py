@@ -32,6 +32,7 @@ from recon._outputs import call_model, move_to, task_outputs
 from recon._profile import layer_usage_autograd, shared_layer_params
 from recon._progress import progress_bar
 from recon._recipe import batch_count, batches, check_batch, compute_losses, validate_tasks
+from recon.methods import resolve, spec_of
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
@@ -112,8 +113,7 @@ class _Epochs(Observer):
         if n_steps == 0:
             raise ReconError("train_data yielded no batch; give at least one (inputs, targets) batch")
         mean_losses = {t: s / n_steps for t, s in self.sums.items()}
-        if hasattr(run.method, "end_epoch"):
-            run.method.end_epoch(mean_losses)
+        run.method.end_epoch(mean_losses)
         record: dict[str, Any] = {"epoch": epoch + 1}
         record.update({f"train_loss_{t}": v for t, v in mean_losses.items()})
         if run.meter is not None:
@@ -299,8 +299,6 @@ def train(
             which compute the per-task gradients anyway; one more backward per task for the others): the history
             gets ``conflict_share`` (share of cosines < 0) and the result ``cosines``.
     """
-    from recon.methods import resolve
-
     if callable(losses) and not isinstance(losses, Mapping):
         losses = losses()
     loss_fns = dict(losses)
@@ -312,14 +310,7 @@ def train(
     dev = next(net.parameters()).device
     _distributed.broadcast_parameters(net)
     writes = _distributed.is_main()  # only rank 0 writes files and prints; every rank reads a resumed checkpoint
-    agg = resolve(method)
-    agg.bind(task_names)  # methods with learnable weights create them here, before the optimizer sees them
-    agg.to(dev)
-    extra = list(agg.parameters())
-    if optimizer is None:
-        optimizer = torch.optim.Adam([*net.parameters(), *extra], lr=1e-3)
-    elif extra:
-        optimizer.add_param_group({"params": extra})
+    agg, optimizer = _method_and_optimizer(method, task_names, net, optimizer, dev)
     if sparse is not None:  # masks come from the fresh weights, so a resumed run re-derives the same ones
         sparse = _attach_sparse(sparse, net, data, task_names, loss_fns, dev, optimizer)
 
@@ -341,12 +332,26 @@ def train(
     )  # fmt: skip
     total = None if steps_per_epoch is None else steps_per_epoch * (epochs - start_epoch)
     net.train()
-    with progress_bar(total, f"training {_method_name(method)}", enabled=progress and writes) as bar:
+    with progress_bar(total, f"training {spec_of(method)}", enabled=progress and writes) as bar:
         engine.observers.append(ProgressObserver(bar))
         engine.run(data, epochs=epochs, start_epoch=start_epoch)
     if sparse is not None:
         sparse.remove()  # the returned network carries no hooks
     return _finish(run, history, net, method, epochs, seed)
+
+
+def _method_and_optimizer(method: Any, tasks: list[str], net: nn.Module, optimizer, device):
+    """The resolved method, bound to the tasks (methods with learnable weights create them here, before the
+    optimizer sees them), and the optimizer that also trains those weights."""
+    agg = resolve(method)
+    agg.bind(tasks)
+    agg.to(device)
+    extra = list(agg.parameters())
+    if optimizer is None:
+        optimizer = torch.optim.Adam([*net.parameters(), *extra], lr=1e-3)
+    elif extra:
+        optimizer.add_param_group({"params": extra})
+    return agg, optimizer
 
 
 def _finish(run: _TrainRun, history: list[dict[str, Any]], net: nn.Module, method, epochs: int, seed: int):
@@ -356,7 +361,7 @@ def _finish(run: _TrainRun, history: list[dict[str, Any]], net: nn.Module, metho
     directions = {t: {n: d for n, (_, d) in (run.metrics or {}).get(t, {}).items()} for t in tasks}
     final = _final_metrics(frame, tasks, directions)
     summary = {
-        "method": _method_name(method),
+        "method": spec_of(method),
         "epochs": epochs,
         "seed": seed,
         "tasks": tasks,
@@ -374,12 +379,6 @@ def _finish(run: _TrainRun, history: list[dict[str, Any]], net: nn.Module, metho
     if run.folder is not None:
         _io.write_json(run.folder / SUMMARY, summary)
     return TrainResult(frame, final, summary, cosines)
-
-
-def _method_name(method: Any) -> str:
-    if isinstance(method, str):
-        return method
-    return getattr(method, "name", type(method).__name__)
 
 
 def _final_metrics(frame: pd.DataFrame, tasks: Sequence[str], directions) -> dict[str, dict[str, float]]:
