@@ -324,12 +324,14 @@ class ShardedData:
         return data
 
 
-def shard_data(data: Any, what: str = "train_data") -> Any:
-    """``data`` as a :class:`ShardedData` under torchrun (each process loads only its shard where it can); the
-    data itself outside torchrun or when ``None``."""
+def shard_data(data: Any, what: str = "val_data", epoch: int = 0) -> Any:
+    """``data`` as a :class:`ShardedData` under torchrun (each process loads only its shard where it can),
+    starting at ``epoch`` (a resumed run's, for ``set_epoch``); the data itself outside torchrun or when None."""
     if data is None or not active() or isinstance(data, ShardedData):
         return data
-    return ShardedData(data, what)
+    sharded = ShardedData(data, what)
+    sharded.epoch = epoch
+    return sharded
 
 
 def is_sharded(data: Any) -> bool:

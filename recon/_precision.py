@@ -135,6 +135,12 @@ class Precision:
         """The optimizer step of a step whose gradients were finite (the caller skips the others)."""
         optimizer.step()
 
+    def summary(self) -> dict[str, Any]:
+        """What summary.json records: the precision (unless 32) and fp16's skipped steps."""
+        if self.mode == "32":
+            return {}
+        return {"precision": self.mode, **({"skipped_steps": self.skipped} if self.scaling else {})}
+
     # --- checkpoint ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -39,6 +39,7 @@ from recon._loop import Observer, ProgressObserver, StepEngine
 from recon._precision import Precision
 from recon._progress import progress_bar
 from recon._recipe import batch_count, validate_tasks
+from recon.methods import resolve, spec_of
 
 PROFILE_FILE = "profile.json"
 COSINES_FILE = "cosines.npy"
@@ -296,8 +297,6 @@ def shared_layer_params(
 
 def _warmup_method(method: Any, tasks: list[str]) -> Any:
     """The warm-up update: a gradient method of ``recon.methods`` (default: the joint mean)."""
-    from recon.methods import resolve
-
     m = resolve(method)
     if m.kind not in ("gradient",):
         raise ReconError(
@@ -314,8 +313,20 @@ class _Profiler(Observer):
 
     wants_gradients = True
 
-    def __init__(self, model: nn.Module, tasks: list[str], *, S: float, folder: Path | None, chunk: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tasks: list[str],
+        *,
+        S: float,
+        folder: Path | None,
+        chunk: int,
+        meta: dict[str, Any],
+        tmp: tempfile.TemporaryDirectory | None = None,
+        save: bool = False,
+    ) -> None:
         self.model, self.tasks, self.S, self.folder, self.chunk = model, tasks, S, folder, chunk
+        self.meta, self.tmp, self.save = meta, tmp, save and folder is not None
         self.usage: Mapping[str, frozenset] | None = None
         self.layers: list[str] = []
         self.cosines: LayerCosines | None = None
@@ -350,8 +361,25 @@ class _Profiler(Observer):
         if self.recorder is not None:
             self.recorder.close()
 
-    def result(self, engine: StepEngine, *, partial: bool, meta: dict[str, Any], tmp: Any) -> ConflictProfile:
-        """Close the record (an empty but valid one if no step completed) and make the profile."""
+    def run(self, engine: StepEngine, data: Any, *, epochs: int | None, max_steps: int | None) -> ConflictProfile:
+        """Run the engine and make the profile. On Ctrl-C or a non-finite loss the partial profile is attached to
+        the exception as ``exc.profile``."""
+        try:
+            done = engine.run(data, epochs=epochs, max_steps=max_steps)
+        except (KeyboardInterrupt, NonFiniteLossError) as e:
+            e.profile = self.result(engine, partial=True)  # type: ignore[attr-defined]
+            raise
+        except BaseException:
+            self.close()
+            raise
+        if done == 0:
+            self.close()
+            raise ReconError("the data yielded no batch; give at least one (inputs, targets) batch")
+        return self.result(engine, partial=False)
+
+    def result(self, engine: StepEngine, *, partial: bool) -> ConflictProfile:
+        """Close the record (an empty but valid one if no step completed), make the profile, save it when
+        asked."""
         if self.recorder is None:
             path = self.folder / COSINES_FILE if self.folder is not None else None
             self.recorder = CosineRecorder(path, 0, self.n_pairs, device=engine.device, S=self.S)
@@ -369,11 +397,17 @@ class _Profiler(Observer):
             }
             for ln in self.layers
         }
-        return ConflictProfile(
+        meta = dict(self.meta)
+        if getattr(engine.precision, "scaling", False):
+            meta["skipped_steps"] = engine.precision.skipped  # fp16 steps skipped for overflowing gradients
+        prof = ConflictProfile(
             tasks=self.tasks, layers=self.layers, folder=self.folder, S=self.S, layer_info=info, partial=partial,
-            discovery=meta.pop("discovery"), meta=meta, _tmp=tmp, _running=self.recorder.counts,
+            discovery=meta.pop("discovery"), meta=meta, _tmp=self.tmp, _running=self.recorder.counts,
             _loss_frame=losses.reset_index(),
         )  # fmt: skip
+        if self.save:
+            prof.save(self.folder)
+        return prof
 
 
 def _check_profile_args(loss_fns: dict, tasks: Sequence[str] | None, S: float, steps: int | None, epochs: int):
@@ -456,47 +490,25 @@ def profile(
     except (ReconError, ImportError):  # TraceError is a ReconError: fall back to autograd on the first step
         usage, discovery = None, "autograd"
 
-    tmp, folder = None, None
-    if main and out is None:
-        tmp = tempfile.TemporaryDirectory(prefix="recon-profile-")
-        folder = Path(tmp.name)
-    elif main:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-    profiler = _Profiler(model, task_names, S=S, folder=folder, chunk=chunk)
+    tmp, folder = _home(out) if main else (None, None)
+    meta = {"method": spec_of(method), "seed": seed, "leaf_modules": list(leaf_modules), "discovery": discovery}
+    meta["precision"] = engine.precision.mode
+    profiler = _Profiler(model, task_names, S=S, folder=folder, chunk=chunk, meta=meta, tmp=tmp, save=out is not None)
     if usage is not None:
         profiler.setup(engine, usage)
     engine.observers.append(profiler)
-    meta = {"method": _method_spec(method), "seed": seed, "leaf_modules": list(leaf_modules), "discovery": discovery}
-    meta["precision"] = engine.precision.mode
-
-    def result(partial: bool) -> ConflictProfile:
-        skipped = {"skipped_steps": engine.precision.skipped} if engine.precision.scaling else {}
-        prof = profiler.result(engine, partial=partial, meta={**meta, **skipped}, tmp=tmp)
-        if out is not None and main:
-            prof.save(folder)
-        return prof
-
     n = batch_count(data)
     total = steps if steps is not None else (None if n is None else n * epochs)
-    try:
-        with progress_bar(total, "profiling", enabled=progress and main) as bar:
-            engine.observers.append(ProgressObserver(bar))
-            done = engine.run(data, epochs=epochs if steps is None else None, max_steps=steps)
-    except (KeyboardInterrupt, NonFiniteLossError) as e:
-        e.profile = result(partial=True)  # type: ignore[attr-defined]
-        raise
-    except BaseException:
-        profiler.close()
-        raise
-    if done == 0:
-        profiler.close()
-        raise ReconError("the data yielded no batch; give at least one (inputs, targets) batch")
-    return result(partial=False)
+    with progress_bar(total, "profiling", enabled=progress and main) as bar:
+        engine.observers.append(ProgressObserver(bar))
+        return profiler.run(engine, data, epochs=epochs if steps is None else None, max_steps=steps)
 
 
-def _method_spec(method: Any) -> str:
-    """How a profile records its warm-up method: the spec the user gave (``"joint"``, ``"cagrad:c=0.4"``)."""
-    if isinstance(method, str):
-        return method
-    return getattr(method, "spec", None) or type(method).__name__
+def _home(out: str | os.PathLike | None) -> tuple[tempfile.TemporaryDirectory | None, Path]:
+    """Where rank 0 streams the cosines: ``out``, or a temporary folder the profile owns until saved."""
+    if out is None:
+        tmp = tempfile.TemporaryDirectory(prefix="recon-profile-")
+        return tmp, Path(tmp.name)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    return None, folder

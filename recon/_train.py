@@ -33,6 +33,7 @@ from recon._precision import Precision
 from recon._profile import layer_usage_autograd, shared_layer_params
 from recon._progress import progress_bar
 from recon._recipe import batch_count, batches, check_batch, compute_losses, validate_tasks
+from recon.methods import resolve, spec_of
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
@@ -113,8 +114,7 @@ class _Epochs(Observer):
         if n_steps == 0:
             raise ReconError("train_data yielded no batch; give at least one (inputs, targets) batch")
         mean_losses = {t: s / n_steps for t, s in self.sums.items()}
-        if hasattr(run.method, "end_epoch"):
-            run.method.end_epoch(mean_losses)
+        run.method.end_epoch(mean_losses)
         record: dict[str, Any] = {"epoch": epoch + 1}
         record.update({f"train_loss_{t}": v for t, v in mean_losses.items()})
         if run.meter is not None:
@@ -266,7 +266,11 @@ class _TrainRun:
     on_epoch: Callable[[int, dict[str, Any]], None] | None
 
 
-def _check_train_args(loss_fns: dict, tasks: Sequence[str] | None, epochs: int, resume: bool, out: Any) -> list[str]:
+def _check_train_args(losses: Any, tasks: Sequence[str] | None, epochs: int, resume: bool, out: Any):
+    """The loss functions and the trained tasks, checked."""
+    if callable(losses) and not isinstance(losses, Mapping):
+        losses = losses()
+    loss_fns = dict(losses)
     task_names = validate_tasks(tasks if tasks is not None else list(loss_fns), "train")
     unknown = [t for t in task_names if t not in loss_fns]
     if unknown:
@@ -275,7 +279,7 @@ def _check_train_args(loss_fns: dict, tasks: Sequence[str] | None, epochs: int, 
         raise ReconError(f"epochs = {epochs} must be at least 1")
     if resume and out is None:
         raise ReconError("resume=True needs `out`, the folder holding checkpoint.pt")
-    return task_names
+    return loss_fns, task_names
 
 
 def train(
@@ -319,45 +323,25 @@ def train(
         record_cosines: measure the shared layers' layer-wise cosines every step (free for gradient methods,
             which compute the per-task gradients anyway; one more backward per task for the others): the history
             gets ``conflict_share`` (share of cosines < 0) and the result ``cosines``.
-        precision: ``"32"``, ``"bf16"`` or ``"fp16"``: autocast on the model's device; fp16 scales the losses
-            (one scale for the K task passes), skips and counts steps whose gradients overflow; the scale goes
-            into the checkpoint. batched: how the K task gradients are computed (see :func:`recon.profile`).
-        Under torchrun each process loads only its shard of ``data`` and ``val_data`` where it can (README,
-        "Mixed precision, batched task gradients, sharded data"); metrics are reduced across processes.
+        precision, batched: as in :func:`recon.profile`; fp16's loss scale is in the checkpoint. Under torchrun
+            each process loads only its shard of the data where it can, metrics are reduced (README).
     """
-    from recon.methods import resolve
-
-    if callable(losses) and not isinstance(losses, Mapping):
-        losses = losses()
-    loss_fns = dict(losses)
-    task_names = _check_train_args(loss_fns, tasks, epochs, resume, out)
+    loss_fns, task_names = _check_train_args(losses, tasks, epochs, resume, out)
 
     seed_everything(seed)
     if device is not None:
         net.to(_distributed.local_device(torch.device(device)))
     dev = next(net.parameters()).device
     amp = Precision.of(precision, dev)
-    data, val_data = _distributed.shard_data(data, "train_data"), _distributed.shard_data(val_data, "val_data")
     _distributed.broadcast_parameters(net)
     writes = _distributed.is_main()  # only rank 0 writes files and prints; every rank reads a resumed checkpoint
-    agg = resolve(method)
-    agg.bind(task_names)  # methods with learnable weights create them here, before the optimizer sees them
-    agg.to(dev)
-    extra = list(agg.parameters())
-    if optimizer is None:
-        optimizer = torch.optim.Adam([*net.parameters(), *extra], lr=1e-3)
-    elif extra:
-        optimizer.add_param_group({"params": extra})
+    agg, optimizer = _method_and_optimizer(method, task_names, net, optimizer, dev)
     if sparse is not None:  # masks come from the fresh weights, so a resumed run re-derives the same ones
         sparse = _attach_sparse(sparse, net, data, task_names, loss_fns, dev, optimizer)
 
     folder = Path(out) if out is not None else None
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    if resume:
-        start_epoch, history = _load_checkpoint(folder, net, optimizer, agg, amp)
-    elif folder is not None and writes:
-        folder.mkdir(parents=True, exist_ok=True)
+    start_epoch, history = _start(folder, resume, writes, net, optimizer, agg, amp)
+    data, val_data = _distributed.shard_data(data, "train_data", start_epoch), _distributed.shard_data(val_data)
 
     meter = ConflictMeter(task_names) if record_cosines and len(task_names) > 1 else None
     run = _TrainRun(task_names, agg, meter, val_data, metrics, folder if writes else None, meta, on_epoch)
@@ -367,16 +351,38 @@ def train(
         where="train_data", observers=[o for o in (meter, _Epochs(run, history)) if o is not None],
         step=start_epoch * (steps_per_epoch or 0), precision=amp, batched=batched,
     )  # fmt: skip
-    if isinstance(data, _distributed.ShardedData):
-        data.epoch = start_epoch
     total = None if steps_per_epoch is None else steps_per_epoch * (epochs - start_epoch)
     net.train()
-    with progress_bar(total, f"training {_method_name(method)}", enabled=progress and writes) as bar:
+    with progress_bar(total, f"training {spec_of(method)}", enabled=progress and writes) as bar:
         engine.observers.append(ProgressObserver(bar))
         engine.run(data, epochs=epochs, start_epoch=start_epoch)
     if sparse is not None:
         sparse.remove()  # the returned network carries no hooks
+    run.meta = {**dict(meta or {}), **amp.summary()}
     return _finish(run, history, net, method, epochs, seed)
+
+
+def _start(folder, resume, writes, net, optimizer, agg, precision) -> tuple[int, list[dict[str, Any]]]:
+    """The epoch to start from and the history so far: a resumed checkpoint's, or 0 and a fresh folder."""
+    if resume:
+        return _load_checkpoint(folder, net, optimizer, agg, precision)
+    if folder is not None and writes:
+        folder.mkdir(parents=True, exist_ok=True)
+    return 0, []
+
+
+def _method_and_optimizer(method: Any, tasks: list[str], net: nn.Module, optimizer, device):
+    """The resolved method, bound to the tasks (methods with learnable weights create them here, before the
+    optimizer sees them), and the optimizer that also trains those weights."""
+    agg = resolve(method)
+    agg.bind(tasks)
+    agg.to(device)
+    extra = list(agg.parameters())
+    if optimizer is None:
+        optimizer = torch.optim.Adam([*net.parameters(), *extra], lr=1e-3)
+    elif extra:
+        optimizer.add_param_group({"params": extra})
+    return agg, optimizer
 
 
 def _finish(run: _TrainRun, history: list[dict[str, Any]], net: nn.Module, method, epochs: int, seed: int):
@@ -386,7 +392,7 @@ def _finish(run: _TrainRun, history: list[dict[str, Any]], net: nn.Module, metho
     directions = {t: {n: d for n, (_, d) in (run.metrics or {}).get(t, {}).items()} for t in tasks}
     final = _final_metrics(frame, tasks, directions)
     summary = {
-        "method": _method_name(method),
+        "method": spec_of(method),
         "epochs": epochs,
         "seed": seed,
         "tasks": tasks,
@@ -404,12 +410,6 @@ def _finish(run: _TrainRun, history: list[dict[str, Any]], net: nn.Module, metho
     if run.folder is not None:
         _io.write_json(run.folder / SUMMARY, summary)
     return TrainResult(frame, final, summary, cosines)
-
-
-def _method_name(method: Any) -> str:
-    if isinstance(method, str):
-        return method
-    return getattr(method, "name", type(method).__name__)
 
 
 def _final_metrics(frame: pd.DataFrame, tasks: Sequence[str], directions) -> dict[str, dict[str, float]]:
