@@ -67,6 +67,7 @@ def train_command(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing variant."),
+    precision: str = typer.Option("32", "--precision", help="32, bf16 or fp16 (autocast; fp16 scales the losses)."),
 ) -> None:
     """Stage 3: train from scratch (fresh build_model(), split plan applied) with a gradient method."""
     recipe = load_recipe(model_py)
@@ -97,8 +98,9 @@ def train_command(
             folder = run.stage("train", name, force=force)
         agg = recon.methods.get(method, **hparams)  # a fresh method (and its state) per variant
         _train_variant(
-            recipe, run, folder, name, agg, plan, list(tasks), epochs, seed, dev, resume, sparse, record_cosines
-        )
+            recipe, run, folder, name, agg, plan, list(tasks), epochs, seed, dev, resume, sparse, record_cosines,
+            precision,
+        )  # fmt: skip
     if main:
         _print_results(run, recipe)
 
@@ -110,8 +112,9 @@ def _label(method: str, plan, sparse: float | None, single: tuple[str, ...] | No
 
 
 def _train_variant(
-    recipe: Recipe, run: Run, folder: Path, name, agg, plan, tasks, epochs, seed, dev, resume, sparse, record_cosines
-):
+    recipe: Recipe, run: Run, folder: Path, name, agg, plan, tasks, epochs, seed, dev, resume, sparse, record_cosines,
+    precision="32",
+):  # fmt: skip
     seed_everything(seed)
     model = recipe.build_model()
     net = recon.load_split(model, plan) if plan is not None else model
@@ -128,7 +131,7 @@ def _train_variant(
         net, recipe.train_data, recipe.losses, method=agg, epochs=epochs,
         optimizer=recipe.make_optimizer(net.parameters()), val_data=recipe.val_data, metrics=recipe.metrics,
         seed=seed, device=dev, tasks=tasks, out=folder, resume=resume, progress=True, sparse=sparse, meta=meta,
-        record_cosines=record_cosines,
+        record_cosines=record_cosines, precision=precision,
     )  # fmt: skip
     if not _distributed.is_main():
         return
