@@ -483,12 +483,12 @@ def _combined_backward(
     step: int, retain_graph: bool, precision: Any,
 ) -> BackwardResult:  # fmt: skip
     """Methods that run one backward of a combined loss (loss-weighting, representation with ``features``) or
-    their own (RotoGrad); with a loss scale, the combined loss is scaled and every ``.grad`` unscaled after."""
+    their own (RotoGrad); with a loss scale, the combined loss is scaled and every ``.grad`` unscaled after
+    (RotoGrad's losses go unscaled, its gradients are only checked)."""
     scale = precision.scale_loss if precision is not None else (lambda t: t)
     custom = getattr(m, "custom_backward", None)
-    if custom is not None:
-        scaled = dict(zip(tasks, precision.scale(values), strict=True)) if precision is not None else None
-        weights = custom(scaled or dict(zip(tasks, values, strict=True)), net, features=features, step=step,
+    if custom is not None:  # RotoGrad: its rotation update is not linear in the losses, so they go unscaled
+        weights = custom(dict(zip(tasks, values, strict=True)), net, features=features, step=step,
                          retain_graph=retain_graph)  # fmt: skip
     elif m.kind == "loss":
         total, weights = m.combine(torch.stack(values))
@@ -505,7 +505,8 @@ def _combined_backward(
         _average_grads(net, m)
     finite = True
     if precision is not None:
-        finite = precision.unscale_tensors([p.grad for p in [*_params_of(net), *m.parameters()]])
+        grads = [p.grad for p in [*_params_of(net), *m.parameters()]]
+        finite = precision.unscale_tensors(grads, unscale=custom is None)
     return BackwardResult(weights if weights is None else weights.detach(), (), loss_values, finite=finite)
 
 

@@ -10,12 +10,13 @@ defaults: initial scale 2^16, backoff 0.5, growth x2 after 2000 clean steps), wi
 task passes: every task loss is multiplied by the same ``s`` before its backward pass, so ``J`` is ``s`` times
 the true task gradients, and is divided by ``s`` (unscaled) before any cosine is taken or any method sees it.
 Loss-weighting and representation methods, which run a single backward of their combined loss, scale that
-combined loss instead (the method's own parameters then get the right gradient). A step whose unscaled
-gradients hold an inf or NaN is skipped (no optimizer step), counted in ``skipped``, and the scale halves; the
-scale doubles after ``growth_interval`` clean steps in a row. Under torchrun the gradients are averaged across
-processes before they are unscaled, so an overflow on one process is seen by all and every process skips alike.
-``state_dict()`` holds the scale, the clean-step count and the skip count: a resumed run ends where an
-uninterrupted one does.
+combined loss instead (the method's own parameters then get the right gradient). RotoGrad, whose rotation
+update is not linear in the losses, gets them unscaled (its gradients are only checked for overflow).
+A step whose unscaled gradients hold an inf or NaN is skipped (no optimizer step), counted in ``skipped``,
+and the scale halves; the scale doubles after ``growth_interval`` clean steps in a row. Under torchrun the
+gradients are averaged across processes before they are unscaled, so an overflow on one process is seen by
+all and every process skips alike. ``state_dict()`` holds the scale, the clean-step count and the skip count:
+a resumed run ends where an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -98,9 +99,10 @@ class Precision:
         backed off) when any of them is inf or NaN. Call it on the gradients averaged across processes."""
         return self.unscale_tensors(grads.tensors(), update=update)
 
-    def unscale_tensors(self, tensors: Iterable[Tensor | None], *, update: bool = True) -> bool:
+    def unscale_tensors(self, tensors: Iterable[Tensor | None], *, update: bool = True, unscale: bool = True) -> bool:
         """:meth:`unscale` for any gradients (e.g. every ``.grad`` after a single combined backward);
-        ``update=False`` leaves the scale and the counts alone (a partial check within a step)."""
+        ``update=False`` leaves the scale and the counts alone (a partial check within a step);
+        ``unscale=False`` only checks (gradients of losses that were not scaled)."""
         if not self.scaling:
             return True
         inv = 1.0 / self.scale_value  # a power of two: exact
@@ -108,7 +110,8 @@ class Precision:
         for t in tensors:
             if t is None:
                 continue
-            t.mul_(inv)
+            if unscale:
+                t.mul_(inv)
             values = t._values() if t.is_sparse else t
             bad.append(values.sum(dtype=torch.float32).isfinite().logical_not())  # inf or NaN anywhere -> not finite
         finite = not bool(torch.stack(bad).any()) if bad else True  # the one host sync of the step
