@@ -203,6 +203,7 @@ def test_cli_summary_holds_the_method_spec_the_user_gave(cli, tmp_path):
         assert res.returncode == 0, res.stderr
         summary = json.loads((tmp_path / f"runs/r/train/{method}/summary.json").read_text())
         assert summary["method"] == method
+        assert json.loads((tmp_path / "runs/r/run.json").read_text())["commands"][-1]["method"] == method
 
 
 def test_one_hyperparameter_reader_for_both_forms_and_specs_round_trip():
