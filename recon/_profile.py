@@ -76,8 +76,8 @@ class ConflictProfile:
     meta: dict[str, Any] = field(default_factory=dict)
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
     #: the counts kept while the cosines streamed to disk (at ``S``): scores at ``S`` need no pass over the file
-    _running: ConflictCounts | None = field(default=None, repr=False)
-    _loss_frame: pd.DataFrame | None = field(default=None, repr=False)
+    _running: ConflictCounts | None = field(default=None, repr=False, compare=False)
+    _loss_frame: pd.DataFrame | None = field(default=None, repr=False, compare=False)
     _cache: dict[float, ConflictCounts] = field(default_factory=dict, repr=False, compare=False)
     _n_steps: int | None = field(default=None, repr=False, compare=False)
 
