@@ -46,7 +46,7 @@ LOSSES_FILE = "losses.csv"
 
 
 def check_threshold(S: float) -> float:
-    """CONTRACT.md: ``-1 < S <= 0``."""
+    """The S-conflict threshold must satisfy ``-1 < S <= 0`` (Definition 3 of the Recon paper; see README)."""
     S = float(S)
     if not (-1.0 < S <= 0.0):
         raise ReconError(f"S = {S} is out of range; the S-conflict threshold must satisfy -1 < S <= 0")
