@@ -39,15 +39,19 @@ from recon._errors import ReconError
 
 __all__ = ["ReconMixin"]
 
+
 class ReconMixin:
     """Mix into a ``LightningModule`` (listed before it) to train with a recon method in manual optimisation.
 
     In ``__init__`` call :meth:`configure_recon`; in ``training_step`` compute the per-task losses and return
     :meth:`recon_step`'s result. ``configure_optimizers`` returns one optimiser (and optionally schedulers,
-    stepped after each step or at each epoch's end as their ``interval`` says). Gradient clipping: pass ``clip=`` here, not the
-    Trainer's ``gradient_clip_val`` (Lightning refuses it in manual optimisation); ``accumulate_grad_batches``
-    is likewise unsupported. Precision ``32``, ``bf16-mixed`` and ``bf16-true`` work; ``16-mixed`` needs a
-    loss scaler that per-task gradients bypass, and is refused.
+    stepped after each step or at each epoch's end as their ``interval`` says). Gradient clipping: pass
+    ``clip=`` here, not the Trainer's ``gradient_clip_val`` (Lightning refuses it in manual optimisation);
+    ``accumulate_grad_batches`` is likewise unsupported. Precision ``32``, ``bf16-mixed`` and ``bf16-true``
+    work; fp16 ``16-mixed`` on CUDA needs a loss scaler that per-task gradients bypass, and is refused.
+
+    Under Lightning's DDP strategy, :func:`recon.backward` all-reduces the per-task gradients itself (DDP's
+    reducer is armed only by ``manual_backward``, which the mixin does not call): see README.
     """
 
     recon_method: Any
