@@ -46,19 +46,23 @@ Fmt = Mapping[str, str | Callable[[Any], str]]
 
 
 # --- method names of older runs -----------------------------------------------------------------------------
-# TODO(integrator): replace with recon.methods.canonical_name once it is on main.
-def _legacy_method_name(name: Any) -> str:
+# TODO(integrator): this is recon.methods.canonical_name (same mapping); use it once it is on main.
+def _legacy_method_name(name: str) -> str:
     """The name a user types for a method, also for older summary.json files that stored its class name.
 
-    ``"PCGrad"`` -> ``"pcgrad"``; ``"Mean"`` (what ``--method joint`` used to write) -> ``"joint"``; a spec the
-    user gave (``"cagrad:c=0.4"``) is kept as it is.
+    ``"PCGrad"`` -> ``"pcgrad"``; ``"Mean"`` (what ``--method joint`` used to write) -> ``"joint"``; anything
+    else (a spec the user gave, ``"cagrad:c=0.4"``) is kept as it is.
     """
     from recon.methods import REGISTRY
 
-    text = str(name)
+    if name == "Mean":
+        return "joint"
     by_class = {info.cls.__name__: key for key, info in REGISTRY.items()}
-    key = by_class.get(text, text)
-    return "joint" if key == "mean" else key
+    return by_class.get(name, name)
+
+
+#: Names of joint training (the multi-task baseline), listed first after the single-task baselines.
+_JOINT = ("joint", "mean")
 
 
 # --- what a run holds ---------------------------------------------------------------------------------------
@@ -76,7 +80,7 @@ class Variant:
     def method(self) -> str:
         """The method's name as the user gives it (older class names are mapped back)."""
         s = self.summary or {}
-        return _legacy_method_name(s["method"]) if s.get("method") is not None else self.label
+        return _legacy_method_name(str(s["method"])) if s.get("method") is not None else self.label
 
     @property
     def single_task(self) -> str | None:
@@ -155,7 +159,8 @@ def _variant_cosines(folder: Path) -> Any:
 def _variant_order(v: Variant) -> tuple:
     """Single-task baselines first, then joint, then the other methods by name; unsplit before split."""
     s = v.summary or {}
-    return (v.single_task is None, v.method != "joint", v.method, v.branched is not None, s.get("seed", 0), v.label)
+    method = v.method
+    return (v.single_task is None, method not in _JOINT, method, v.branched is not None, s.get("seed", 0), v.label)
 
 
 # --- tables -------------------------------------------------------------------------------------------------
