@@ -75,7 +75,7 @@ def train_command(
     _distributed.init_from_env(dev)  # under torchrun: join the group; rank 0 alone writes and prints
     dev = _distributed.local_device(dev)
     hparams = recon.methods.parse_hparams(hp)
-    recon.methods.get(method, **hparams)  # a bad name or hyperparameter fails before any work
+    spec = recon.methods.get(method, **hparams).spec  # a bad name or hyperparameter fails before any work
     if sparse is not None and not 0.0 < sparse <= 1.0:
         raise ReconError(f"--sparse {sparse}: the kept ratio must be in (0, 1]")
     check_recipe(recipe, device=dev)
@@ -88,6 +88,8 @@ def train_command(
     variants = [(t,) for t in recipe.tasks] if single_task else [tuple(recipe.tasks)]
     if main:
         run.record_command()
+        run.info["commands"][-1]["method"] = spec  # the user's spec, as summary.json holds it
+        run.save()
     for tasks in variants:
         name = label or _label(method, plan, sparse, tasks if single_task else None)
         folder = run.dir / "train" / name

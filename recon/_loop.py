@@ -151,6 +151,8 @@ class StepEngine:
         kind, custom = getattr(method, "kind", "gradient"), getattr(method, "custom_backward", None)
         self._through_j = kind == "gradient" and custom is None
         self._shared: tuple[nn.Parameter, ...] | None = None
+        #: False once the precision hook reports overflowing task gradients: the step's update is skipped
+        self.step_ok = True
 
     # --- the pieces of a step ------------------------------------------------------------------------------
     def forward_losses(self, batch: Any) -> dict[str, Tensor]:
@@ -176,55 +178,56 @@ class StepEngine:
         if self.shared_idx is None:
             self.shared_idx = grads.shared_idx
         _distributed.average_(grads.tensors())
-        self._finite = self.precision.unscale(grads, update=update)  # update: this pass decides the step
+        self.step_ok = self.precision.unscale(grads, update=update) and self.step_ok  # update: decides
         return grads
 
-    def check_losses(self, values: Mapping[str, Tensor]) -> list[float]:
-        """The K loss values of the global batch (averaged across processes); raises
-        :class:`recon.NonFiniteLossError` on a NaN or infinite one, on every process alike."""
+    def check_losses(self, values: Mapping[str, Tensor]) -> tuple[Tensor, list[float]]:
+        """The K loss values of the global batch (averaged across processes), as a tensor and as floats; raises
+        :class:`recon.NonFiniteLossError` on a NaN or infinite one, on every process alike (the step's one
+        host synchronisation)."""
         loss_vector = torch.stack([values[t].detach() for t in self.tasks])
         _distributed.average_([loss_vector])
         row = loss_vector.tolist()
         check_finite(self.tasks, row, self.step)
-        return row
+        return loss_vector, row
 
-    def update(self, values: Mapping[str, Tensor]) -> None:
-        """Fill ``.grad`` with the method's update (observers see the task gradients first) and step."""
+    def update(self, values: Mapping[str, Tensor], loss_vector: Tensor) -> None:
+        """Fill ``.grad`` with the method's update (observers see the task gradients first) and step, unless the
+        precision hook found overflowing gradients (``step_ok`` False)."""
         observing = [o for o in self.observers if o.wants_gradients]
-        self._finite = True
+        self.step_ok = True
         if self._through_j:
             grads = self.task_gradients(values)
-            if self._finite:  # an overflowing fp16 step is skipped whole: no cosines, no update
+            if self.step_ok:  # an overflowing fp16 step is skipped whole: no cosines, no update
                 for o in observing:
                     o.on_gradients(self, grads)
-                loss_values = torch.stack([values[t].detach() for t in self.tasks])
-                apply_task_gradients(grads, self.params, self.method, loss_values)
+                apply_task_gradients(grads, self.params, self.method, loss_vector)
             del grads
         else:
             if observing:  # the observers' own K passes; the method's backward below decides the step
                 grads = self.task_gradients(values, keep_graph=True, update=False)
-                for o in observing if self._finite else ():
+                for o in observing if self.step_ok else ():
                     o.on_gradients(self, grads)
                 del grads
-            if self._finite:
+            if self.step_ok:
                 scaling = getattr(self.precision, "scaling", False)
                 result = backward(
                     dict(values), self.model, self.method, shared=self._shared, step=self.step,
                     batched=self.batched, precision=self.precision if scaling else None,
                 )  # fmt: skip
                 self._shared = result.shared or None
-                self._finite = result.finite
+                self.step_ok = result.finite
             else:
                 self.precision.update(False)  # type: ignore[attr-defined]  # only a scaling precision overflows
-        if self._finite:
+        if self.step_ok:
             self.precision.step(self.optimizer)
 
     def run_step(self, batch: Any) -> list[float]:
         """One whole step on one global batch; returns the K loss values."""
         self.optimizer.zero_grad(set_to_none=True)
         values = self.forward_losses(batch)
-        row = self.check_losses(values)
-        self.update(values)
+        loss_vector, row = self.check_losses(values)
+        self.update(values, loss_vector)
         self.optimizer.zero_grad(set_to_none=True)  # .grad is not kept between steps: memory for J
         self.step += 1
         for o in self.observers:

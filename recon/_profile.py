@@ -47,7 +47,7 @@ LOSSES_FILE = "losses.csv"
 
 
 def check_threshold(S: float) -> float:
-    """CONTRACT.md: ``-1 < S <= 0``."""
+    """The S-conflict threshold must satisfy ``-1 < S <= 0`` (Definition 3 of the Recon paper; see README)."""
     S = float(S)
     if not (-1.0 < S <= 0.0):
         raise ReconError(f"S = {S} is out of range; the S-conflict threshold must satisfy -1 < S <= 0")
@@ -77,8 +77,8 @@ class ConflictProfile:
     meta: dict[str, Any] = field(default_factory=dict)
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
     #: the counts kept while the cosines streamed to disk (at ``S``): scores at ``S`` need no pass over the file
-    _running: ConflictCounts | None = field(default=None, repr=False)
-    _loss_frame: pd.DataFrame | None = field(default=None, repr=False)
+    _running: ConflictCounts | None = field(default=None, repr=False, compare=False)
+    _loss_frame: pd.DataFrame | None = field(default=None, repr=False, compare=False)
     _cache: dict[float, ConflictCounts] = field(default_factory=dict, repr=False, compare=False)
     _n_steps: int | None = field(default=None, repr=False, compare=False)
 
