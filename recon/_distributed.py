@@ -302,6 +302,7 @@ class ShardedData:
         self.epoch = 0  # passed to a sampler's set_epoch
         self.sharded = _takes_shard_keywords(data) if callable(data) else _shardable(data)
         self._noticed = False
+        self._rebuilt: tuple[Any, _ShardedLoader] | None = None  # a given loader is rebuilt once, not per epoch
 
     def __call__(self) -> Iterable:
         data = self.data
@@ -311,7 +312,9 @@ class ShardedData:
             data = data()
         if _shardable(data):
             self.sharded = True
-            return _ShardedLoader(data, self)
+            if self._rebuilt is None or self._rebuilt[0] is not data:
+                self._rebuilt = (data, _ShardedLoader(data, self))
+            return self._rebuilt[1]
         self.sharded = False
         if not self._noticed and is_main():
             warnings.warn(
