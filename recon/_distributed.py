@@ -151,12 +151,13 @@ def _comm_device() -> torch.device:
 
 
 _BUCKET_BYTES = 25 << 20  # DDP's default bucket (bucket_cap_mb=25)
+_IN_PLACE_BYTES = 1 << 20  # from this size a tensor is reduced where it lies: a copy would cost more than a call
 
 
 def average_(tensors: Sequence[torch.Tensor], weight: float = 1.0) -> None:
     """In place: ``t <- mean over processes of (weight * t)``.
 
-    A tensor of a bucket's size or more (J, the ``(K, P)`` task gradients) is all-reduced in place, with no
+    A contiguous tensor of 1 MiB or more (J, the ``(K, P)`` task gradients) is all-reduced in place, with no
     concatenated copy; smaller ones are packed into flat buckets of up to 25 MiB per dtype and device (one
     all-reduce per bucket, as DDP does), then copied back.
     """
@@ -165,7 +166,7 @@ def average_(tensors: Sequence[torch.Tensor], weight: float = 1.0) -> None:
     W = world_size()
     groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for t in tensors:
-        if t.is_contiguous() and t.numel() * t.element_size() >= _BUCKET_BYTES:
+        if t.is_contiguous() and t.numel() * t.element_size() >= _IN_PLACE_BYTES:
             _reduce_mean(t, weight, W)
         else:
             groups.setdefault((t.dtype, t.device), []).append(t)
