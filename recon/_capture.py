@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import operator
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -52,7 +52,17 @@ from recon._graph import (
     trace_modes,
 )
 
-__all__ = ["MODES", "Captured", "by_mode", "capture", "check_outputs", "example_args", "parameter_reach"]
+__all__ = [
+    "MODES",
+    "Captured",
+    "by_mode",
+    "capture",
+    "check_outputs",
+    "example_args",
+    "layer_usage",
+    "parameter_reach",
+    "recaptured",
+]
 
 MODES = ("auto", "fx", "export")
 _MAX_AUTO_LEAVES = 32
@@ -87,6 +97,29 @@ class Captured:
             if own:
                 usage[name] = frozenset().union(*(reach.get(id(p), frozenset()) for p in own))
         return usage
+
+
+def layer_usage(
+    model: nn.Module,
+    tasks: Sequence[str] | None,
+    *,
+    example_inputs: Any = None,
+    leaf_modules: Iterable[LeafSpec] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> dict[str, frozenset[str]]:
+    """``{layer: tasks whose output it reaches}`` for every layer of ``model`` (``named_modules()`` order), from
+    the graph :func:`capture` makes (autograd on the example batch for layers inside leaves)."""
+    from recon._graph import layer_names
+
+    captured = capture(model, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    return captured.layer_tasks(None if tasks is None else list(tasks), layer_names(model))
+
+
+def recaptured(gm: fx.GraphModule, meta: Mapping[str, Any] | None, example_inputs: Any = None) -> Captured:
+    """A graph that is already captured (a model made by :func:`recon.split`, whose ``meta`` says how)."""
+    meta = meta or {}
+    example = example_args(example_inputs) if example_inputs is not None else meta.get("example")
+    return Captured(gm, meta.get("capture", "fx"), list(meta.get("leaf_modules") or []), example)
 
 
 def _task_names(gm: fx.GraphModule) -> list[str]:
@@ -249,9 +282,7 @@ def _differs(want: Any, got: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ ownership
-def parameter_reach(
-    net: nn.Module, tasks: Sequence[str], example: tuple[tuple, dict]
-) -> dict[int, frozenset[str]]:
+def parameter_reach(net: nn.Module, tasks: Sequence[str], example: tuple[tuple, dict]) -> dict[int, frozenset[str]]:
     """``{id(parameter): tasks}``: the tasks whose outputs autograd connects to each trainable parameter on the
     example batch (eval mode, so that dropout and BatchNorm statistics change nothing)."""
     from recon._outputs import task_outputs
@@ -264,7 +295,8 @@ def parameter_reach(
             outputs = task_outputs(net(*args, **kwargs), list(tasks))
             reach: dict[int, set[str]] = {}
             for task in tasks:
-                leaves = [t for t in pytree.tree_leaves(outputs[task]) if isinstance(t, torch.Tensor) and t.requires_grad]
+                values = pytree.tree_leaves(outputs[task])
+                leaves = [t for t in values if isinstance(t, torch.Tensor) and t.requires_grad]
                 if not leaves:
                     continue
                 total = sum(t.float().sum() for t in leaves)
@@ -324,7 +356,9 @@ def _named_inputs(model: nn.Module, example: tuple[tuple, dict]) -> tuple[list[s
         raise ReconError(f"the example inputs do not fit {type(model).__name__}.forward: {exc}") from exc
     kinds = {p.name: p.kind for p in signature.parameters.values()}
     if any(kinds[n] in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD) for n in bound.arguments):
-        raise ReconError(f"{type(model).__name__}.forward takes *args/**kwargs; torch.export capture needs named inputs")
+        raise ReconError(
+            f"{type(model).__name__}.forward takes *args/**kwargs; torch.export capture needs named inputs"
+        )
     named = dict(bound.arguments)
     tensors = [v for v in named.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
     if not tensors:
@@ -348,7 +382,8 @@ def _export(model: nn.Module, kwargs: dict[str, Any], dynamic: dict) -> fx.Graph
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         where = _user_frame(exc)
         at = f" at {where[0]}:{where[1]} `{where[2]}`" if where else ""
-        raise ReconError(f"torch.export cannot capture {type(model).__name__}{at}: {type(exc).__name__}: {first}") from exc
+        name = type(model).__name__
+        raise ReconError(f"torch.export cannot capture {name}{at}: {type(exc).__name__}: {first}") from exc
 
 
 def _rebuild(model: nn.Module, exported: fx.GraphModule, names: list[str]) -> tuple[fx.Graph, dict[str, Any]]:
