@@ -252,11 +252,12 @@ def node_keys(
     return keys
 
 
-def module_constants(root: nn.Module) -> Callable[[str], Any]:
-    """``constant`` for :func:`node_keys` over a traced module: attributes that are neither parameters,
-    buffers nor modules of ``root`` (fx's ``_tensor_constant0``)."""
-    owned = {name for name, _ in root.named_parameters(remove_duplicate=False)}
-    owned |= {name for name, _ in root.named_buffers(remove_duplicate=False)}
+def module_constants(root: nn.Module, model: nn.Module | None = None) -> Callable[[str], Any]:
+    """``constant`` for :func:`node_keys` over a module traced from ``model``: attributes of ``root`` that are
+    not parameters or buffers of ``model`` (fx's ``_tensor_constant0``, which fx registers as a buffer)."""
+    model = root if model is None else model
+    owned = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    owned |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
 
     def constant(target: str) -> Any:
         if target in owned:
@@ -317,7 +318,8 @@ def trace_modes(
         for name, m in model.named_modules():
             m.training = modes.get(name, current)
     gm = _trace(model, leaf_modules, concrete_args, record_stack_traces=True)
-    index = first_difference(node_keys(gm.graph, module_constants(gm)), node_keys(other.graph, module_constants(other)))
+    a = node_keys(gm.graph, module_constants(gm, model))
+    index = first_difference(a, node_keys(other.graph, module_constants(other, model)))
     if index is not None:
         nodes = list(gm.graph.nodes)
         node = nodes[min(index, len(nodes) - 1)] if nodes else None
