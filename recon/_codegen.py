@@ -36,7 +36,7 @@ def _origin(node: fx.Node) -> str:
     """``path (Class)`` of the innermost module that made ``node`` ("" when unknown or the model itself)."""
     stack = node.meta.get("nn_module_stack") or {}
     for value in reversed(list(stack.values())):
-        if isinstance(value, tuple) and len(value) == 2 and value[0]:
+        if isinstance(value, tuple) and len(value) == 2 and value[0] and not str(value[0]).startswith("_"):
             cls = value[1] if isinstance(value[1], str) else getattr(value[1], "__name__", str(value[1]))
             return f"{value[0]} ({cls.rsplit('.', 1)[-1]})"
     return ""
