@@ -11,8 +11,9 @@ import typer
 import recon
 from cli._common import console, frame_table, resolve_device
 from recon import _distributed, _io
+from recon._capture import example_args
 from recon._errors import ReconError
-from recon._recipe import Recipe, check_recipe, load_recipe
+from recon._recipe import Recipe, check_recipe, first_batch, load_recipe
 from recon._runs import RUNS_ROOT, Run
 from recon._train import SUMMARY, delta_m, load_baselines, seed_everything
 
@@ -119,7 +120,8 @@ def _train_variant(
 ):  # fmt: skip
     seed_everything(seed)
     model = recipe.build_model()
-    net = recon.load_split(model, plan) if plan is not None else model
+    example = example_args(first_batch(recipe)[0]) if plan is not None and plan.capture == "export" else None
+    net = recon.load_split(model, plan, example_inputs=example) if plan is not None else model
     net.to(dev)
     meta = {
         "label": name,

@@ -269,10 +269,15 @@ def read_scores_json(path: str | os.PathLike) -> dict[str, int]:
 
 # --- shared-layer discovery --------------------------------------------------------------------------------
 def layer_usage_fx(model: nn.Module, tasks: Sequence[str], leaf_modules: Sequence[str] = ()) -> dict[str, frozenset]:
-    """Per layer, the tasks whose output it reaches in the torch.fx graph (raises ``TraceError``)."""
-    from recon._graph import layer_tasks
+    """Per layer, the tasks whose output it reaches in the torch.fx graph (raises ``TraceError``); a ReconError
+    too when leaves are involved: the graph cannot tell which task reaches a parameter inside one, autograd can."""
+    from recon._capture import capture
+    from recon._graph import layer_names
 
-    return layer_tasks(model, list(tasks), leaf_modules=tuple(leaf_modules))
+    captured = capture(model, leaf_modules=tuple(leaf_modules), mode="fx")
+    if captured.leaves:
+        raise ReconError(f"leaves {captured.leaves}: discover the shared layers with autograd")
+    return captured.layer_tasks(list(tasks), layer_names(model))
 
 
 def layer_usage_autograd(names: Sequence[str], users: Sequence[Sequence[str]]) -> dict[str, frozenset]:
