@@ -24,7 +24,6 @@ from recon import _io
 from recon._errors import ReconError
 from recon._profile import ConflictProfile, check_threshold
 from recon._runs import Run
-from recon._train import delta_m
 
 __all__ = ["Report", "markdown_table", "report"]
 
@@ -245,6 +244,8 @@ def _final(v: Variant, tasks: list[str]) -> dict[str, dict[str, float]]:
 
 def _delta_m_or_none(final: Mapping, baseline: Mapping, directions: Mapping[str, Mapping[str, str]]) -> float | None:
     """``recon.delta_m`` (the trainer's Δm%), or None where a metric or its baseline is missing or 0."""
+    from recon import delta_m  # the one Δm% (late: recon/__init__ imports this module first)
+
     try:
         return delta_m(final, baseline, directions)
     except (KeyError, ReconError):
