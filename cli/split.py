@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from pathlib import Path
@@ -13,8 +12,9 @@ import typer
 
 from cli._common import console, resolve_device
 from recon import _io, plots
+from recon._capture import example_args, layer_usage
+from recon._codegen import generated_code
 from recon._errors import ReconError
-from recon._graph import layer_tasks
 from recon._outputs import call_model, move_to, task_outputs
 from recon._profile import ConflictProfile, check_threshold, read_scores_json
 from recon._recipe import compute_losses, first_batch, load_recipe
@@ -58,7 +58,8 @@ def split_command(
     model = recipe.build_model()
     if not isinstance(model, torch.nn.Module):
         raise ReconError(f"{recipe.path}: build_model() returned {type(model).__name__}; return an nn.Module")
-    net = split(model, chosen, tasks=tasks, init=init, leaf_modules=leaves)
+    inputs, _ = first_batch(recipe)  # the example batch: capture with torch.export where fx cannot, and check
+    net = split(model, chosen, tasks=tasks, init=init, leaf_modules=leaves, example_inputs=example_args(inputs))
     branches: dict[str, list[str]] = net.meta["recon"]["branches"]
 
     before = sum(p.numel() for p in model.parameters())
@@ -74,6 +75,7 @@ def split_command(
         scores=how.get("scores"),
         leaf_modules=list(net.meta["recon"]["leaf_modules"]),
         model_class=type(model).__name__,
+        capture=net.meta["recon"]["capture"],
         extra={
             "source": how["source"],
             "params_before": before,
@@ -86,7 +88,7 @@ def split_command(
     run.record_command()
     plan.save(folder / "plan.json")
     _io.write_text(folder / "model.py", generated_code(net, plan, recipe.path))
-    usage = layer_tasks(model, tasks, leaf_modules=leaves)
+    usage = layer_usage(model, tasks, example_inputs=example_args(inputs), leaf_modules=leaves)
     fig = plots.network_figure(usage, tasks, branches, {n: m for n, m in model.named_modules()})
     _io.save_figure(folder / "network.png", fig, dpi=110)
 
@@ -213,33 +215,3 @@ def _print_summary(
     console.print(f"parameters: {before:,} -> {after:,} ({grown:+.1f}%)")
     if ratio is not None:
         console.print(f"forward+backward time, split / original on the first batch: {ratio:.2f}x")
-
-
-def generated_code(net: torch.fx.GraphModule, plan: SplitPlan, recipe: Path) -> str:
-    """``split/model.py``: the split model's forward as readable PyTorch, with the imports it needs."""
-    code = net.graph.python_code(root_module="self")
-    imports = []
-    for name, obj in sorted(code.globals.items()):
-        if name in {"inf", "nan", "NoneType", "device", "torch"} or name.startswith("__"):
-            continue
-        if not re.search(rf"\b{re.escape(name)}\b", code.src):  # fx lists some globals it never uses
-            continue
-        module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
-        if isinstance(obj, type(torch)):
-            imports.append(f"import {obj.__name__} as {name}" if obj.__name__ != name else f"import {name}")
-        elif module and qualname and "." not in qualname and "<" not in qualname:
-            imports.append(f"from {module} import {qualname}" + (f" as {name}" if name != qualname else ""))
-    branched = "\n".join(f"#   {layer}: {', '.join(tasks)}" for layer, tasks in plan.extra["branches"].items())
-    body = "\n".join(("    " + line) if line.strip() else "" for line in code.src.strip("\n").splitlines())
-    header = f'''"""The split model written by `recon split`: the forward of a torch.fx GraphModule.
-
-Recipe: {recipe}
-Model: {plan.model_class}, tasks {plan.tasks}, init={plan.init!r}.
-Each branched layer's path holds one copy per task (``<layer>.<task>``); every operation after a branched
-layer runs once per task that it feeds. This file is for reading: rebuild the module itself with
-``recon.load_split(build_model, "plan.json")`` and load its state_dict.
-"""
-'''
-    lines = [header, "# branched layers -> tasks with their own copy:", branched or "#   (none)", ""]
-    lines += ["import torch", *imports, "", "", f"class {type(net).__name__}(torch.nn.Module):", body, ""]
-    return "\n".join(lines)

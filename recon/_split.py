@@ -39,19 +39,17 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from recon._capture import capture as capture_graph
+from recon._capture import check_outputs, recaptured
 from recon._errors import ReconError
 from recon._graph import (
     LeafSpec,
-    _layer_tasks,
     layer_names,
-    leaf_names,
     modules_in_call,
     mutated_input,
     node_tasks,
     output_tasks,
     to_digraph,
-    trace,
-    trace_modes,
 )
 
 __all__ = [
@@ -349,8 +347,8 @@ class SplitPlan:
     """What :func:`split` did, as a small JSON object (``split/plan.json``): enough to rebuild the model.
 
     ``layers`` are in score order when they come from a profile. ``S``, ``top_k`` and ``scores`` record how
-    they were chosen; ``leaf_modules`` and ``concrete_args`` how the model was traced. Unknown keys read from
-    JSON are kept in ``extra`` and written back.
+    they were chosen; ``capture``, ``leaf_modules`` and ``concrete_args`` how the model was captured. Unknown keys
+    read from JSON are kept in ``extra`` and written back.
     """
 
     tasks: list[str]
@@ -362,6 +360,7 @@ class SplitPlan:
     leaf_modules: list[str] = dataclasses.field(default_factory=list)
     concrete_args: dict[str, Any] | None = None
     model_class: str | None = None
+    capture: str | None = None  # how the graph was captured: "fx", "export", "fx+leaves[...]" (None: an older plan, fx)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -431,6 +430,7 @@ def plan_of(net: fx.GraphModule) -> SplitPlan:
         leaf_modules=list(meta["leaf_modules"]),
         concrete_args=meta["concrete_args"],
         model_class=meta["model_class"],
+        capture=meta.get("capture", "fx"),
     )
 
 
@@ -566,6 +566,8 @@ def split(
     init: str = "reinit",
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: dict[str, Any] | None = None,
+    example_inputs: Any = None,
+    capture: str = "auto",
 ) -> fx.GraphModule:
     """Rewrite ``model`` so that each of ``layers`` becomes one copy per task that uses it.
 
@@ -573,7 +575,10 @@ def split(
     not changed. ``tasks`` names the outputs of a model that returns a tuple/list (in order); dict outputs
     name themselves. ``init="copy"`` starts every copy as the original layer (the split model computes the
     same function); ``"reinit"`` calls each copy's ``reset_parameters()``. ``leaf_modules`` and
-    ``concrete_args`` go to the tracer (:func:`recon._graph.trace`).
+    ``concrete_args`` go to the tracer (:func:`recon._graph.trace`). ``example_inputs`` (a tuple of positional
+    arguments, or ``(args, kwargs)``) lets recon capture models that symbolic tracing cannot, with
+    ``torch.export``, and check the captured graph and (``init="copy"``) the split model against the eager model
+    on that batch; ``capture`` picks the way (``"auto"``, ``"fx"``, ``"export"``: :func:`recon._capture.capture`).
 
     A shared BatchNorm that runs once per task for two or more tasks keeps its shared ``weight``/``bias`` and
     gets running statistics per task (:class:`TaskStatsBatchNorm`, listed in ``net.meta["recon"]["task_stats"]``):
@@ -596,12 +601,14 @@ def split(
     prior = model.meta.get(META_KEY) if isinstance(model, fx.GraphModule) else None
     src = copy.deepcopy(model, _skip_tensors(model, layers))
     if isinstance(src, fx.GraphModule):
-        gm, leaves = src, list(prior["leaf_modules"]) if prior else []
+        captured = recaptured(src, prior, example_inputs)
         if tasks is None and prior:
             tasks = prior["tasks"]
     else:
-        leaves = leaf_names(src, leaf_modules)
-        gm = trace_modes(src, leaf_modules=leaves, concrete_args=concrete_args)
+        captured = capture_graph(
+            src, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, mode=capture
+        )
+    gm, leaves = captured.gm, captured.leaves
     model_class = prior["model_class"] if prior else type(model).__name__
 
     # ---- analysis (nothing changes yet)
@@ -610,7 +617,7 @@ def split(
     out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     out_value = out_node.args[0]
     task_list = list(output_tasks(gm, tasks))
-    usage = _layer_tasks(gm, task_list, layer_names(src))
+    usage = captured.layer_tasks(task_list, layer_names(src))
     layers = _validate_layers(layers, usage, model_class)
     branched = frozenset(layers)
     if branched:
@@ -701,7 +708,11 @@ def split(
         "model_class": model_class,
         "branches": {layer: branch_tasks[layer] for layer in layers},
         "task_stats": {name: list(bn_tasks) for _, name, bn_tasks, _ in stats_bns.values()},
+        "capture": captured.how,
+        "example": captured.example,
     }
+    if captured.example is not None and init == "copy":  # never hand over a model that computes otherwise
+        check_outputs(net, model, captured.example, what="the split model")
     return net
 
 
@@ -846,10 +857,13 @@ def load_split(
     plan: SplitPlan | Mapping[str, Any] | str | os.PathLike,
     *,
     concrete_args: dict[str, Any] | None = None,
+    example_inputs: Any = None,
 ) -> fx.GraphModule:
     """Rebuild a split model from a fresh model (or ``build_model``) and a plan (object, dict or path).
 
     The parameter names match those of the model :func:`split` made, so its ``state_dict`` loads into it.
+    The model is captured the way the plan records (``capture``: ``"fx"``, ``"export"``, ``"fx+leaves[...]"``);
+    a plan captured with ``torch.export`` needs ``example_inputs`` (a batch: the shapes may differ).
     """
     if isinstance(plan, SplitPlan):
         pass
@@ -867,6 +881,11 @@ def load_split(
         model = model()
         if not isinstance(model, nn.Module):
             raise ReconError(f"build_model() returned {type(model).__name__}, not an nn.Module")
+    how = plan.capture or "fx"
+    if how == "export" and example_inputs is None:
+        raise ReconError(
+            "this split plan was captured with torch.export; pass example_inputs= (a batch of inputs, as a tuple)"
+        )
     return split(
         model,
         plan.layers,
@@ -874,6 +893,8 @@ def load_split(
         init=plan.init,
         leaf_modules=plan.leaf_modules,
         concrete_args=concrete_args if concrete_args is not None else plan.concrete_args,
+        example_inputs=example_inputs,
+        capture="export" if how == "export" else "fx",
     )
 
 
@@ -884,24 +905,32 @@ def parameter_tasks(
     *,
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: dict[str, Any] | None = None,
+    example_inputs: Any = None,
 ) -> tuple[list[str], list[tuple[str, nn.Parameter, frozenset[str]]]]:
-    """``(tasks, [(name, parameter, tasks that use it)])`` over ``net.named_parameters()``."""
+    """``(tasks, [(name, parameter, tasks that use it)])`` over ``net.named_parameters()``.
+
+    Usage is read off the graph that really runs: the fx or exported graph, and for parameters inside a leaf
+    (a module the graph records as one call), autograd on the example batch (the one :func:`split` was given,
+    or ``example_inputs``): a parameter belongs to the tasks whose outputs reach it.
+    """
     if isinstance(net, fx.GraphModule):
-        gm = net
         meta = net.meta.get(META_KEY) or {}
+        captured = recaptured(net, meta, example_inputs)
         if tasks is None:
             tasks = meta.get("tasks")
     else:
-        gm = trace(net, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        captured = capture_graph(
+            net, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args
+        )
     try:
-        task_list = list(output_tasks(gm, tasks))
+        task_list = list(output_tasks(captured.gm, tasks))
     except ReconError as exc:
         if tasks is None and "pass tasks=" in str(exc):
             raise ReconError(
                 f"{exc}; or split it with recon.split(model, layers, tasks=[...]), whose result knows its tasks"
             ) from exc
         raise
-    usage = _layer_tasks(gm, task_list, layer_names(net))
+    usage = captured.layer_tasks(task_list, layer_names(net))
     by_param: dict[int, set[str]] = {}
     for name, module in net.named_modules():
         for p in module._parameters.values():
@@ -916,13 +945,16 @@ def shared_parameters(
     tasks: Sequence[str] | None = None,
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: dict[str, Any] | None = None,
+    example_inputs: Any = None,
 ) -> list[nn.Parameter]:
     """The parameters of ``net`` that two or more tasks use (``named_parameters()`` order).
 
     ``net`` is a model made by :func:`split` (which knows its tasks), or any model with dict outputs; a model
     with tuple outputs needs ``tasks``.
     """
-    _, rows = parameter_tasks(net, tasks, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    _, rows = parameter_tasks(
+        net, tasks, leaf_modules=leaf_modules, concrete_args=concrete_args, example_inputs=example_inputs
+    )
     return [p for _, p, used in rows if len(used) >= 2]
 
 
@@ -933,9 +965,12 @@ def task_parameters(
     tasks: Sequence[str] | None = None,
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: dict[str, Any] | None = None,
+    example_inputs: Any = None,
 ) -> list[nn.Parameter]:
     """The parameters of ``net`` that only ``task`` uses (its branches and its head)."""
-    task_list, rows = parameter_tasks(net, tasks, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    task_list, rows = parameter_tasks(
+        net, tasks, leaf_modules=leaf_modules, concrete_args=concrete_args, example_inputs=example_inputs
+    )
     if task not in task_list:
         raise ReconError(f"unknown task {task!r}; the tasks are {task_list}")
     return [p for _, p, used in rows if used == {task}]
