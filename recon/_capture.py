@@ -75,13 +75,15 @@ class Captured:
 
     ``gm`` shares its submodules with the captured model. ``how`` is ``"fx"``, ``"export"`` or
     ``"fx+leaves[a,b]"`` (recorded in ``plan.json`` as ``capture``); ``leaves`` the modules recorded as opaque
-    calls; ``example`` the example batch as ``(args, kwargs)`` (None when none was given).
+    calls; ``example`` the example batch as ``(args, kwargs)`` (None when none was given); ``expected`` the eager
+    model's outputs on it (eval mode), kept from the check so that a later check need not run the model again.
     """
 
     gm: fx.GraphModule
     how: str
     leaves: list[str]
     example: tuple[tuple, dict] | None = None
+    expected: Any = None  # the eager model's outputs on the example batch in eval mode, once checked
 
     def layer_tasks(self, tasks: Sequence[str] | None, names: Sequence[str]) -> dict[str, frozenset[str]]:
         """``{layer: tasks whose output it reaches}``: from the graph, except for layers inside a leaf, which
@@ -208,7 +210,8 @@ def _how(leaves: Sequence[str]) -> str:
 
 def _checked(captured: Captured, model: nn.Module) -> Captured:
     if captured.example is not None:
-        check_outputs(captured.gm, model, captured.example, what=f"the graph captured with {captured.how}")
+        what = f"the graph captured with {captured.how}"
+        captured.expected = check_outputs(captured.gm, model, captured.example, what=what)
     return captured
 
 
@@ -235,9 +238,12 @@ def _set_modes(model: nn.Module, modes: Mapping[str, bool] | bool) -> dict[str, 
     return old
 
 
-def check_outputs(candidate: nn.Module, reference: nn.Module, example: tuple[tuple, dict], *, what: str) -> None:
+def check_outputs(
+    candidate: nn.Module, reference: nn.Module, example: tuple[tuple, dict], *, what: str, expected: Any = None
+) -> Any:
     """Run ``candidate`` and ``reference`` on ``example`` in eval mode; raise a :class:`ReconError` naming the
-    first output that differs (or the error the candidate raised) and its likely cause. Modes are restored."""
+    first output that differs (or the error the candidate raised) and its likely cause. Modes are restored.
+    Returns the reference's outputs; ``expected`` gives them (the reference is then not run again)."""
     args, kwargs = example
     cause = (
         "likely cause: Python-level tests on traced values (isinstance(x, list) on a leaf's output, "
@@ -246,7 +252,7 @@ def check_outputs(candidate: nn.Module, reference: nn.Module, example: tuple[tup
     saved = (_set_modes(candidate, False), _set_modes(reference, False))
     try:
         with torch.no_grad():
-            want = reference(*args, **kwargs)
+            want = reference(*args, **kwargs) if expected is None else expected
             try:
                 got = candidate(*args, **kwargs)
             except Exception as exc:  # the captured graph itself fails: say so, never hand it over
@@ -267,6 +273,7 @@ def check_outputs(candidate: nn.Module, reference: nn.Module, example: tuple[tup
             where = pytree.keystr(path) or "the output"
             gap = f" (largest difference {float((g - w).abs().max()):.3g})" if _same_shape(w, g) else ""
             raise ReconError(f"{what} differs from the model at output{where}{gap} on the example batch; {cause}")
+    return want
 
 
 def _same_shape(a: Any, b: Any) -> bool:
