@@ -292,10 +292,10 @@ def _differs(want: Any, got: Any) -> bool:
 def parameter_reach(net: nn.Module, tasks: Sequence[str], example: tuple[tuple, dict]) -> dict[int, frozenset[str]]:
     """``{id(parameter): tasks}``: the tasks whose outputs autograd connects to each trainable parameter on the
     example batch (eval mode, so that dropout and BatchNorm statistics change nothing)."""
-    from recon._outputs import task_outputs
+    from recon._outputs import move_to, task_outputs
 
     params = [p for p in net.parameters() if p.requires_grad]
-    args, kwargs = example
+    args, kwargs = move_to(example, params[0].device) if params else example  # the model may have moved since
     saved = _set_modes(net, False)
     try:
         with torch.enable_grad():
@@ -372,14 +372,18 @@ def _named_inputs(model: nn.Module, example: tuple[tuple, dict]) -> tuple[list[s
         raise ReconError("the example inputs hold no tensor with a batch dimension; give a batch of tensors")
     size = tensors[0].shape[0]
     batch = torch.export.Dim("batch")
-    dynamic = {
-        k: ({0: batch} if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else None)
+    dynamic = {  # the batch dimension dynamic; the others (sequence length, image size) where the model allows
+        k: ({0: batch, **dict.fromkeys(range(1, v.dim()), torch.export.Dim.AUTO)} if _batched(v, size) else None)
         for k, v in named.items()
     }
     for k, v in named.items():
         if not isinstance(v, (torch.Tensor, int, float, bool, str, type(None))):
             raise ReconError(f"input {k!r} is a {type(v).__name__}; torch.export capture takes tensors and scalars")
     return list(named), named, dynamic
+
+
+def _batched(value: Any, size: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size
 
 
 def _export(model: nn.Module, kwargs: dict[str, Any], dynamic: dict) -> fx.GraphModule:

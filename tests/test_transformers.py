@@ -151,6 +151,8 @@ def test_modes_switch_and_plan_rebuilds() -> None:
     assert not torch.equal(net(x)["a"], net(x)["a"])  # dropout is on
     net.eval()
     assert torch.equal(net(x)["a"], net(x)["a"])
+    longer = torch.randint(0, 50, (3, 11))  # batch size and sequence length are both dynamic
+    torch.testing.assert_close(net(longer), model.eval()(longer))
     rebuilt = load_split(lambda: _model("bert", seed=3), plan_of(net), example_inputs=(_inputs("bert", 6),))
     assert list(rebuilt.state_dict()) == list(net.state_dict())
     rebuilt.load_state_dict(net.state_dict())
