@@ -4,8 +4,8 @@ Three ways, tried in this order by :func:`capture` (``mode="auto"``):
 
 * ``"fx"``: ``torch.fx`` symbolic tracing (:func:`recon._graph.trace_modes`), with the leaves the user names;
   module-level, and it needs no example batch.
-* ``"export"``: ``torch.export.export(model, strict=False)`` with the batch dimension dynamic
-  (``torch.export.Dim``) on the example batch: it records the operations that really run (aten level), so it
+* ``"export"``: ``torch.export.export(model, strict=False)`` on the example batch, with the batch dimension
+  dynamic (``torch.export.Dim``) and the others dynamic where the model allows (``Dim.AUTO``): it records the operations that really run (aten level), so it
   captures models that symbolic tracing cannot (``transformers``' BERT, ViT, GPT-2: Proxy iteration, item
   assignment). Every parameter is read through a ``get_attr`` of its own path, so a branched layer anywhere in
   the graph is branched at full granularity. The exported graph is specialised to the mode it was exported
