@@ -5,17 +5,17 @@ Three ways, tried in this order by :func:`capture` (``mode="auto"``):
 * ``"fx"``: ``torch.fx`` symbolic tracing (:func:`recon._graph.trace_modes`), with the leaves the user names;
   module-level, and it needs no example batch.
 * ``"export"``: ``torch.export.export(model, strict=False)`` on the example batch, with the batch dimension
-  dynamic (``torch.export.Dim``) and the others dynamic where the model allows (``Dim.AUTO``): it records the operations that really run (aten level), so it
-  captures models that symbolic tracing cannot (``transformers``' BERT, ViT, GPT-2: Proxy iteration, item
-  assignment). Every parameter is read through a ``get_attr`` of its own path, so a branched layer anywhere in
-  the graph is branched at full granularity. The exported graph is specialised to the mode it was exported
-  in; recon exports in train and in eval mode, requires the two graphs to be the same up to scalar arguments
-  (the ``train`` flag of dropout, sdpa's ``dropout_p``, BatchNorm's ``training``), and makes exactly those
-  arguments read the owning module's ``training`` flag at run time, so ``net.train()``/``net.eval()`` switch
-  them as on any ``nn.Module``. Calls of ``torch.nn`` modules that take one input (``nn.Linear``,
-  ``nn.LayerNorm``, ``nn.Dropout``, ``nn.BatchNorm2d``...) are folded back into module calls (from each
-  node's ``nn_module_stack``): BatchNorm updates its running statistics in train mode and uses them in eval
-  mode as usual, and the generated code names the original modules.
+  dynamic (``torch.export.Dim``) and the others dynamic where the model allows (``Dim.AUTO``): it records the
+  operations that really run (aten level), so it captures models that symbolic tracing cannot (``transformers``'
+  BERT, ViT, GPT-2: Proxy iteration, item assignment). Every parameter is read through a ``get_attr`` of its own
+  path, so a branched layer anywhere in the graph is branched at full granularity. The exported graph is
+  specialised to the mode it was exported in; recon exports in train and in eval mode, requires the two graphs
+  to be the same up to scalar arguments (the ``train`` flag of dropout, sdpa's ``dropout_p``, BatchNorm's
+  ``training``), and makes exactly those arguments read the owning module's ``training`` flag at run time, so
+  ``net.train()``/``net.eval()`` switch them as on any ``nn.Module``. Calls of ``torch.nn`` modules that take
+  one input (``nn.Linear``, ``nn.LayerNorm``, ``nn.Dropout``, ``nn.BatchNorm2d``...) are folded back into module
+  calls (from each node's ``nn_module_stack``): BatchNorm updates its running statistics in train mode and uses
+  them in eval mode as usual, and the generated code names the original modules.
 * ``"fx+leaves[...]"``: symbolic tracing where the smallest submodules that fail to trace are recorded as
   opaque calls (leaves). Which task reaches a parameter inside a leaf is then taken from autograd on the
   example batch (:meth:`Captured.layer_tasks`), not from the graph.
