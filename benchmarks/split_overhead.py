@@ -239,15 +239,22 @@ def spread(items: Sequence[str], k: int) -> list[str]:
     return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)] if k > 1 else [items[-1]]
 
 
-def step_fn(model: nn.Module, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> Callable[[], None]:
+def step_fn(
+    model: nn.Module, x: torch.Tensor, targets: dict[str, torch.Tensor], precision: str = "32"
+) -> Callable[[], None]:
+    from recon._precision import Precision
+
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    amp = Precision(precision, device_type=x.device.type)  # --precision: autocast; fp16 with a loss scale
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = sum(F.cross_entropy(out[t], y) for t, y in targets.items())
-        loss.backward()
-        opt.step()
+        with amp.autocast():
+            out = model(x)
+            loss = sum(F.cross_entropy(out[t], y) for t, y in targets.items())
+        amp.scale_loss(loss).backward()
+        if amp.unscale_tensors([p.grad for p in model.parameters()]):
+            opt.step()
 
     return step
 
@@ -298,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="cpu",
         help="cpu: process CPU time (robust when other jobs share the machine); wall: elapsed time",
     )
+    parser.add_argument("--precision", choices=("32", "bf16", "fp16"), default="32", help="autocast of every step")
     parser.add_argument("--bert-only", action="store_true", help="only the transformers BERT part")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -314,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     print(
         f"ResNet-18 multi-task, input {batch}x3x{size}x{size}, {args.threads} thread(s); training step "
-        f"(forward+backward+SGD), {args.clock} time, {reps} repetitions"
+        f"(forward+backward+SGD), {args.clock} time, {reps} repetitions, precision {args.precision}"
     )
     header = (
         f"{'K':>2} {'top-k':>5} {'original':>9} {'recon':>9} {'hand':>9} {'recon/hand':>10} {'(best)':>6} "
@@ -336,9 +344,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             hand = ListResNet18(tasks, set(layers))
             assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in hand.parameters())
             steps = {
-                "original": step_fn(model, x, targets),
-                "recon": step_fn(net, x, targets),
-                "hand": step_fn(hand, x, targets),
+                "original": step_fn(model, x, targets, args.precision),
+                "recon": step_fn(net, x, targets, args.precision),
+                "hand": step_fn(hand, x, targets, args.precision),
             }
             samples = time_steps(steps, warmup, reps, clock)
             ops = f"{count_ops(steps['recon'])}/{count_ops(steps['hand'])}"

@@ -35,10 +35,11 @@ def profile_command(
     leaf: str = typer.Option("", "--leaf", help="Comma-separated module names torch.fx should treat as opaque."),
     show: int = typer.Option(10, "--show", min=0, help="How many top layers to print."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing profile in the run folder."),
+    precision: str = typer.Option("32", "--precision", help="32, bf16 or fp16 (autocast; fp16 scales the losses)."),
 ) -> None:
     """Stage 1: warm-up training that records every shared layer's layer-wise cosines, then ranks layers."""
     recipe = load_recipe(model_py)
-    recon.methods.get(method)  # an unknown method fails before any work
+    spec = recon.methods.get(method).spec  # an unknown method fails before any work
     dev = resolve_device(device)
     _distributed.init_from_env(dev)  # under torchrun: join the group; rank 0 alone writes and prints
     dev = _distributed.local_device(dev)
@@ -49,13 +50,15 @@ def profile_command(
         run = Run.create(recipe=model_py, tasks=recipe.tasks, seed=seed, out=out)
         folder = run.stage("profile", force=force)
         run.record_command()
+        run.info["commands"][-1]["method"] = spec  # the warm-up method's spec, as profile.json holds it
+        run.save()
     folder = _distributed.broadcast_object(folder)
     leaf_modules = tuple(n for n in leaf.split(",") if n)
     try:
         prof = recon.profile(
             model, recipe.train_data, recipe.losses,
             steps=steps, epochs=epochs, S=S, method=method, seed=seed, device=dev, leaf_modules=leaf_modules,
-            optimizer=recipe.make_optimizer(model.parameters()), out=folder, progress=True,
+            optimizer=recipe.make_optimizer(model.parameters()), out=folder, progress=True, precision=precision,
         )  # fmt: skip
     except (KeyboardInterrupt, NonFiniteLossError) as e:
         prof = getattr(e, "profile", None)

@@ -18,27 +18,6 @@ from recon._runs import RUNS_ROOT, Run
 from recon._train import SUMMARY, delta_m, load_baselines, seed_everything
 
 
-def parse_hparams(items: list[str]) -> dict[str, object]:
-    """``["c=0.4", "rescale=1"]`` -> ``{"c": 0.4, "rescale": 1}`` (ints, floats, true/false, else strings)."""
-    out: dict[str, object] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ReconError(f"--hp {item!r} is not name=value; write e.g. --hp c=0.4")
-        value: object = raw
-        if raw.lower() in ("true", "false"):
-            value = raw.lower() == "true"
-        else:
-            for cast in (int, float):
-                try:
-                    value = cast(raw)
-                    break
-                except ValueError:
-                    pass
-        out[key] = value
-    return out
-
-
 def find_run(recipe: Path, out: Path | None, tasks: list[str], seed: int) -> Run:
     """``--out``, else the latest run made from the same recipe, else a new run."""
     if out is not None:
@@ -89,14 +68,15 @@ def train_command(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing variant."),
+    precision: str = typer.Option("32", "--precision", help="32, bf16 or fp16 (autocast; fp16 scales the losses)."),
 ) -> None:
     """Stage 3: train from scratch (fresh build_model(), split plan applied) with a gradient method."""
     recipe = load_recipe(model_py)
     dev = resolve_device(device)
     _distributed.init_from_env(dev)  # under torchrun: join the group; rank 0 alone writes and prints
     dev = _distributed.local_device(dev)
-    hparams = parse_hparams(hp)
-    recon.methods.get(method, **hparams)  # a bad name or hyperparameter fails before any work
+    hparams = recon.methods.parse_hparams(hp)
+    spec = recon.methods.get(method, **hparams).spec  # a bad name or hyperparameter fails before any work
     if sparse is not None and not 0.0 < sparse <= 1.0:
         raise ReconError(f"--sparse {sparse}: the kept ratio must be in (0, 1]")
     check_recipe(recipe, device=dev)
@@ -109,6 +89,8 @@ def train_command(
     variants = [(t,) for t in recipe.tasks] if single_task else [tuple(recipe.tasks)]
     if main:
         run.record_command()
+        run.info["commands"][-1]["method"] = spec  # the user's spec, as summary.json holds it
+        run.save()
     for tasks in variants:
         name = label or _label(method, plan, sparse, tasks if single_task else None)
         folder = run.dir / "train" / name
@@ -119,8 +101,9 @@ def train_command(
             folder = run.stage("train", name, force=force)
         agg = recon.methods.get(method, **hparams)  # a fresh method (and its state) per variant
         _train_variant(
-            recipe, run, folder, name, agg, plan, list(tasks), epochs, seed, dev, resume, sparse, record_cosines
-        )
+            recipe, run, folder, name, agg, plan, list(tasks), epochs, seed, dev, resume, sparse, record_cosines,
+            precision,
+        )  # fmt: skip
     if main:
         _print_results(run, recipe)
 
@@ -132,8 +115,9 @@ def _label(method: str, plan, sparse: float | None, single: tuple[str, ...] | No
 
 
 def _train_variant(
-    recipe: Recipe, run: Run, folder: Path, name, agg, plan, tasks, epochs, seed, dev, resume, sparse, record_cosines
-):
+    recipe: Recipe, run: Run, folder: Path, name, agg, plan, tasks, epochs, seed, dev, resume, sparse, record_cosines,
+    precision="32",
+):  # fmt: skip
     seed_everything(seed)
     model = recipe.build_model()
     example = example_args(first_batch(recipe)[0]) if plan is not None and plan.capture == "export" else None
@@ -151,7 +135,7 @@ def _train_variant(
         net, recipe.train_data, recipe.losses, method=agg, epochs=epochs,
         optimizer=recipe.make_optimizer(net.parameters()), val_data=recipe.val_data, metrics=recipe.metrics,
         seed=seed, device=dev, tasks=tasks, out=folder, resume=resume, progress=True, sparse=sparse, meta=meta,
-        record_cosines=record_cosines,
+        record_cosines=record_cosines, precision=precision,
     )  # fmt: skip
     if not _distributed.is_main():
         return

@@ -17,6 +17,7 @@ from recon._errors import NonFiniteLossError, ReconError
 from recon._graph import TraceError, layer_tasks
 from recon._profile import ConflictProfile, profile, read_scores_json
 from recon._recipe import Recipe, load_recipe
+from recon._report import Report, report
 from recon._split import SplitPlan, load_split, shared_parameters, split, task_parameters
 from recon._train import TrainResult, delta_m, evaluate, train
 
@@ -28,6 +29,7 @@ __all__ = [
     "NonFiniteLossError",
     "Recipe",
     "ReconError",
+    "Report",
     "SplitPlan",
     "TraceError",
     "TrainResult",
@@ -40,6 +42,7 @@ __all__ = [
     "methods",
     "profile",
     "read_scores_json",
+    "report",
     "shared_parameters",
     "split",
     "task_parameters",
