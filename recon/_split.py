@@ -712,7 +712,7 @@ def split(
         "example": captured.example,
     }
     if captured.example is not None and init == "copy":  # never hand over a model that computes otherwise
-        check_outputs(net, model, captured.example, what="the split model")
+        check_outputs(net, model, captured.example, what="the split model", expected=captured.expected)
     return net
 
 

@@ -207,3 +207,26 @@ def test_example_args_forms() -> None:
     assert example_args({"ids": x}) == ((), {"ids": x})
     with pytest.raises(ReconError, match="example_inputs"):
         example_args(3)
+
+
+class Doubling(nn.Module):
+    """Python branching on self.training: genuinely different graphs in the two modes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 4)
+        self.heads = nn.ModuleDict({t: nn.Linear(4, 1) for t in TASKS})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.inp(x)
+        if self.training:
+            h = h * 2
+        return {t: head(h) for t, head in self.heads.items()}
+
+
+def test_export_names_the_first_real_mode_difference() -> None:
+    x = torch.randn(3, 4)
+    with pytest.raises(ReconError, match=r"differs between train and eval mode.*test_capture\.py:\d+ `h = h \* 2`"):
+        capture(Doubling(), example_inputs=(x,), mode="export")
+    with pytest.raises(ReconError, match="cannot capture"):  # and no way captures it: never a frozen mode
+        split(Doubling(), ["inp"], example_inputs=(x,))
