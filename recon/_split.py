@@ -886,7 +886,7 @@ def load_split(
         raise ReconError(
             "this split plan was captured with torch.export; pass example_inputs= (a batch of inputs, as a tuple)"
         )
-    return split(
+    net = split(
         model,
         plan.layers,
         tasks=plan.tasks,
@@ -896,6 +896,13 @@ def load_split(
         example_inputs=example_inputs,
         capture="export" if how == "export" else "fx",
     )
+    recorded = plan.extra.get("branches")
+    if recorded and recorded != net.meta[META_KEY]["branches"]:  # leaves: routing inside them needs the batch
+        raise ReconError(
+            f"the rebuilt model branches {net.meta[META_KEY]['branches']} but the plan recorded {recorded}; "
+            "pass example_inputs= (a batch) so that the tasks reaching layers inside leaves are found as before"
+        )
+    return net
 
 
 # -------------------------------------------------------------------------------- parameters by task
