@@ -762,9 +762,9 @@ def _emit_copy(
     args = fx.node.map_arg(n.args, get)
     kwargs = fx.node.map_arg(n.kwargs, get)
     mutated = info.mutates
-    if mutated is not None and mutated not in env:
-        # an in-place write into a tensor all tasks share: give this class its own clone
-        clone = graph.create_node("call_method", "clone", (shared_env[mutated],), name=f"{mutated.name}_{rep}")
+    if mutated is not None and _shared_beyond(mutated, rep, info.classes[rep]):
+        # an in-place write into a tensor that tasks outside this class share: give this class its own clone
+        clone = graph.create_node("call_method", "clone", (get(mutated),), name=f"{mutated.name}_{rep}")
         args = (clone, *args[1:])
         for t in info.classes[rep]:
             task_env[t][mutated] = clone
@@ -781,6 +781,15 @@ def _emit_copy(
         new = graph.create_node(n.op, n.target, args, kwargs, name=name, type_expr=n.type)
     new.meta = {k: v for k, v in n.meta.items() if k != NODE_KEY}
     return new
+
+
+def _shared_beyond(node: fx.Node, rep: str, members: Sequence[str]) -> bool:
+    """Whether the value of ``node`` that task ``rep`` reads is also read by tasks outside ``members``."""
+    classes = node.meta[NODE_KEY].classes
+    if not classes:
+        return True  # computed once for all tasks
+    mine = next((c for c in classes.values() if rep in c), [])
+    return not set(mine) <= set(members)
 
 
 def split(
