@@ -66,7 +66,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import recon  # noqa: E402
-import recon._profile as recon_profile_module  # noqa: E402
+import recon._gram as recon_gram_module  # noqa: E402
+import recon._loop as recon_loop_module  # noqa: E402
 from benchmarks._resnet import make_batches, make_losses, multitask_resnet  # noqa: E402
 
 VARIANTS = {
@@ -182,10 +183,10 @@ class NaiveProfiler:
 
 
 def _probe_targets() -> list[tuple[object, str, str]]:
-    """Where the profiler's step looks up its cosine kernel and its update (the names recon._profile uses)."""
+    """Where the profiler's step looks up its cosine kernel and its update (the step engine, recon._loop)."""
     return [
-        (recon_profile_module.LayerCosines, "__call__", "cosines"),
-        (recon_profile_module, "apply_task_gradients", "update"),
+        (recon_gram_module.LayerCosines, "__call__", "cosines"),
+        (recon_loop_module, "apply_task_gradients", "update"),
     ]
 
 

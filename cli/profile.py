@@ -38,7 +38,7 @@ def profile_command(
 ) -> None:
     """Stage 1: warm-up training that records every shared layer's layer-wise cosines, then ranks layers."""
     recipe = load_recipe(model_py)
-    recon.methods.get(method)  # an unknown method fails before any work
+    spec = recon.methods.get(method).spec  # an unknown method fails before any work
     dev = resolve_device(device)
     _distributed.init_from_env(dev)  # under torchrun: join the group; rank 0 alone writes and prints
     dev = _distributed.local_device(dev)
@@ -49,6 +49,8 @@ def profile_command(
         run = Run.create(recipe=model_py, tasks=recipe.tasks, seed=seed, out=out)
         folder = run.stage("profile", force=force)
         run.record_command()
+        run.info["commands"][-1]["method"] = spec  # the warm-up method's spec, as profile.json holds it
+        run.save()
     folder = _distributed.broadcast_object(folder)
     leaf_modules = tuple(n for n in leaf.split(",") if n)
     try:

@@ -17,27 +17,6 @@ from recon._runs import RUNS_ROOT, Run
 from recon._train import SUMMARY, delta_m, load_baselines, seed_everything
 
 
-def parse_hparams(items: list[str]) -> dict[str, object]:
-    """``["c=0.4", "rescale=1"]`` -> ``{"c": 0.4, "rescale": 1}`` (ints, floats, true/false, else strings)."""
-    out: dict[str, object] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ReconError(f"--hp {item!r} is not name=value; write e.g. --hp c=0.4")
-        value: object = raw
-        if raw.lower() in ("true", "false"):
-            value = raw.lower() == "true"
-        else:
-            for cast in (int, float):
-                try:
-                    value = cast(raw)
-                    break
-                except ValueError:
-                    pass
-        out[key] = value
-    return out
-
-
 def find_run(recipe: Path, out: Path | None, tasks: list[str], seed: int) -> Run:
     """``--out``, else the latest run made from the same recipe, else a new run."""
     if out is not None:
@@ -94,8 +73,8 @@ def train_command(
     dev = resolve_device(device)
     _distributed.init_from_env(dev)  # under torchrun: join the group; rank 0 alone writes and prints
     dev = _distributed.local_device(dev)
-    hparams = parse_hparams(hp)
-    recon.methods.get(method, **hparams)  # a bad name or hyperparameter fails before any work
+    hparams = recon.methods.parse_hparams(hp)
+    spec = recon.methods.get(method, **hparams).spec  # a bad name or hyperparameter fails before any work
     if sparse is not None and not 0.0 < sparse <= 1.0:
         raise ReconError(f"--sparse {sparse}: the kept ratio must be in (0, 1]")
     check_recipe(recipe, device=dev)
@@ -108,6 +87,8 @@ def train_command(
     variants = [(t,) for t in recipe.tasks] if single_task else [tuple(recipe.tasks)]
     if main:
         run.record_command()
+        run.info["commands"][-1]["method"] = spec  # the user's spec, as summary.json holds it
+        run.save()
     for tasks in variants:
         name = label or _label(method, plan, sparse, tasks if single_task else None)
         folder = run.dir / "train" / name

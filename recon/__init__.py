@@ -18,6 +18,7 @@ from recon._graph import TraceError, layer_tasks
 from recon._plan import plan_split
 from recon._profile import ConflictProfile, profile, read_scores_json
 from recon._recipe import Recipe, load_recipe
+from recon._report import Report, report
 from recon._split import SplitPlan, load_split, shared_parameters, split, task_parameters
 from recon._train import TrainResult, delta_m, evaluate, train
 
@@ -29,6 +30,7 @@ __all__ = [
     "NonFiniteLossError",
     "Recipe",
     "ReconError",
+    "Report",
     "SplitPlan",
     "TraceError",
     "TrainResult",
@@ -42,6 +44,7 @@ __all__ = [
     "plan_split",
     "profile",
     "read_scores_json",
+    "report",
     "shared_parameters",
     "split",
     "task_parameters",

@@ -4,7 +4,7 @@ In the style of torch.fx passes, this module never changes a graph: it traces a 
 finds which node produces each task's output, and answers "which tasks does this layer feed?" by
 reachability in a networkx ``DiGraph`` over the fx nodes.
 
-Vocabulary (CONTRACT.md): a *layer* is a module that directly owns parameters, named as in
+Vocabulary (docs/cli.md): a *layer* is a module that directly owns parameters, named as in
 ``model.named_modules()``; a parameter read through ``get_attr`` belongs to its owning module's name.
 A *shared layer* is a layer used by two or more tasks.
 """

@@ -1,6 +1,6 @@
 """Normalise what a model's forward returns into ``{task: output}``.
 
-CONTRACT.md: the forward returns a dict ``{task: output}`` (canonical) or a tuple/list whose positions follow
+docs/recipe.md: the forward returns a dict ``{task: output}`` (canonical) or a tuple/list whose positions follow
 the order of ``losses``. Anything else is a clear error that says what was returned.
 """
 

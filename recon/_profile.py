@@ -31,13 +31,14 @@ import torch
 from torch import nn
 
 from recon import _distributed, _io
-from recon._backward import apply_task_gradients, task_gradients
-from recon._cosines import CosineRecorder, open_cosines
-from recon._errors import NonFiniteLossError, ReconError, check_finite
+from recon._backward import TaskGradients
+from recon._cosines import ConflictCounts, CosineRecorder, open_cosines, read_shape
+from recon._errors import NonFiniteLossError, ReconError
 from recon._gram import LayerCosines
-from recon._outputs import call_model, move_to, task_outputs
+from recon._loop import Observer, ProgressObserver, StepEngine
 from recon._progress import progress_bar
-from recon._recipe import batch_count, batches, check_batch, compute_losses, validate_tasks
+from recon._recipe import batch_count, validate_tasks
+from recon.methods import resolve, spec_of
 
 PROFILE_FILE = "profile.json"
 COSINES_FILE = "cosines.npy"
@@ -45,7 +46,7 @@ LOSSES_FILE = "losses.csv"
 
 
 def check_threshold(S: float) -> float:
-    """CONTRACT.md: ``-1 < S <= 0``."""
+    """The S-conflict threshold must satisfy ``-1 < S <= 0`` (Definition 3 of the Recon paper; see README)."""
     S = float(S)
     if not (-1.0 < S <= 0.0):
         raise ReconError(f"S = {S} is out of range; the S-conflict threshold must satisfy -1 < S <= 0")
@@ -67,13 +68,30 @@ class ConflictProfile:
 
     tasks: list[str]
     layers: list[str]
-    folder: Path
+    folder: Path | None
     S: float = 0.0
     layer_info: dict[str, dict[str, Any]] = field(default_factory=dict)
     partial: bool = False
     discovery: str = "fx"
     meta: dict[str, Any] = field(default_factory=dict)
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    #: the counts kept while the cosines streamed to disk (at ``S``): scores at ``S`` need no pass over the file
+    _running: ConflictCounts | None = field(default=None, repr=False, compare=False)
+    _loss_frame: pd.DataFrame | None = field(default=None, repr=False, compare=False)
+    _cache: dict[float, ConflictCounts] = field(default_factory=dict, repr=False, compare=False)
+    _n_steps: int | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self._running is not None:
+            self._cache[self._running.S] = self._running
+            self._n_steps = self._running.steps
+
+    def _cosine_file(self) -> Path:
+        if self.folder is None:
+            raise ReconError(
+                "this process holds no cosines: under torchrun only rank 0 writes them; read them on rank 0"
+            )
+        return self.folder / COSINES_FILE
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
@@ -82,11 +100,13 @@ class ConflictProfile:
     @property
     def cosine_array(self) -> np.ndarray:
         """``(steps, layers, pairs)`` float32 (memory-mapped); NaN where a task's layer gradient was zero."""
-        return open_cosines(self.folder / COSINES_FILE)
+        return open_cosines(self._cosine_file())
 
     @property
     def steps(self) -> int:
-        return int(self.cosine_array.shape[0])
+        if self._n_steps is None:  # read from the file's header once
+            self._n_steps = int(read_shape(self._cosine_file())[0])
+        return self._n_steps
 
     @property
     def cosines(self) -> pd.DataFrame:
@@ -107,30 +127,22 @@ class ConflictProfile:
     @property
     def losses(self) -> pd.DataFrame:
         """Per-step training loss of every task (columns ``step`` and one per task)."""
-        path = self.folder / LOSSES_FILE
-        if not path.exists():
+        if self._loss_frame is not None:
+            return self._loss_frame.copy()
+        path = self.folder / LOSSES_FILE if self.folder is not None else None
+        if path is None or not path.exists():
             return pd.DataFrame(columns=["step", *self.tasks])
         return pd.read_csv(path)
 
     def _counts(self, S: float, block: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Per layer: count of cos < S, count of recorded (non-skipped) cosines, sum of cosines; per pair too."""
-        arr = self.cosine_array
-        L, P = arr.shape[1:]
-        below = np.zeros(L, dtype=np.int64)
-        valid = np.zeros(L, dtype=np.int64)
-        total = np.zeros(L, dtype=np.float64)
-        below_pair = np.zeros((L, P), dtype=np.int64)
-        valid_pair = np.zeros((L, P), dtype=np.int64)
-        for start in range(0, arr.shape[0], block):
-            chunk = np.asarray(arr[start : start + block], dtype=np.float32)
-            ok = ~np.isnan(chunk)
-            hit = chunk < S  # NaN compares False: skipped pairs never count (CONTRACT.md)
-            below_pair += hit.sum(axis=0)
-            valid_pair += ok.sum(axis=0)
-            total += np.where(ok, chunk, 0.0).sum(axis=(0, 2))
-        below[:] = below_pair.sum(axis=1)
-        valid[:] = valid_pair.sum(axis=1)
-        return below, valid, total, below_pair / np.maximum(valid_pair, 1)
+        """Per layer: count of cos < S, count of recorded (non-skipped) cosines, sum of cosines; per pair, the
+        conflict rate. At the profiled S from the counts kept while streaming; at another S from one pass over
+        the file (then kept)."""
+        counts = self._cache.get(float(S))
+        if counts is None:
+            counts = self._cache[float(S)] = ConflictCounts.of(self.cosine_array, S, block)
+        below, valid = counts.below, counts.valid
+        return below.sum(axis=1), valid.sum(axis=1), counts.total.sum(axis=1), below / np.maximum(valid, 1)
 
     def scores(self, S: float | None = None) -> pd.DataFrame:
         """S-conflict scores (Definition 3 of the paper), indexed by layer, sorted by ``score`` descending.
@@ -209,9 +221,10 @@ class ConflictProfile:
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``profile.json``, ``cosines.npy``, ``losses.csv``, ``scores.csv`` and ``scores.json``."""
         path = Path(path)
+        home = self._cosine_file().parent
         path.mkdir(parents=True, exist_ok=True)
         for name in (COSINES_FILE, LOSSES_FILE):
-            src = self.folder / name
+            src = home / name
             if src.exists() and src.resolve() != (path / name).resolve():
                 _copy(src, path / name)
         scores = self.scores()
@@ -300,15 +313,129 @@ def shared_layer_params(
 
 def _warmup_method(method: Any, tasks: list[str]) -> Any:
     """The warm-up update: a gradient method of ``recon.methods`` (default: the joint mean)."""
-    from recon.methods import resolve
-
-    m = resolve("mean" if method == "joint" else method)
+    m = resolve(method)
     if m.kind not in ("gradient",):
         raise ReconError(
             f"the profiling warm-up aggregates task gradients; {method!r} is a {m.kind} method. "
             "Use a gradient method (joint, pcgrad, cagrad, ...; see `recon methods`)"
         )
     return m.bind(tasks)
+
+
+class _Profiler(Observer):
+    """The profiler's side of a run of the step engine: finds the shared layers (torch.fx before the first step,
+    else autograd on it), records every step's layer-wise cosines and losses, and makes the
+    :class:`ConflictProfile`. Only rank 0 has a ``folder``; the other processes keep running counts only."""
+
+    wants_gradients = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tasks: list[str],
+        *,
+        S: float,
+        folder: Path | None,
+        chunk: int,
+        meta: dict[str, Any],
+        tmp: tempfile.TemporaryDirectory | None = None,
+        save: bool = False,
+    ) -> None:
+        self.model, self.tasks, self.S, self.folder, self.chunk = model, tasks, S, folder, chunk
+        self.meta, self.tmp, self.save = meta, tmp, save and folder is not None
+        self.usage: Mapping[str, frozenset] | None = None
+        self.layers: list[str] = []
+        self.cosines: LayerCosines | None = None
+        self.recorder: CosineRecorder | None = None
+        self.loss_log: list[list[float]] = []
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.tasks) * (len(self.tasks) - 1) // 2
+
+    def setup(self, engine: StepEngine, usage: Mapping[str, frozenset]) -> None:
+        """The shared layers of ``usage`` and their parameters: J's columns, the cosine kernel, the recorder."""
+        self.usage = usage
+        self.layers, layer_params = shared_layer_params(engine.names, usage)
+        if engine.shared_idx is None:  # fx: the shared layers' parameters; autograd: those 2+ tasks reached
+            engine.shared_idx = [i for _, i in layer_params]
+        self.cosines = LayerCosines(engine.params, layer_params, len(self.layers), len(self.tasks))
+        path = self.folder / COSINES_FILE if self.folder is not None else None
+        self.recorder = CosineRecorder(
+            path, len(self.layers), self.n_pairs, device=engine.device, chunk=self.chunk, S=self.S
+        )
+
+    def on_gradients(self, engine: StepEngine, grads: TaskGradients) -> None:
+        if self.recorder is None:  # autograd discovery, on the first step
+            self.setup(engine, layer_usage_autograd(engine.names, [[self.tasks[k] for k in u] for u in grads.users]))
+        self.recorder.append(self.cosines(grads, engine.device))
+
+    def on_step(self, engine: StepEngine, losses: list[float]) -> None:
+        self.loss_log.append(losses)
+
+    def close(self) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+
+    def run(self, engine: StepEngine, data: Any, *, epochs: int | None, max_steps: int | None) -> ConflictProfile:
+        """Run the engine and make the profile. On Ctrl-C or a non-finite loss the partial profile is attached to
+        the exception as ``exc.profile``."""
+        try:
+            done = engine.run(data, epochs=epochs, max_steps=max_steps)
+        except (KeyboardInterrupt, NonFiniteLossError) as e:
+            e.profile = self.result(engine, partial=True)  # type: ignore[attr-defined]
+            raise
+        except BaseException:
+            self.close()
+            raise
+        if done == 0:
+            self.close()
+            raise ReconError("the data yielded no batch; give at least one (inputs, targets) batch")
+        return self.result(engine, partial=False)
+
+    def result(self, engine: StepEngine, *, partial: bool) -> ConflictProfile:
+        """Close the record (an empty but valid one if no step completed), make the profile, save it when
+        asked."""
+        if self.recorder is None:
+            path = self.folder / COSINES_FILE if self.folder is not None else None
+            self.recorder = CosineRecorder(path, 0, self.n_pairs, device=engine.device, S=self.S)
+        self.close()
+        losses = pd.DataFrame(self.loss_log, columns=self.tasks).rename_axis("step")
+        if self.folder is not None:
+            _io.write_text(self.folder / LOSSES_FILE, losses.to_csv(float_format="%.6g"))
+        modules = dict(self.model.named_modules())
+        usage = self.usage or {}
+        info = {
+            ln: {
+                "params": sum(p.numel() for p in modules[ln].parameters(recurse=False)),
+                "type": type(modules[ln]).__name__,
+                "tasks": sorted(usage.get(ln, ()), key=self.tasks.index),
+            }
+            for ln in self.layers
+        }
+        meta = dict(self.meta)
+        prof = ConflictProfile(
+            tasks=self.tasks, layers=self.layers, folder=self.folder, S=self.S, layer_info=info, partial=partial,
+            discovery=meta.pop("discovery"), meta=meta, _tmp=self.tmp, _running=self.recorder.counts,
+            _loss_frame=losses.reset_index(),
+        )  # fmt: skip
+        if self.save:
+            prof.save(self.folder)
+        return prof
+
+
+def _check_profile_args(loss_fns: dict, tasks: Sequence[str] | None, S: float, steps: int | None, epochs: int):
+    task_names = validate_tasks(tasks if tasks is not None else list(loss_fns), "profile")
+    missing = [t for t in task_names if t not in loss_fns]
+    if missing:
+        raise ReconError(f"no loss for task(s) {missing}; `losses` must have one entry per task")
+    if len(task_names) < 2:
+        raise ReconError(f"profiling needs at least two tasks, got {task_names}; conflicts are between tasks")
+    if steps is not None and steps < 1:
+        raise ReconError(f"steps = {steps} must be at least 1")
+    if epochs < 1:
+        raise ReconError(f"epochs = {epochs} must be at least 1")
+    return task_names, check_threshold(S)
 
 
 def profile(
@@ -342,6 +469,7 @@ def profile(
         optimizer: default Adam(lr=1e-3) over the model's parameters.
         device: where to profile; default: where the model's parameters are.
         out: folder to stream ``cosines.npy`` into (default: a temporary folder; :meth:`ConflictProfile.save`).
+            Under torchrun only rank 0 writes; the other processes' profiles hold the scores at ``S`` only.
 
     On Ctrl-C or a non-finite loss, what was recorded is kept: the exception is re-raised with the partial
     profile attached as ``exc.profile``.
@@ -349,147 +477,43 @@ def profile(
     if callable(losses) and not isinstance(losses, Mapping):
         losses = losses()
     loss_fns = dict(losses)
-    task_names = validate_tasks(tasks if tasks is not None else list(loss_fns), "profile")
-    missing = [t for t in task_names if t not in loss_fns]
-    if missing:
-        raise ReconError(f"no loss for task(s) {missing}; `losses` must have one entry per task")
-    if len(task_names) < 2:
-        raise ReconError(f"profiling needs at least two tasks, got {task_names}; conflicts are between tasks")
-    S = check_threshold(S)
-    if steps is not None and steps < 1:
-        raise ReconError(f"steps = {steps} must be at least 1")
-    if epochs < 1:
-        raise ReconError(f"epochs = {epochs} must be at least 1")
+    task_names, S = _check_profile_args(loss_fns, tasks, S, steps, epochs)
 
     torch.manual_seed(seed)
     if device is not None:
         model.to(_distributed.local_device(torch.device(device)))
     dev = next(model.parameters()).device
     _distributed.broadcast_parameters(model)
-    if not _distributed.is_main():
-        out, progress = None, False  # only rank 0 writes files and prints
+    main = _distributed.is_main()  # only rank 0 writes files and prints
     model.train()
-    names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad], strict=True)
-    names, params = list(names), list(params)
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer if optimizer is not None else torch.optim.Adam(params, lr=1e-3)
-    method_obj = _warmup_method(method, task_names)
-
+    engine = StepEngine(
+        model, loss_fns, task_names, method=_warmup_method(method, task_names), optimizer=opt, device=dev
+    )
     try:
-        usage = layer_usage_fx(model, task_names, leaf_modules)
-        discovery = "fx"
+        usage, discovery = layer_usage_fx(model, task_names, leaf_modules), "fx"
     except (ReconError, ImportError):  # TraceError is a ReconError: fall back to autograd on the first step
-        usage = None
-        discovery = "autograd"
+        usage, discovery = None, "autograd"
 
-    tmp = None
-    if out is None:
-        tmp = tempfile.TemporaryDirectory(prefix="recon-profile-")
-        folder = Path(tmp.name)
-    else:
-        folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
-
-    K = len(task_names)
-    n_pairs = K * (K - 1) // 2
-    recorder: CosineRecorder | None = None
-    layer_params: list[tuple[int, int]] = []  # (layer index, parameter index) for parameters of shared layers
-    shared_layers: list[str] = []
-    shared_idx: list[int] | None = None  # the parameters whose task gradients go into J (found on step 1)
-    cosines: LayerCosines | None = None
-    loss_log: list[list[float]] = []
+    tmp, folder = _home(out) if main else (None, None)
+    meta = {"method": spec_of(method), "seed": seed, "leaf_modules": list(leaf_modules), "discovery": discovery}
+    profiler = _Profiler(model, task_names, S=S, folder=folder, chunk=chunk, meta=meta, tmp=tmp, save=out is not None)
+    if usage is not None:
+        profiler.setup(engine, usage)
+    engine.observers.append(profiler)
     n = batch_count(data)
     total = steps if steps is not None else (None if n is None else n * epochs)
+    with progress_bar(total, "profiling", enabled=progress and main) as bar:
+        engine.observers.append(ProgressObserver(bar))
+        return profiler.run(engine, data, epochs=epochs if steps is None else None, max_steps=steps)
 
-    def setup() -> None:
-        nonlocal recorder, shared_layers, shared_idx, cosines
-        shared_layers, found = shared_layer_params(names, usage)
-        layer_params.extend(found)
-        if shared_idx is None:  # fx: the shared layers' parameters; autograd: those 2+ tasks reached
-            shared_idx = [i for _, i in layer_params]
-        cosines = LayerCosines(params, layer_params, len(shared_layers), K)
-        recorder = CosineRecorder(folder / "cosines.npy", len(shared_layers), n_pairs, device=dev, chunk=chunk)
 
-    def result(partial: bool) -> ConflictProfile:
-        if recorder is not None:
-            recorder.close()
-        else:  # interrupted before the first step completed: an empty but valid record
-            CosineRecorder(folder / "cosines.npy", 0, n_pairs, device=dev).close()
-        _io.write_text(
-            folder / LOSSES_FILE,
-            pd.DataFrame(loss_log, columns=task_names).rename_axis("step").to_csv(float_format="%.6g"),
-        )
-        modules = dict(model.named_modules())
-        info = {
-            ln: {
-                "params": sum(p.numel() for p in modules[ln].parameters(recurse=False)),
-                "type": type(modules[ln]).__name__,
-                "tasks": sorted(usage.get(ln, ()), key=task_names.index) if usage else [],
-            }
-            for ln in shared_layers
-        }
-        prof = ConflictProfile(
-            tasks=task_names,
-            layers=shared_layers,
-            folder=folder,
-            S=S,
-            layer_info=info,
-            partial=partial,
-            discovery=discovery,
-            meta={
-                "method": method if isinstance(method, str) else type(method).__name__,
-                "seed": seed,
-                "leaf_modules": list(leaf_modules),
-            },
-            _tmp=tmp,
-        )
-        if out is not None:
-            prof.save(folder)
-        return prof
-
-    if usage is not None:
-        setup()
-    step = 0
-    try:
-        with progress_bar(total, "profiling", enabled=progress) as bar:
-            for _epoch in range(epochs if steps is None else 10**12):
-                epoch_start = step
-                for batch in batches(data):
-                    if steps is not None and step >= steps:
-                        break
-                    inputs, targets = check_batch(batch, task_names, "data")
-                    inputs, targets, weight = _distributed.shard(inputs, targets)
-                    outputs = task_outputs(call_model(model, move_to(inputs, dev)), task_names)
-                    values = compute_losses(loss_fns, outputs, move_to(targets, dev), "losses")
-                    loss_vector = torch.stack(list(values.values())).detach()
-                    grads = task_gradients(list(values.values()), params, shared_idx=shared_idx)
-                    # under torchrun: the global batch's task gradients, before any cosine or aggregation
-                    _distributed.average_([*grads.tensors(), loss_vector], weight)
-                    row = loss_vector.tolist()
-                    check_finite(task_names, row, step)
-                    if recorder is None:  # autograd discovery, on the first step
-                        usage = layer_usage_autograd(names, [[task_names[k] for k in u] for u in grads.users])
-                        shared_idx = grads.shared_idx
-                        setup()
-                    recorder.append(cosines(grads, dev))
-                    opt.zero_grad(set_to_none=True)
-                    apply_task_gradients(grads, params, method_obj, loss_vector)
-                    del grads
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)  # .grad is not kept between steps: memory for J
-                    loss_log.append(row)
-                    step += 1
-                    bar.advance(dict(zip(task_names, row, strict=True)))
-                else:
-                    if step > epoch_start:
-                        continue  # a one-shot iterator that is used up yields nothing: stop, don't spin
-                break
-    except (KeyboardInterrupt, NonFiniteLossError) as e:
-        e.profile = result(partial=True)  # type: ignore[attr-defined]
-        raise
-    except BaseException:
-        if recorder is not None:
-            recorder.close()
-        raise
-    if step == 0:
-        raise ReconError("the data yielded no batch; give at least one (inputs, targets) batch")
-    return result(partial=False)
+def _home(out: str | os.PathLike | None) -> tuple[tempfile.TemporaryDirectory | None, Path]:
+    """Where rank 0 streams the cosines: ``out``, or a temporary folder the profile owns until saved."""
+    if out is None:
+        tmp = tempfile.TemporaryDirectory(prefix="recon-profile-")
+        return tmp, Path(tmp.name)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    return None, folder

@@ -1,4 +1,4 @@
-"""Load and validate a recipe file (``model.py``), as CONTRACT.md describes it.
+"""Load and validate a recipe file (``model.py``), as docs/recipe.md describes it.
 
 Every problem is a :class:`~recon._errors.ReconError` with one line naming the file, the problem and the fix.
 """
@@ -42,7 +42,7 @@ class Recipe:
         return list(self.losses)
 
     def make_optimizer(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
-        """The recipe's optimizer, or Adam(lr=1e-3) as CONTRACT.md fixes."""
+        """The recipe's optimizer, or Adam(lr=1e-3) as docs/recipe.md fixes."""
         params = list(params)
         if self.optimizer is None:
             return torch.optim.Adam(params, lr=1e-3)

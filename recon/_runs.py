@@ -1,4 +1,4 @@
-"""The run folder (CONTRACT.md): ``runs/<name>/`` with ``run.json`` and one sub-folder per stage.
+"""The run folder (docs/run-folder.md): ``runs/<name>/`` with ``run.json`` and one sub-folder per stage.
 
 ``recon split`` and ``recon report`` find the most recent run by itself; no command overwrites another run's
 results unless ``--force``.
@@ -22,20 +22,24 @@ RUNS_ROOT = Path("runs")
 RUN_FILE = "run.json"
 
 
+#: Optional packages whose version run.json records when they are installed (read from metadata, not imported).
+OPTIONAL_PACKAGES = ("torchjd", "lightning", "transformers")
+
+
 def versions() -> dict[str, str]:
+    """recon's, Python's and torch's versions, and those of the optional packages that are installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
     from recon import __version__
 
     out = {"recon": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    try:
-        from importlib.metadata import version
-
-        import torchjd  # noqa: F401
-
-        out["torchjd"] = version("torchjd")
-    except Exception:  # torchjd missing or without metadata: versions are informative only
-        pass
+    for name in OPTIONAL_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:  # not installed: an optional extra (README, "Install")
+            continue
     return out
 
 

@@ -24,11 +24,15 @@ import torch
 from torch import nn
 
 from recon import _distributed, _io
-from recon._backward import TaskGradients, backward, reduce_and_apply, task_gradients
-from recon._errors import ReconError, check_finite
+from recon._backward import TaskGradients
+from recon._errors import ReconError
+from recon._gram import LayerCosines
+from recon._loop import Observer, ProgressObserver, StepEngine
 from recon._outputs import call_model, move_to, task_outputs
+from recon._profile import layer_usage_autograd, shared_layer_params
 from recon._progress import progress_bar
 from recon._recipe import batch_count, batches, check_batch, compute_losses, validate_tasks
+from recon.methods import resolve, spec_of
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
@@ -48,60 +52,85 @@ class TrainResult:
     cosines: np.ndarray | None = None
 
 
-class ConflictMeter:
+class ConflictMeter(Observer):
     """Layer-wise cosines of the shared layers at each training step (the paper's Figures 1 and 3).
 
-    Shared layers are found with autograd on the first step (any module, split or not). With a gradient method
-    the meter reads the step's own task gradients (:meth:`record`); other methods compute none, so the meter
-    then takes one more backward pass per task (:meth:`measure`): off unless asked for.
+    An observer of the step engine: shared layers are found with autograd on the first step (any module, split
+    or not). With a gradient method the meter reads the step's own task gradients; other methods compute none,
+    so the engine then takes one more backward pass per task for it: off unless asked for.
     """
 
-    def __init__(self, net: nn.Module, tasks: Sequence[str]) -> None:
+    wants_gradients = True
+
+    def __init__(self, tasks: Sequence[str]) -> None:
         self.tasks = list(tasks)
-        self.names, self.params = map(
-            list, zip(*[(n, p) for n, p in net.named_parameters() if p.requires_grad], strict=True)
-        )
         self.layers: list[str] | None = None
-        self._shared_idx: list[int] | None = None
-        self._cosines = None
+        self._cosines: LayerCosines | None = None
         self.rows: list[np.ndarray] = []
+        self._blocks: list[np.ndarray] = []
 
-    def gradients(self, values: Mapping[str, torch.Tensor], *, keep_graph: bool) -> TaskGradients:
-        """The step's per-task gradients (the shared/own partition is found on the first call, then kept)."""
-        return task_gradients(
-            [values[t] for t in self.tasks], self.params, shared_idx=self._shared_idx, retain_graph=keep_graph
-        )
-
-    def record(self, grads: TaskGradients) -> None:
-        """Record the shared layers' cosines of one step's task gradients."""
-        from recon._gram import LayerCosines
-        from recon._profile import layer_usage_autograd, shared_layer_params
-
+    def on_gradients(self, engine: StepEngine, grads: TaskGradients) -> None:
+        """Record the shared layers' cosines of one step's (averaged) task gradients."""
         if self._cosines is None:
-            usage = layer_usage_autograd(self.names, [[self.tasks[k] for k in u] for u in grads.users])
-            self.layers, layer_params = shared_layer_params(self.names, usage)
-            self._shared_idx = grads.shared_idx
-            self._cosines = LayerCosines(self.params, layer_params, len(self.layers), len(self.tasks))
-        self.rows.append(self._cosines(grads, self.params[0].device).cpu().numpy())
-
-    def measure(self, values: Mapping[str, torch.Tensor]) -> None:
-        """Its own K backward passes (the graph is kept for the method's), for methods that take no per-task
-        gradients."""
-        self.record(self.gradients(values, keep_graph=True))
+            usage = layer_usage_autograd(engine.names, [[self.tasks[k] for k in u] for u in grads.users])
+            self.layers, layer_params = shared_layer_params(engine.names, usage)
+            self._cosines = LayerCosines(engine.params, layer_params, len(self.layers), len(self.tasks))
+        self.rows.append(self._cosines(grads, engine.device).cpu().numpy())
 
     def take_epoch(self) -> float:
         """Share of this epoch's recorded cosines below 0 (skipped pairs excluded); resets the epoch."""
         if not self.rows:
             return float("nan")
         block = np.stack(self.rows)
-        self._all = [*getattr(self, "_all", []), block]
+        self._blocks.append(block)
         self.rows = []
         valid = ~np.isnan(block)
         return float((block < 0).sum() / max(valid.sum(), 1))
 
     def all(self) -> np.ndarray | None:
-        blocks = getattr(self, "_all", [])
-        return np.concatenate(blocks) if blocks else None
+        return np.concatenate(self._blocks) if self._blocks else None
+
+
+class _Epochs(Observer):
+    """The training loop's side of the step engine: per-epoch mean losses, the method's epoch end, evaluation,
+    the history, ``metrics.csv`` and ``checkpoint.pt`` (rank 0), then the user's ``on_epoch``."""
+
+    def __init__(self, run: _TrainRun, history: list[dict[str, Any]]) -> None:
+        self.run = run
+        self.history = history
+        self._start()
+
+    def _start(self) -> None:
+        self.t0 = time.perf_counter()
+        self.sums = dict.fromkeys(self.run.tasks, 0.0)
+
+    def on_step(self, engine: StepEngine, losses: list[float]) -> None:
+        for t, v in zip(self.run.tasks, losses, strict=True):
+            self.sums[t] += v
+
+    def on_epoch_end(self, engine: StepEngine, epoch: int, n_steps: int) -> None:
+        run = self.run
+        if n_steps == 0:
+            raise ReconError("train_data yielded no batch; give at least one (inputs, targets) batch")
+        mean_losses = {t: s / n_steps for t, s in self.sums.items()}
+        run.method.end_epoch(mean_losses)
+        record: dict[str, Any] = {"epoch": epoch + 1}
+        record.update({f"train_loss_{t}": v for t, v in mean_losses.items()})
+        if run.meter is not None:
+            record["conflict_share"] = run.meter.take_epoch()
+        if run.val_data is not None:
+            scores = evaluate(engine.model, run.val_data, run.tasks, run.metrics, device=engine.device)
+            for t in run.tasks:
+                record.update({f"val_{t}_{k}": v for k, v in scores[t].items()})
+        record["seconds"] = time.perf_counter() - self.t0
+        self.history.append(record)
+        if run.folder is not None:
+            _io.write_text(run.folder / METRICS, pd.DataFrame(self.history).to_csv(index=False, float_format="%.6g"))
+            _save_checkpoint(run.folder, epoch + 1, engine.model, engine.optimizer, run.method, self.history, run.meta)
+        if run.on_epoch is not None:
+            run.on_epoch(epoch + 1, record)
+        engine.model.train()
+        self._start()
 
 
 def delta_m(
@@ -204,6 +233,32 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+@dataclass
+class _TrainRun:
+    """What the epoch end of :func:`train` needs besides the engine."""
+
+    tasks: list[str]
+    method: Any
+    meter: ConflictMeter | None
+    val_data: Any
+    metrics: Metrics | None
+    folder: Path | None  # None on processes other than rank 0: only rank 0 writes
+    meta: Mapping[str, Any] | None
+    on_epoch: Callable[[int, dict[str, Any]], None] | None
+
+
+def _check_train_args(loss_fns: dict, tasks: Sequence[str] | None, epochs: int, resume: bool, out: Any) -> list[str]:
+    task_names = validate_tasks(tasks if tasks is not None else list(loss_fns), "train")
+    unknown = [t for t in task_names if t not in loss_fns]
+    if unknown:
+        raise ReconError(f"no loss for task(s) {unknown}; tasks must be keys of `losses`: {list(loss_fns)}")
+    if epochs < 1:
+        raise ReconError(f"epochs = {epochs} must be at least 1")
+    if resume and out is None:
+        raise ReconError("resume=True needs `out`, the folder holding checkpoint.pt")
+    return task_names
+
+
 def train(
     net: nn.Module,
     data: Any,
@@ -232,8 +287,9 @@ def train(
         data: iterable of ``(inputs, {task: target})`` batches, or a function returning one (called per epoch).
         losses: ``{task: loss_fn(output, target)}``; ``tasks`` may restrict training to some of them
             (a single task gives the single-task baseline of Δm%).
-        method: a name of ``recon.methods``, a method instance, a torchjd ``Aggregator``, or a callable
-            ``(K, P) -> (P,)``. Learnable method parameters (e.g. uncertainty weights) join the optimizer.
+        method: a name of ``recon.methods`` (with hyperparameters: ``"cagrad:c=0.4"``), a method instance, a
+            torchjd ``Aggregator``, or a callable ``(K, P) -> (P,)``. Learnable method parameters (e.g.
+            uncertainty weights) join the optimizer.
         optimizer: default Adam(lr=1e-3) over the network's and the method's parameters.
         val_data, metrics: evaluated after every epoch; the mean over batches, weighted by batch size.
         out: folder for ``metrics.csv``, ``checkpoint.pt`` (every epoch) and ``summary.json``.
@@ -243,20 +299,10 @@ def train(
             which compute the per-task gradients anyway; one more backward per task for the others): the history
             gets ``conflict_share`` (share of cosines < 0) and the result ``cosines``.
     """
-    from recon.methods import resolve
-
     if callable(losses) and not isinstance(losses, Mapping):
         losses = losses()
     loss_fns = dict(losses)
-    task_names = validate_tasks(tasks if tasks is not None else list(loss_fns), "train")
-    unknown = [t for t in task_names if t not in loss_fns]
-    if unknown:
-        raise ReconError(f"no loss for task(s) {unknown}; tasks must be keys of `losses`: {list(loss_fns)}")
-    if epochs < 1:
-        raise ReconError(f"epochs = {epochs} must be at least 1")
-    if resume and out is None:
-        raise ReconError("resume=True needs `out`, the folder holding checkpoint.pt")
-    all_tasks = list(loss_fns)
+    task_names = _check_train_args(loss_fns, tasks, epochs, resume, out)
 
     seed_everything(seed)
     if device is not None:
@@ -264,17 +310,7 @@ def train(
     dev = next(net.parameters()).device
     _distributed.broadcast_parameters(net)
     writes = _distributed.is_main()  # only rank 0 writes files and prints; every rank reads a resumed checkpoint
-    progress = progress and writes
-    agg = resolve(method)
-    if hasattr(agg, "bind"):
-        agg.bind(task_names)  # methods with learnable weights create them here, before the optimizer sees them
-    extra = [p for p in agg.parameters()] if isinstance(agg, nn.Module) else []
-    if isinstance(agg, nn.Module):
-        agg.to(dev)
-    if optimizer is None:
-        optimizer = torch.optim.Adam([*net.parameters(), *extra], lr=1e-3)
-    elif extra:
-        optimizer.add_param_group({"params": extra})
+    agg, optimizer = _method_and_optimizer(method, task_names, net, optimizer, dev)
     if sparse is not None:  # masks come from the fresh weights, so a resumed run re-derives the same ones
         sparse = _attach_sparse(sparse, net, data, task_names, loss_fns, dev, optimizer)
 
@@ -286,106 +322,68 @@ def train(
     elif folder is not None and writes:
         folder.mkdir(parents=True, exist_ok=True)
 
-    directions = {t: {n: d for n, (_, d) in (metrics or {}).get(t, {}).items()} for t in task_names}
-    meter = ConflictMeter(net, task_names) if record_cosines and len(task_names) > 1 else None
+    meter = ConflictMeter(task_names) if record_cosines and len(task_names) > 1 else None
+    run = _TrainRun(task_names, agg, meter, val_data, metrics, folder if writes else None, meta, on_epoch)
     steps_per_epoch = batch_count(data)
+    engine = StepEngine(
+        net, loss_fns, task_names, method=agg, optimizer=optimizer, device=dev, output_tasks=list(loss_fns),
+        where="train_data", observers=[o for o in (meter, _Epochs(run, history)) if o is not None],
+        step=start_epoch * (steps_per_epoch or 0),
+    )  # fmt: skip
     total = None if steps_per_epoch is None else steps_per_epoch * (epochs - start_epoch)
-    step = start_epoch * (steps_per_epoch or 0)
-    shared: tuple[nn.Parameter, ...] | None = None
-    with progress_bar(total, f"training {_method_name(method)}", enabled=progress) as bar:
-        for epoch in range(start_epoch, epochs):
-            t0 = time.perf_counter()
-            net.train()
-            sums = dict.fromkeys(task_names, 0.0)
-            n_batches = 0
-            for batch in batches(data):
-                inputs, targets = check_batch(batch, task_names, "train_data")
-                inputs, targets, weight = _distributed.shard(inputs, targets)
-                outputs = task_outputs(call_model(net, move_to(inputs, dev)), all_tasks)
-                values = compute_losses({t: loss_fns[t] for t in task_names}, outputs, move_to(targets, dev), "losses")
-                if weight != 1.0:  # uneven shards: averaging weight * gradient over processes = the global batch's
-                    values = {t: v * weight for t, v in values.items()}
-                loss_vector = torch.stack(list(values.values())).detach()
-                _distributed.average_([loss_vector])  # every process sees the same losses: same NaN decision
-                row = loss_vector.tolist()
-                check_finite(task_names, row, step)
-                optimizer.zero_grad(set_to_none=True)
-                if meter is not None and agg.kind == "gradient":  # one set of K backward passes serves both
-                    grads = meter.gradients(values, keep_graph=False)
-                    loss_values = torch.stack([v.detach() for v in values.values()])
-                    reduce_and_apply(grads, meter.params, agg, loss_values, observe=meter.record)
-                else:
-                    if meter is not None:
-                        meter.measure(values)
-                    # after the first step the partition is known: task gradients then go straight into J (memory)
-                    shared = backward(values, net, agg, shared=shared).shared or None
-                optimizer.step()
-                for t, v in zip(task_names, row, strict=True):
-                    sums[t] += v
-                n_batches += 1
-                step += 1
-                bar.advance(dict(zip(task_names, row, strict=True)))
-            if n_batches == 0:
-                raise ReconError("train_data yielded no batch; give at least one (inputs, targets) batch")
-            mean_losses = {t: s / n_batches for t, s in sums.items()}
-            if hasattr(agg, "end_epoch"):
-                agg.end_epoch(mean_losses)
-            record: dict[str, Any] = {"epoch": epoch + 1}
-            record.update({f"train_loss_{t}": v for t, v in mean_losses.items()})
-            if meter is not None:
-                record["conflict_share"] = meter.take_epoch()
-            if val_data is not None:
-                scores = evaluate(net, val_data, task_names, metrics, device=dev)
-                for t in task_names:
-                    record.update({f"val_{t}_{k}": v for k, v in scores[t].items()})
-            record["seconds"] = time.perf_counter() - t0
-            history.append(record)
-            if folder is not None and writes:
-                _io.write_text(folder / METRICS, pd.DataFrame(history).to_csv(index=False, float_format="%.6g"))
-                _save_checkpoint(folder, epoch + 1, net, optimizer, agg, history, meta)
-            if on_epoch is not None:
-                on_epoch(epoch + 1, record)
-
+    net.train()
+    with progress_bar(total, f"training {spec_of(method)}", enabled=progress and writes) as bar:
+        engine.observers.append(ProgressObserver(bar))
+        engine.run(data, epochs=epochs, start_epoch=start_epoch)
     if sparse is not None:
         sparse.remove()  # the returned network carries no hooks
+    return _finish(run, history, net, method, epochs, seed)
+
+
+def _method_and_optimizer(method: Any, tasks: list[str], net: nn.Module, optimizer, device):
+    """The resolved method, bound to the tasks (methods with learnable weights create them here, before the
+    optimizer sees them), and the optimizer that also trains those weights."""
+    agg = resolve(method)
+    agg.bind(tasks)
+    agg.to(device)
+    extra = list(agg.parameters())
+    if optimizer is None:
+        optimizer = torch.optim.Adam([*net.parameters(), *extra], lr=1e-3)
+    elif extra:
+        optimizer.add_param_group({"params": extra})
+    return agg, optimizer
+
+
+def _finish(run: _TrainRun, history: list[dict[str, Any]], net: nn.Module, method, epochs: int, seed: int):
+    """The result and ``summary.json`` (and the recorded cosines, when asked for)."""
     frame = pd.DataFrame(history)
-    final = _final_metrics(frame, task_names, directions)
+    tasks = run.tasks
+    directions = {t: {n: d for n, (_, d) in (run.metrics or {}).get(t, {}).items()} for t in tasks}
+    final = _final_metrics(frame, tasks, directions)
     summary = {
-        "method": _method_name(method),
+        "method": spec_of(method),
         "epochs": epochs,
         "seed": seed,
-        "tasks": task_names,
+        "tasks": tasks,
         "params": sum(p.numel() for p in net.parameters()),
         "final": final,
         "directions": directions,
-        "train_loss": {t: float(frame[f"train_loss_{t}"].iloc[-1]) for t in task_names},
-        **dict(meta or {}),
+        "train_loss": {t: float(frame[f"train_loss_{t}"].iloc[-1]) for t in tasks},
+        **dict(run.meta or {}),
     }
-    if folder is not None and writes:
-        _io.write_json(folder / SUMMARY, summary)
-    if meter is not None:
+    cosines = run.meter.all() if run.meter is not None else None
+    if run.meter is not None:
         summary["conflict_share"] = float(np.nanmean(frame["conflict_share"]))
-        if folder is not None and writes:
-            cosines = meter.all()
-            if cosines is not None:
-                _io.write_bytes(folder / "cosines.npy", _npy_bytes(cosines))
-            _io.write_json(folder / SUMMARY, summary)
-    return TrainResult(frame, final, summary, meter.all() if meter is not None else None)
-
-
-def _method_name(method: Any) -> str:
-    if isinstance(method, str):
-        return method
-    return getattr(method, "name", type(method).__name__)
+        if run.folder is not None and cosines is not None:
+            _io.write_bytes(run.folder / "cosines.npy", _npy_bytes(cosines))
+    if run.folder is not None:
+        _io.write_json(run.folder / SUMMARY, summary)
+    return TrainResult(frame, final, summary, cosines)
 
 
 def _final_metrics(frame: pd.DataFrame, tasks: Sequence[str], directions) -> dict[str, dict[str, float]]:
     last = frame.iloc[-1]
     return {t: {m: float(last[f"val_{t}_{m}"]) for m in directions[t] if f"val_{t}_{m}" in last} for t in tasks}
-
-
-def _state(obj: Any) -> Any:
-    return obj.state_dict() if hasattr(obj, "state_dict") else None
 
 
 def _save_checkpoint(folder, epoch, net, optimizer, agg, history, meta) -> None:
@@ -395,7 +393,7 @@ def _save_checkpoint(folder, epoch, net, optimizer, agg, history, meta) -> None:
             "epoch": epoch,
             "model": net.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "method": _state(agg),
+            "method": agg.state_dict(),
             "history": json.dumps(history),
             "rng": _rng_state(),
             "meta": json.dumps(dict(meta or {}), default=str),
@@ -410,7 +408,7 @@ def _load_checkpoint(folder, net, optimizer, agg) -> tuple[int, list[dict[str, A
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     net.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("method") is not None and hasattr(agg, "load_state_dict"):
+    if ckpt.get("method") is not None:
         agg.load_state_dict(ckpt["method"])
     _set_rng_state(ckpt["rng"])
     return int(ckpt["epoch"]), json.loads(ckpt["history"])

@@ -299,3 +299,59 @@ def test_layer_cosine_kernel_against_float64_per_layer_products(dtype):
         for p, (a, b) in enumerate(zip(*torch.triu_indices(K, K, 1).tolist(), strict=True)):
             expected = F.cosine_similarity(M[a], M[b], dim=0).item()
             assert got[layer, p].item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_running_counts_equal_one_pass_over_the_file(tmp_path, chunk):
+    """The counts kept while streaming (any chunk size) equal the counts of the whole array read back."""
+    from recon._cosines import ConflictCounts
+
+    rng = np.random.default_rng(chunk)
+    cos = rng.uniform(-1, 1, size=(7, 3, 6)).astype(np.float32)
+    cos[rng.random(cos.shape) < 0.2] = np.nan
+    cos[0, 0, 0] = -0.25  # exactly at S: strict < does not count it
+    rec = CosineRecorder(tmp_path / "c.npy", 3, 6, device=torch.device("cpu"), chunk=chunk, S=-0.25)
+    for row in cos:
+        rec.append(torch.from_numpy(row))
+    rec.close()
+    whole = ConflictCounts.of(np.load(tmp_path / "c.npy"), -0.25)
+    assert rec.counts.steps == whole.steps == 7
+    np.testing.assert_array_equal(rec.counts.below, (cos < -0.25).sum(axis=0))
+    np.testing.assert_array_equal(rec.counts.below, whole.below)
+    np.testing.assert_array_equal(rec.counts.valid, (~np.isnan(cos)).sum(axis=0))
+    np.testing.assert_allclose(rec.counts.total, np.nansum(cos.astype(np.float64), axis=0), rtol=1e-12)
+
+
+def test_the_end_of_a_profile_reads_no_cosine_back_and_another_S_reads_it_once(tmp_path, monkeypatch):
+    import recon._profile as rp
+
+    reads = []
+    monkeypatch.setattr(rp, "open_cosines", lambda path: reads.append("array") or np.load(path, mmap_mode="r"))
+    monkeypatch.setattr(rp, "read_shape", lambda path: reads.append("header") or (0,))
+    prof = recon.profile(BranchyNet(), batches(4), LOSSES, steps=4, S=-0.1, out=tmp_path / "p")  # saves scores
+    prof.scores(), prof.conflict_rates(), prof.top_layers(2), prof.export_scores_json(tmp_path / "s.json")
+    assert prof.steps == 4 and reads == []
+    cos = np.load(tmp_path / "p" / "cosines.npy")
+    for S in (-0.1, -0.3, -0.3):
+        expected = (cos < S).sum(axis=(0, 2))
+        assert [int(prof.scores(S)["score"][layer]) for layer in prof.layers] == expected.tolist()
+    assert reads == ["array"]  # S = -0.3 once, then kept; the profiled S = -0.1 came from the running counts
+
+
+def test_a_process_other_than_rank_0_writes_nothing_and_keeps_the_same_scores(monkeypatch):
+    from recon import _distributed
+
+    main = recon.profile(BranchyNet(), batches(3), LOSSES, steps=3, chunk=2)
+    monkeypatch.setattr(_distributed, "is_main", lambda: False)
+
+    def no_temporary_folder(*args, **kwargs):
+        raise AssertionError("a non-zero rank made a temporary folder")
+
+    monkeypatch.setattr("tempfile.TemporaryDirectory", no_temporary_folder)
+    other = recon.profile(BranchyNet(), batches(3), LOSSES, steps=3, chunk=2)
+    assert other.folder is None and other.steps == 3
+    assert other.scores().drop(columns="mean_cos").equals(main.scores().drop(columns="mean_cos"))
+    np.testing.assert_allclose(other.scores()["mean_cos"], main.scores()["mean_cos"], rtol=1e-12)
+    assert other.losses.equals(main.losses)
+    with pytest.raises(ReconError, match="only rank 0"):
+        _ = other.cosines

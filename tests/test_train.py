@@ -194,3 +194,35 @@ def test_recorded_cosines_with_a_loss_weighting_method_take_their_own_pass_and_c
             assert result.cosines[0, li, pi] == pytest.approx(first[(layer, a, b)], abs=1e-5)
     for p, q in zip(recorded.parameters(), plain.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_cli_summary_holds_the_method_spec_the_user_gave(cli, tmp_path):
+    """summary.json's "method" is the user's spec, not the class name (``Mean``, ``CAGrad``)."""
+    for method in ("joint", "cagrad:c=0.4"):
+        res = cli("train", str(EXAMPLE), "--method", method, "--epochs", "1", "--split", "none", "--out", "runs/r")
+        assert res.returncode == 0, res.stderr
+        summary = json.loads((tmp_path / f"runs/r/train/{method}/summary.json").read_text())
+        assert summary["method"] == method
+        assert json.loads((tmp_path / "runs/r/run.json").read_text())["commands"][-1]["method"] == method
+
+
+def test_one_hyperparameter_reader_for_both_forms_and_specs_round_trip():
+    from recon.methods import canonical_name, format_spec, get, parse_hparams, spec_of
+
+    assert parse_hparams(["c=0.4", "x=none", "flag=True", "name=min"]) == {
+        "c": 0.4, "x": None, "flag": True, "name": "min",
+    }  # fmt: skip
+    by_hp = get("cagrad", **parse_hparams(["c=0.4", "rescale=2"]))  # what `--method cagrad --hp ...` builds
+    assert by_hp.hparams() == get("cagrad:c=0.4,rescale=2").hparams() and by_hp.spec == "cagrad:c=0.4,rescale=2"
+    with pytest.raises(ReconError, match="key=value"):
+        parse_hparams(["c"])
+    for spec in ("joint", "pcgrad", "cagrad:c=0.4", "cagrad:c=0.25,rescale=2", "gradvac:beta=0.1"):
+        method = get(spec)
+        assert method.spec == spec == spec_of(method) == spec_of(spec)
+        assert get(method.spec).hparams() == method.hparams()  # the spec rebuilds the same method
+    assert spec_of("CAGrad: c=0.4") == "cagrad:c=0.4" == format_spec("cagrad", {"c": 0.4})
+    assert spec_of(recon.methods.PCGrad()) == "pcgrad"  # built directly: its registry name
+    # older summary.json files hold class names
+    assert [canonical_name(n) for n in ("Mean", "PCGrad", "CAGrad", "IMTLG", "joint", "cagrad:c=0.4")] == [
+        "joint", "pcgrad", "cagrad", "imtl_g", "joint", "cagrad:c=0.4",
+    ]  # fmt: skip

@@ -1,6 +1,8 @@
 """Multi-task gradient methods, behind one interface.
 
-``recon.methods.get(name, **hparams)`` builds any registered method; ``recon.methods.resolve(x)`` turns a name,
+``recon.methods.get(name, **hparams)`` builds any registered method and records the spec it was made from
+(``method.spec``, e.g. ``"cagrad:c=0.4"``; :func:`spec_of` names any method, :func:`canonical_name` reads the
+class names older run files hold); ``recon.methods.resolve(x)`` turns a name,
 a recon method, a torchjd ``Aggregator`` or any callable ``(K, P) -> (P,)`` into a method that
 :func:`recon.backward` can use. ``recon methods`` lists them all with their hyperparameters and papers.
 
@@ -44,8 +46,12 @@ from recon.methods._registry import (
     CallableMethod,
     MethodInfo,
     available,
+    canonical_name,
+    format_spec,
     get,
+    parse_hparams,
     resolve,
+    spec_of,
 )
 from recon.methods._rotograd import RotoGrad, RotoGradMethod
 from recon.methods._sparse import SparseTraining
@@ -82,6 +88,10 @@ __all__ = [
     "UPGrad",
     "UncertaintyWeighting",
     "available",
+    "canonical_name",
+    "format_spec",
     "get",
+    "parse_hparams",
     "resolve",
+    "spec_of",
 ]

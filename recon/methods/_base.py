@@ -55,6 +55,9 @@ class Method(nn.Module):
     requires_features: ClassVar[bool] = False
     #: True for methods with learnable parameters: call :meth:`bind` before building the optimiser.
     learnable: ClassVar[bool] = False
+    #: The spec the method was made from (``"joint"``, ``"cagrad:c=0.4"``), set by :func:`recon.methods.get`;
+    #: ``None`` for an instance built directly (:func:`recon.methods.spec_of` then gives its registry name).
+    spec: str | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -96,11 +99,6 @@ class Method(nn.Module):
 
     def reset(self) -> None:
         """Forget the state gathered during training (EMA targets, loss history, ...)."""
-
-    @property
-    def has_learnable_parameters(self) -> bool:
-        """True when the optimiser must also train ``self.parameters()``."""
-        return any(True for _ in self.parameters())
 
     # --- state_dict with task-sized state ------------------------------------------------------------------
     def _load_from_state_dict(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,18 @@ from recon.methods._rotograd import RotoGradMethod
 from recon.methods._sparse import SparseTraining
 from recon.methods._weighting import DWA, MGDAUB, GradNorm, UncertaintyWeighting
 
-__all__ = ["MethodInfo", "OPTIONS", "REGISTRY", "available", "get", "resolve"]
+__all__ = [
+    "MethodInfo",
+    "OPTIONS",
+    "REGISTRY",
+    "available",
+    "canonical_name",
+    "format_spec",
+    "get",
+    "parse_hparams",
+    "resolve",
+    "spec_of",
+]
 
 _REQUIRED = inspect.Parameter.empty
 
@@ -82,17 +93,17 @@ REGISTRY: dict[str, MethodInfo] = {
         _info("uncertainty", UncertaintyWeighting, "learned homoscedastic uncertainty weights"),
         _info("dwa", DWA, "weights from the epoch-to-epoch rate of loss decrease"),
         _info("gradnorm", GradNorm, "learned weights equalising gradient norms by training rate"),
-        _info("rotograd", RotoGradMethod, "per-task rotations of the representation + norm homogenisation"),
+        MethodInfo(  # its hyperparameters live on the RotoGrad module wrapping the model
+            "rotograd",
+            RotoGradMethod,
+            "model",
+            RotoGradMethod.paper,
+            "per-task rotations of the representation + norm homogenisation; "
+            "the model must contain a recon.methods.RotoGrad module",
+            {"latent_size": _REQUIRED, "dim": 1, "burn_in_period": 20, "normalize_losses": False},
+        ),
     )
 }
-REGISTRY["rotograd"] = MethodInfo(
-    "rotograd",
-    RotoGradMethod,
-    "model",
-    RotoGradMethod.paper,
-    REGISTRY["rotograd"].summary + "; the model must contain a recon.methods.RotoGrad module",
-    {"latent_size": _REQUIRED, "dim": 1, "burn_in_period": 20, "normalize_losses": False},
-)
 
 #: Composable options (not methods): listed by ``recon methods``.
 OPTIONS: dict[str, MethodInfo] = {
@@ -143,18 +154,73 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def parse_hparams(items: Iterable[str], *, where: str = "--hp") -> dict[str, Any]:
+    """``["c=0.4", "rescale=none"]`` -> ``{"c": 0.4, "rescale": None}``: the one reader of hyperparameters, for
+    ``--hp key=value`` and for ``--method name:key=value,key=value`` alike (Python literals; ``true``/``false``
+    and ``none`` in any case; anything else stays a string)."""
+    hparams: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ReconError(f"cannot read {item!r} in {where}; write key=value (e.g. cagrad:c=0.5 or --hp c=0.5)")
+        hparams[key.strip()] = _parse_value(value)
+    return hparams
+
+
 def _parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"cagrad:c=0.5,rescale=0"`` -> ``("cagrad", {"c": 0.5, "rescale": 0})``."""
     name, _, rest = spec.partition(":")
-    hparams: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise ReconError(
-                f"cannot read {item!r} in method spec {spec!r}; write name:key=value,key=value (e.g. cagrad:c=0.5)"
-            )
-        hparams[key.strip()] = _parse_value(value)
-    return name, hparams
+    items = [s.strip() for s in rest.split(",") if s.strip()]
+    return name.strip(), parse_hparams(items, where=f"method spec {spec!r}")
+
+
+def _format_value(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value) if isinstance(value, (int, float, str)) else repr(value)
+
+
+def format_spec(name: str, hparams: Mapping[str, Any] | None = None) -> str:
+    """``("cagrad", {"c": 0.4})`` -> ``"cagrad:c=0.4"``; what :func:`get` reads back (``format_spec(name)`` is
+    the name, lower-cased)."""
+    base = name.strip().lower()
+    if not hparams:
+        return base
+    return base + ":" + ",".join(f"{k}={_format_value(v)}" for k, v in hparams.items())
+
+
+def spec_of(method: Any) -> str:
+    """The name a method goes by in run files: the spec the user gave (``"joint"``, ``"cagrad:c=0.4"``).
+
+    A string is normalised (``"CAGrad: c=0.4"`` -> ``"cagrad:c=0.4"``); a method made by :func:`get` carries
+    its spec; a method instance built directly gets its registry name (``PCGrad()`` -> ``"pcgrad"``); a torchjd
+    aggregator or a callable its class or function name.
+    """
+    if isinstance(method, str):
+        return format_spec(*_parse_spec(method)) if ":" in method else format_spec(method)
+    spec = getattr(method, "spec", None)
+    if spec:
+        return spec
+    if isinstance(method, AggregatorMethod):
+        return type(method.aggregator).__name__
+    if isinstance(method, CallableMethod) or (callable(method) and not isinstance(method, Method)):
+        fn = method.fn if isinstance(method, CallableMethod) else method
+        return getattr(fn, "__name__", type(fn).__name__)
+    return canonical_name(type(method).__name__)
+
+
+def canonical_name(name: str) -> str:
+    """A method's name as run files should hold it: older ``summary.json`` files hold class names (``"PCGrad"``,
+    ``"Mean"``), newer ones the user's spec; this maps a class name to its registry name (``"Mean"``, the joint
+    training baseline, to ``"joint"``) and leaves anything else as it is."""
+    if name == Mean.__name__:
+        return "joint"
+    for info in REGISTRY.values():
+        if info.cls.__name__ == name:
+            return info.name
+    return name
 
 
 def get(name: str, **hparams: Any) -> Method:
@@ -178,16 +244,20 @@ def get(name: str, **hparams: Any) -> Method:
                 f"method {key!r} takes its hyperparameters on the RotoGrad module wrapping the model "
                 f"({info.hparams_text()}), not here"
             )
-        return info.cls()
+        method = info.cls()
+        method.spec = format_spec(base)
+        return method
     valid = list(_hparams_of(info.cls, skip=()))
     unknown = [k for k in merged if k not in valid]
     if unknown:
         choices = ", ".join(valid) if valid else "none"
         raise ReconError(f"unknown hyperparameter {unknown[0]!r} for method {key!r}; valid: {choices}")
     try:
-        return info.cls(**merged)
+        method = info.cls(**merged)
     except TypeError as exc:  # pragma: no cover - guarded by the checks above
         raise ReconError(f"bad hyperparameters for method {key!r}: {exc}") from exc
+    method.spec = format_spec(base, merged)
+    return method
 
 
 class AggregatorMethod(GradientMethod):

@@ -1,0 +1,240 @@
+"""The one multi-task step engine that ``recon.profile`` and ``recon.train`` configure.
+
+A step is: check the batch -> keep this process's shard (:func:`recon._distributed.shard`) -> forward and the
+per-task losses (:meth:`StepEngine.forward_losses`) -> the K task gradients (:meth:`StepEngine.task_gradients`,
+one backward per task, accumulated straight into the ``(K, P)`` matrix J once the shared parameters are known)
+-> average them across processes -> one non-finite check -> the method's update -> the optimizer step.
+Observers see the step without changing it: the profiler's cosine recorder and loss log, the training loop's
+conflict meter and epoch end (evaluation, metrics.csv, checkpoint), the progress bar.
+
+Under ``torchrun`` a process's share of the global batch is weighted one way only: its losses are multiplied by
+``n_r * W / N`` (:func:`recon._distributed.shard`) before any backward pass, so every later average across
+processes is a plain mean and equals the global batch's value (gradients, loss values, loss-weighting methods'
+single backward alike). The loss values are averaged before the check, so every process takes the same
+decision on a non-finite loss.
+
+Mixed precision plugs in through one object, :class:`Precision`: its ``autocast()`` wraps the forward and the
+losses, ``scale`` the losses before the task-gradient passes, ``unscale`` the averaged gradients (returning
+False to skip a step with overflowing gradients) and ``step`` the optimizer step. :class:`FullPrecision` is the
+identity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from recon import _distributed
+from recon._backward import TaskGradients, apply_task_gradients, backward, task_gradients
+from recon._errors import check_finite
+from recon._outputs import call_model, move_to, task_outputs
+from recon._recipe import batches, check_batch, compute_losses
+
+__all__ = ["FullPrecision", "Observer", "Precision", "StepEngine"]
+
+
+class Precision(Protocol):
+    """Where mixed precision plugs into a step (autocast around the forward, a gradient scaler around the
+    task-gradient passes and the optimizer step)."""
+
+    def autocast(self) -> contextlib.AbstractContextManager: ...
+
+    def scale(self, values: Sequence[Tensor]) -> list[Tensor]: ...
+
+    def unscale(self, grads: TaskGradients) -> bool: ...
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None: ...
+
+
+class FullPrecision:
+    """The identity :class:`Precision`: no autocast, no loss scaling, a plain optimizer step."""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def scale(self, values: Sequence[Tensor]) -> list[Tensor]:
+        return list(values)
+
+    def unscale(self, grads: TaskGradients) -> bool:
+        return True
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+
+
+class Observer:
+    """Hooks of :class:`StepEngine`; each one is a no-op here. ``wants_gradients``: the observer reads the
+    step's averaged task gradients in :meth:`on_gradients` (free with gradient methods, which compute them
+    anyway; one more backward per task with the others)."""
+
+    wants_gradients = False
+
+    def on_gradients(self, engine: StepEngine, grads: TaskGradients) -> None:
+        """The step's task gradients, averaged across processes, before the method consumes ``grads.J``."""
+
+    def on_step(self, engine: StepEngine, losses: list[float]) -> None:
+        """After the optimizer step; ``losses``: the step's K loss values (global batch)."""
+
+    def on_epoch_end(self, engine: StepEngine, epoch: int, n_steps: int) -> None:
+        """After a full pass over the data (``epoch`` counts from 0; ``n_steps`` batches in it)."""
+
+
+class ProgressObserver(Observer):
+    """Advances a :func:`recon._progress.progress_bar` with the step's losses."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+
+    def on_step(self, engine: StepEngine, losses: list[float]) -> None:
+        self.bar.advance(dict(zip(engine.tasks, losses, strict=True)))
+
+
+class StepEngine:
+    """One multi-task training step, repeated over epochs, for any module and any ``recon.methods`` method.
+
+    Args:
+        model: the network; its parameters that require grad are the ones the step updates.
+        losses: ``{task: loss_fn(output, target)}`` for the trained ``tasks``.
+        tasks: the trained tasks (the order of J's rows).
+        method: a resolved and bound ``recon.methods`` method.
+        optimizer: steps after every update.
+        device: where batches go.
+        output_tasks: the model's outputs in order (for tuple outputs; default ``tasks``).
+        where: how error messages name the data (``"data"``, ``"train_data"``).
+        precision: mixed precision hooks (default :class:`FullPrecision`).
+        observers: see :class:`Observer`.
+        step: the number of steps already done (a resumed run's).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        losses: Mapping[str, Callable],
+        tasks: Sequence[str],
+        *,
+        method: Any,
+        optimizer: torch.optim.Optimizer,
+        device: torch.device,
+        output_tasks: Sequence[str] | None = None,
+        where: str = "data",
+        precision: Precision | None = None,
+        observers: Iterable[Observer] = (),
+        step: int = 0,
+    ) -> None:
+        self.model = model
+        self.tasks = list(tasks)
+        self.losses = {t: losses[t] for t in self.tasks}
+        self.output_tasks = list(output_tasks) if output_tasks is not None else self.tasks
+        self.method = method
+        self.optimizer = optimizer
+        self.device = device
+        self.where = where
+        self.precision: Precision = precision if precision is not None else FullPrecision()
+        self.observers = list(observers)
+        self.step = step
+        self.names, self.params = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                self.names.append(name)
+                self.params.append(p)
+        #: indices (into ``params``) of the parameters whose task gradients go into J; found on the first step
+        #: unless set before it (the profiler sets it from the torch.fx graph)
+        self.shared_idx: list[int] | None = None
+        # gradient methods read J; loss-weighting, representation and custom methods run recon.backward
+        kind, custom = getattr(method, "kind", "gradient"), getattr(method, "custom_backward", None)
+        self._through_j = kind == "gradient" and custom is None
+        self._shared: tuple[nn.Parameter, ...] | None = None
+        #: False once the precision hook reports overflowing task gradients: the step's update is skipped
+        self.step_ok = True
+
+    # --- the pieces of a step ------------------------------------------------------------------------------
+    def forward_losses(self, batch: Any) -> dict[str, Tensor]:
+        """Check the batch, keep this process's shard, forward, per-task losses (weighted by the shard's share)."""
+        inputs, targets = check_batch(batch, self.tasks, self.where)
+        inputs, targets, weight = _distributed.shard(inputs, targets)
+        with self.precision.autocast():
+            outputs = task_outputs(call_model(self.model, move_to(inputs, self.device)), self.output_tasks)
+            values = compute_losses(self.losses, outputs, move_to(targets, self.device), "losses")
+        if weight != 1.0:  # uneven shards: the plain mean over processes of weight * loss is the global batch's
+            values = {t: v * weight for t, v in values.items()}
+        return values
+
+    def task_gradients(self, values: Mapping[str, Tensor], *, keep_graph: bool = False) -> TaskGradients:
+        """The K tasks' gradients (one backward each; straight into J once the shared set is known), averaged
+        across processes and unscaled."""
+        scaled = self.precision.scale([values[t] for t in self.tasks])
+        grads = task_gradients(scaled, self.params, shared_idx=self.shared_idx, retain_graph=keep_graph)
+        if self.shared_idx is None:
+            self.shared_idx = grads.shared_idx
+        _distributed.average_(grads.tensors())
+        self.step_ok = self.precision.unscale(grads) and self.step_ok
+        return grads
+
+    def check_losses(self, values: Mapping[str, Tensor]) -> tuple[Tensor, list[float]]:
+        """The K loss values of the global batch (averaged across processes), as a tensor and as floats; raises
+        :class:`recon.NonFiniteLossError` on a NaN or infinite one, on every process alike (the step's one
+        host synchronisation)."""
+        loss_vector = torch.stack([values[t].detach() for t in self.tasks])
+        _distributed.average_([loss_vector])
+        row = loss_vector.tolist()
+        check_finite(self.tasks, row, self.step)
+        return loss_vector, row
+
+    def update(self, values: Mapping[str, Tensor], loss_vector: Tensor) -> None:
+        """Fill ``.grad`` with the method's update (observers see the task gradients first) and step, unless the
+        precision hook found overflowing gradients (``step_ok`` False)."""
+        observing = [o for o in self.observers if o.wants_gradients]
+        self.step_ok = True
+        if self._through_j:
+            grads = self.task_gradients(values)
+            for o in observing:
+                o.on_gradients(self, grads)
+            apply_task_gradients(grads, self.params, self.method, loss_vector)
+            del grads
+        else:
+            if observing:
+                grads = self.task_gradients(values, keep_graph=True)
+                for o in observing:
+                    o.on_gradients(self, grads)
+                del grads
+            result = backward(dict(values), self.model, self.method, shared=self._shared, step=self.step)
+            self._shared = result.shared or None
+        if self.step_ok:
+            self.precision.step(self.optimizer)
+
+    def run_step(self, batch: Any) -> list[float]:
+        """One whole step on one global batch; returns the K loss values."""
+        self.optimizer.zero_grad(set_to_none=True)
+        values = self.forward_losses(batch)
+        loss_vector, row = self.check_losses(values)
+        self.update(values, loss_vector)
+        self.optimizer.zero_grad(set_to_none=True)  # .grad is not kept between steps: memory for J
+        self.step += 1
+        for o in self.observers:
+            o.on_step(self, row)
+        return row
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    def run(self, data: Any, *, epochs: int | None, start_epoch: int = 0, max_steps: int | None = None) -> int:
+        """Epochs ``start_epoch .. epochs - 1`` over ``data`` (endless with ``epochs=None``), stopping once
+        ``self.step`` reaches ``max_steps`` or when a pass yields no batch (a used-up one-shot iterator).
+        Returns the number of steps taken."""
+        first = self.step
+        epoch = start_epoch
+        while epochs is None or epoch < epochs:
+            n = 0
+            for batch in batches(data):
+                if max_steps is not None and self.step >= max_steps:
+                    return self.step - first
+                self.run_step(batch)
+                n += 1
+            for o in self.observers:
+                o.on_epoch_end(self, epoch, n)
+            if n == 0:
+                break
+            epoch += 1
+        return self.step - first
