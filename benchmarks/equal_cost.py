@@ -206,14 +206,29 @@ def run_recipe(name: str, args: Any, methods: list[str], seeds: list[int]) -> li
 
 
 def run_equal_cost(args: Any) -> None:
-    from recon import _io
-
+    """Run every recipe; the tables are (re)written after each recipe, so a cut run keeps what it finished."""
     methods = args.methods.split(",") if args.methods != "joint,mgda,pcgrad,graddrop,cagrad" else ["joint", "cagrad"]
     recipes = args.recipes if args.recipes != "multidigits,multidigits3" else "multidigits3,multidigits_attributes"
     seeds = list(range(args.seeds))
     start = time.perf_counter()
-    rows = [row for name in recipes.split(",") for row in run_recipe(name, args, methods, seeds)]
-    minutes = (time.perf_counter() - start) / 60
+    rows: list[dict[str, Any]] = []
+    for name in recipes.split(","):
+        rows += run_recipe(name, args, methods, seeds)
+        _write(rows, args, (time.perf_counter() - start) / 60)
+
+
+def _markdown(frame: pd.DataFrame) -> str:
+    try:
+        return frame.to_markdown(index=False)
+    except ImportError:  # tabulate missing: a plain pipe table
+        lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+        lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+        return "\n".join(lines)
+
+
+def _write(rows: list[dict[str, Any]], args: Any, minutes: float) -> None:
+    from recon import _io
+
     settings = (
         f"seeds={args.seeds}, epochs={args.epochs} for every row, profile epochs={args.profile_epochs}, "
         f"top-k={args.top_k}, budget=+{args.budget:.0%} parameters, single-task baseline seeds="
@@ -223,10 +238,11 @@ def run_equal_cost(args: Any) -> None:
     parts = [settings, ""]
     for name in dict.fromkeys(r["recipe"] for r in rows):
         table = pd.DataFrame([{k: v for k, v in r.items() if k != "_dm"} for r in rows if r["recipe"] == name])
-        parts += [f"## {name}", "", table.to_markdown(index=False), ""]
+        parts += [f"## {name}", "", _markdown(table), ""]
     text = "\n".join(parts)
-    print(text)
+    print(text, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     _io.write_text(args.out / "equal_cost.md", text + "\n")
-    dms = {f"{r['recipe']}/{r['method']}/{r['variant']}": r["_dm"] for r in rows}
-    _io.write_json(args.out / "equal_cost_dm.json", dms)
+    _io.write_json(
+        args.out / "equal_cost_dm.json", {f"{r['recipe']}/{r['method']}/{r['variant']}": r["_dm"] for r in rows}
+    )

@@ -71,33 +71,11 @@ def split_command(
     leaves = leaves or how.leaf_modules  # default: the leaves the profile was traced with
     net = split(model, how.layers, tasks=tasks, init=init, leaf_modules=leaves)
     branches: dict[str, list[str]] = net.meta["recon"]["branches"]
-    chosen = list(branches)
 
     before = sum(p.numel() for p in model.parameters())
     after = sum(p.numel() for p in net.parameters())
     ratio = _time_ratio(model, net, recipe, resolve_device(device))
-    budget = how.plan.extra if how.plan is not None else {}
-    plan = SplitPlan(
-        tasks=tasks,
-        layers=chosen,
-        init=init,
-        S=how.S,
-        top_k=top_k,
-        scores=how.scores,
-        groups=net.meta["recon"]["groups"] if how.plan is not None else None,
-        budget_params=params,
-        budget_flops=flops,
-        leaf_modules=list(net.meta["recon"]["leaf_modules"]),
-        model_class=type(model).__name__,
-        extra={
-            "source": how.source,
-            "params_before": before,
-            "params_after": after,
-            "time_ratio": None if ratio is None else round(ratio, 4),
-            "branches": branches,
-            **{k: budget[k] for k in ("removed", "params_added", "flops_before", "flops_after") if k in budget},
-        },
-    )
+    plan = _record(how, net, model, top_k, init, (params, flops), before, after, ratio)
     folder = run.stage("split", force=force)
     run.record_command()
     plan.save(folder / "plan.json")
@@ -111,6 +89,32 @@ def split_command(
     _print_summary(plan, ratio)
     console.print(
         f"plan and code written to [bold]{folder}[/]  ·  next: [bold]recon train {recipe.path.name} --split latest[/]"
+    )
+
+
+def _record(how, net, model, top_k, init, budgets, before: int, after: int, ratio: float | None) -> SplitPlan:
+    """The plan.json of this split: what was branched, how it was chosen, what it cost."""
+    budget = how.plan.extra if how.plan is not None else {}
+    return SplitPlan(
+        tasks=list(net.meta["recon"]["tasks"]),
+        layers=list(net.meta["recon"]["branches"]),
+        init=init,
+        S=how.S,
+        top_k=top_k,
+        scores=how.scores,
+        groups=net.meta["recon"]["groups"] if how.plan is not None else None,
+        budget_params=budgets[0],
+        budget_flops=budgets[1],
+        leaf_modules=list(net.meta["recon"]["leaf_modules"]),
+        model_class=type(model).__name__,
+        extra={
+            "source": how.source,
+            "params_before": before,
+            "params_after": after,
+            "time_ratio": None if ratio is None else round(ratio, 4),
+            "branches": net.meta["recon"]["branches"],
+            **{k: budget[k] for k in ("removed", "params_added", "flops_before", "flops_after") if k in budget},
+        },
     )
 
 

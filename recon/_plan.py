@@ -373,13 +373,8 @@ def plan_split(
         raise ReconError(_nothing_fits(options, base, budget_params, budget_flops))
     params, flops = problem.cost(choice)
     scores = {str(k): int(v) for k, v in profile.scores(S)["score"].items()}
-    extra = {
-        "removed": {o.layer: o.score for o in choice},
-        "params_added": {o.layer: o.params for o in choice},
-        "params_before": base,
-        "params_after": base + params,
-        "groups_mode": groups,
-    }
+    extra = {"removed": {o.layer: o.score for o in choice}, "params_added": {o.layer: o.params for o in choice}}
+    extra.update(params_before=base, params_after=base + params, groups_mode=groups)
     if flop_model is not None:
         extra.update(flops_before=flop_model.base, flops_after=flops)
     return SplitPlan(

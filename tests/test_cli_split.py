@@ -146,6 +146,8 @@ def test_split_within_budgets_prints_groups_scores_and_totals(run) -> None:
     assert plan["params_after"] - plan["params_before"] <= 0.6 * plan["params_before"]
     assert plan["flops_after"] <= 1.5 * plan["flops_before"]
     assert sum(plan["params_added"].values()) == plan["params_after"] - plan["params_before"]
+    rep = recon.report(run.folder)  # the report draws the budget curve, with this plan marked on it
+    assert "budget_curve.png" in rep.figures and (run.folder / "report" / "budget_curve.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize(
