@@ -77,8 +77,10 @@ def _wide_builder(recipe: Any, target: int):
     return lambda: build(hidden), hidden
 
 
-def _random_layers(prof: Any, model: torch.nn.Module, cap: float, target: int, seed: int) -> list[str]:
-    """Shared layers in random order, per-task copies, added parameters <= cap and closest to target."""
+def _random_layers(prof: Any, model: torch.nn.Module, cap: float, target: int, seed: int, avoid: set) -> list[str]:
+    """Shared layers in random order, per-task copies, added while they fit under ``cap``: the first draw whose
+    added parameters reach 90% of ``target`` and that is not the budget plan's own set (``avoid``), else the
+    closest such draw. (Taking the draw closest to the target would pin it to the budget plan's set itself.)"""
     rng = np.random.default_rng(seed)
     layers = [name for name in prof.layers if name]
     tasks = {name: len(prof.layer_info.get(name, {}).get("tasks", prof.tasks)) for name in layers}
@@ -91,6 +93,10 @@ def _random_layers(prof: Any, model: torch.nn.Module, cap: float, target: int, s
             if total + cost[layers[i]] <= cap:
                 pick.append(layers[i])
                 total += cost[layers[i]]
+        if set(pick) == avoid:
+            continue
+        if total >= 0.9 * target:
+            return pick
         if abs(total - target) < gap:
             best, gap = pick, abs(total - target)
     return best
@@ -111,12 +117,14 @@ def _variants(recipe: Any, prof: Any, args: Any, seeds: list[int]) -> dict[str, 
     print(f"  +{args.budget:.0%} budget: {budget.layers}", flush=True)
     print(f"  +{args.budget:.0%} groups: {groups.groups}", flush=True)
     print(f"  wide: shared fc width {width}", flush=True)
+    for s in seeds:
+        print(f"  random (seed {s}): {_random_layers(prof, model, args.budget * base, target, s, set(budget.layers))}")
     return {
         "unsplit": dict.fromkeys(seeds),
         f"top-{args.top_k}": dict.fromkeys(seeds, top),
         "budget": dict.fromkeys(seeds, budget.layer_spec()),
         "groups": dict.fromkeys(seeds, groups.layer_spec()),
-        "random": {s: _random_layers(prof, model, args.budget * base, target, s) for s in seeds},
+        "random": {s: _random_layers(prof, model, args.budget * base, target, s, set(budget.layers)) for s in seeds},
         "wide": dict.fromkeys(seeds, wide),
     }
 
