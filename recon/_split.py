@@ -839,6 +839,11 @@ def split(
         raise ReconError(f"recon.split expects an nn.Module, got {type(model).__name__}")
 
     prior = model.meta.get(META_KEY) if isinstance(model, fx.GraphModule) else None
+    if prior and any(len(g) > 1 for gs in prior.get("groups", {}).values() for g in gs):
+        raise ReconError(
+            "this model was split with task groups, and splitting it again is not supported; split the original "
+            "model once with every layer: recon.split(model, {layer: groups, ...})"
+        )
     src = copy.deepcopy(model, _skip_tensors(model, list(layers)))
     if isinstance(src, fx.GraphModule):
         gm, leaves = src, list(prior["leaf_modules"]) if prior else []

@@ -266,3 +266,18 @@ def test_three_task_partial_model_groups_only_among_users() -> None:
         split(fam.model(), {layer: [list(TASKS3)]})
     net = split(fam.model(), {layer: [tasks]}, init="copy")  # one group: a no-op copy
     assert net.get_submodule(layer).tasks == (tasks[0],)
+
+
+def test_a_group_split_model_is_not_split_again() -> None:
+    fam = family("mlp")
+    net = split(fam.model(), {"trunk.0": [["seg", "depth"], ["normal", "edge"]]}, init="copy")
+    with pytest.raises(ReconError, match="split the original model once"):
+        split(net, ["trunk.2"])
+    per_task = split(fam.model(), ["trunk.0"], init="copy")  # a per-task split can be split again, with groups
+    again = split(per_task, {"trunk.2": [["seg", "depth"], ["normal", "edge"]]}, init="copy")
+    x = fam.inputs(batch=3)
+    model = fam.model()
+    with torch.no_grad():
+        expected, got = model(x), again(x)
+    for t in TASKS4:
+        torch.testing.assert_close(got[t], expected[t])
