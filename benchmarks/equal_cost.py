@@ -119,7 +119,7 @@ def _variants(recipe: Any, prof: Any, args: Any, seeds: list[int]) -> dict[str, 
     print(f"  wide: shared fc width {width}", flush=True)
     for s in seeds:
         print(f"  random (seed {s}): {_random_layers(prof, model, args.budget * base, target, s, set(budget.layers))}")
-    return {
+    out = {
         "unsplit": dict.fromkeys(seeds),
         f"top-{args.top_k}": dict.fromkeys(seeds, top),
         "budget": dict.fromkeys(seeds, budget.layer_spec()),
@@ -127,6 +127,18 @@ def _variants(recipe: Any, prof: Any, args: Any, seeds: list[int]) -> dict[str, 
         "random": {s: _random_layers(prof, model, args.budget * base, target, s, set(budget.layers)) for s in seeds},
         "wide": dict.fromkeys(seeds, wide),
     }
+    if args.budget_flops:  # the same parameter budget, and at most budget_flops x the forward FLOPs
+        from recon._recipe import first_batch
+
+        x = first_batch(recipe)[0]
+        for name, mode in (("budget+flops", "none"), ("groups+flops", "auto")):
+            plan = recon.plan_split(
+                prof, model, budget_params=args.budget, budget_flops=args.budget_flops, groups=mode, example_inputs=x
+            )
+            print(f"  {name} ({args.budget_flops}x FLOPs): {plan.groups}", flush=True)
+            out[name] = dict.fromkeys(seeds, plan.layer_spec())
+    keep = args.variants.split(",") if args.variants else list(out)
+    return {k: v for k, v in out.items() if k in keep or (k.startswith("top-") and "top-k" in keep)}
 
 
 def _build(recipe: Any, spec: Any, seed: int) -> torch.nn.Module:

@@ -61,6 +61,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--budget", type=float, default=0.1, help="--equal-cost: parameter budget (fraction)")
     parser.add_argument("--baseline-seeds", type=int, default=2, help="--equal-cost: seeds of single-task baselines")
+    parser.add_argument("--budget-flops", type=float, default=None, help="--equal-cost: also rows within this ratio")
+    parser.add_argument("--variants", default="", help="--equal-cost: comma-separated subset of the rows")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     if args.quick:
