@@ -7,14 +7,22 @@ Gram-based method must at least compute it). Also compares recon's CAGrad with t
 one uniform number per coordinate the paper's algorithm draws (GradDrop needs no Gram matrix; the draw is what
 it cannot avoid).
 
+A last table times one whole ``recon.backward(losses, net, "pcgrad")`` step on an MLP trunk with K heads, its K
+task gradients from K backward passes (sequential) or from one vectorised pass (``batched=True``), under
+``--precision 32|bf16|fp16`` (autocast forward; fp16 with recon's loss scale), with the peak memory of one step:
+``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the peak of the running sum of torch.profiler's memory
+events (tracemalloc does not see torch's allocator, and the resident set hides reused pages).
+
     python benchmarks/methods.py            # K in {2, 4, 8, 16}, P in {1e5, 1e6}
     python benchmarks/methods.py --quick    # P = 1e5 only, fewer repeats
     python benchmarks/methods.py --markdown # a markdown table (for the README)
+    python benchmarks/methods.py --precision bf16 --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -22,8 +30,10 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep torch.profiler's start/stop lines off the tables
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -153,6 +163,84 @@ def run(Ks: list[int], Ps: list[int], reps: int, names: list[str]) -> tuple[list
     return rows, cagrad_rows, graddrop_rows
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak extra memory of one call of ``fn``, MiB: the CUDA allocator's peak, or on the CPU the peak of the
+    running sum of torch.profiler's memory events (each operator's net allocation, and frees), so a
+    transient buffer counts even when the allocator reuses freed pages."""
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    timeline = []
+    for e in prof.events():
+        m = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if m:
+            timeline.append((e.time_range.start, m))
+    run = peak = 0
+    for _, m in sorted(timeline):
+        run += m
+        peak = max(peak, run)
+    return peak / 2**20
+
+
+def step_rows(Ks: list[int], reps: int, precision: str, device: torch.device) -> list[dict]:
+    """One ``recon.backward`` PCGrad step, sequential vs batched task gradients, at ``precision``."""
+    return [_step_row(K, reps, precision, device) for K in Ks]
+
+
+def _step_row(K: int, reps: int, precision: str, device: torch.device, width: int = 1024) -> dict:
+    import torch.nn.functional as F
+
+    import recon
+    from recon._precision import Precision
+
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(
+        torch.nn.Linear(256, width), torch.nn.ReLU(), torch.nn.Linear(width, width), torch.nn.ReLU()
+    ).to(device)
+    heads = torch.nn.ModuleList(torch.nn.Linear(width, 10) for _ in range(K)).to(device)
+    params = [*trunk.parameters(), *heads.parameters()]
+    x = torch.randn(64, 256, device=device)
+    ys = torch.randint(0, 10, (K, 64), device=device)
+    amp = Precision(precision, device_type=device.type)
+    shared = None
+
+    def step(batched: bool) -> None:
+        nonlocal shared
+        for p in params:
+            p.grad = None
+        with amp.autocast():
+            z = trunk(x)
+            losses = {f"t{k}": F.cross_entropy(heads[k](z).float(), ys[k]) for k in range(K)}
+        scale = amp if amp.scaling else None
+        shared = recon.backward(losses, params, "pcgrad", shared=shared, batched=batched, precision=scale).shared
+        _sync(device)
+
+    fns = {"sequential": lambda: step(False), "batched": lambda: step(True)}
+    t = timed(fns, reps)
+    return {
+        "K": K,
+        "P": sum(p.numel() for p in trunk.parameters()),
+        "sequential": min(t["sequential"]),
+        "batched": min(t["batched"]),
+        "ratio": paired_ratio(t["batched"], t["sequential"]),
+        "mem_seq": _peak_mib(fns["sequential"], device),
+        "mem_batched": _peak_mib(fns["batched"], device),
+    }
+
+
 def _fmt(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -165,7 +253,9 @@ def _table(records: list[dict], columns: list[Column]) -> tuple[list[str], list[
     return [name for name, _ in columns], [[cell(r) for _, cell in columns] for r in records]
 
 
-def report(rows: list[dict], cagrad_rows: list[dict], graddrop_rows: list[dict], markdown: bool) -> None:
+def report(
+    rows: list[dict], cagrad_rows: list[dict], graddrop_rows: list[dict], markdown: bool, steps: tuple = ()
+) -> None:
     header, table = _table(
         rows,
         [("method", lambda r: r["method"]), *K_AND_P]
@@ -204,6 +294,21 @@ def report(rows: list[dict], cagrad_rows: list[dict], graddrop_rows: list[dict],
     ]
     if table3:
         tables.append(("GradDrop against the Gram product plus its P uniform draws", header3, table3))
+    if steps:
+        step_list, title = steps
+        header4, table4 = _table(
+            step_list,
+            [
+                ("K", lambda r: str(r["K"])),
+                ("shared P", lambda r: f"{r['P']:.1e}"),
+                ("sequential ms", lambda r: _fmt(r["sequential"], 3)),
+                ("batched ms", lambda r: _fmt(r["batched"], 3)),
+                ("batched/sequential", lambda r: _fmt(r["ratio"])),
+                ("sequential peak MiB", lambda r: _fmt(r["mem_seq"], 1)),
+                ("batched peak MiB", lambda r: _fmt(r["mem_batched"], 1)),
+            ],
+        )
+        tables.append((title, header4, table4))
     if markdown:
         for _, h, t in tables:
             print("| " + " | ".join(h) + " |")
@@ -233,13 +338,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--markdown", action="store_true", help="print markdown tables")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--tasks", default="2,4,8,16", help="comma-separated numbers of tasks K (default 2,4,8,16)")
+    parser.add_argument("--precision", default="32", choices=["32", "bf16", "fp16"], help="of the step table")
+    parser.add_argument("--device", default="cpu", help="device of the step table (cpu or cuda)")
+    parser.add_argument("--no-step", action="store_true", help="skip the whole-step table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     Ks = [int(k) for k in args.tasks.split(",")]
     Ps = [100_000] if args.quick else [100_000, 1_000_000]
     reps = args.reps or (5 if args.quick else 9)
     names = args.methods.split(",") if args.methods else [n for n, i in M.REGISTRY.items() if i.kind == "gradient"]
-    report(*run(Ks, Ps, reps, names), markdown=args.markdown)
+    steps = ()
+    if not args.no_step:
+        device = torch.device(args.device)
+        title = (
+            f"one recon.backward PCGrad step, sequential vs batched task gradients, precision {args.precision}, "
+            f"{device} (ms: best of rounds; peak: {'CUDA allocator' if device.type == 'cuda' else 'torch.profiler'})"
+        )
+        steps = (step_rows(Ks, reps, args.precision, device), title)
+    report(*run(Ks, Ps, reps, names), markdown=args.markdown, steps=steps)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,12 @@ batches, for each number of tasks K:
               fixed cost (torch.fx tracing, result files) are reported separately, not hidden.
   (e) batched (``--batched``, default on CUDA) one forward and ONE ``torch.autograd.grad(...,
               is_grads_batched=True)`` over the K losses: a batched floor, to see whether it beats (b).
+  (f) recon batched (with ``--batched``) ``recon.profile(..., batched=True)``: (d) with the K task gradients
+              from one vectorised backward pass (:func:`recon._backward.task_gradients`).
+
+``--precision 32|bf16|fp16`` runs every variant's forward and losses under ``torch.autocast`` (recon's
+``Precision``; (d)/(f) get ``precision=``, fp16 with recon's loss scale): on the CPU bf16 autocast exists,
+fp16 autocast on the CPU exists in torch 2.13 but is not a fast path.
 
 Variants alternate in interleaved rounds (the order rotates each round) and the table shows medians over rounds;
 ratios are medians of the per-round ratios (paired within a round). Inside (d), the cosine kernel, the joint update
@@ -76,7 +82,16 @@ VARIANTS = {
     "c": "naive official profiler",
     "d": "recon.profile",
     "e": "batched floor (is_grads_batched)",
+    "f": "recon.profile batched",
 }
+PRECISION = "32"  # set from --precision
+
+
+def amp(device: torch.device):
+    """The forward's autocast context for ``--precision`` (recon's own, so every variant runs the same)."""
+    from recon._precision import Precision
+
+    return Precision(PRECISION, device_type=device.type).autocast()
 
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -92,8 +107,9 @@ def sync(device: torch.device) -> None:
 def joint_step(model: nn.Module, opt: torch.optim.Optimizer, batch, losses) -> None:
     """(a) forward, sum of task losses, backward, Adam step."""
     x, y = batch
-    out = model(x)
-    loss = sum(fn(out[t], y[t]) for t, fn in losses.items())
+    with amp(x.device):
+        out = model(x)
+        loss = sum(fn(out[t], y[t]) for t, fn in losses.items())
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -102,8 +118,9 @@ def joint_step(model: nn.Module, opt: torch.optim.Optimizer, batch, losses) -> N
 def floor_step(model: nn.Module, params: list[nn.Parameter], batch, losses) -> list:
     """(b) one forward and K ``autograd.grad`` passes; the K gradient lists are returned (kept) to the caller."""
     x, y = batch
-    out = model(x)
-    values = [fn(out[t], y[t]) for t, fn in losses.items()]
+    with amp(x.device):
+        out = model(x)
+        values = [fn(out[t], y[t]) for t, fn in losses.items()]
     K = len(values)
     return [torch.autograd.grad(v, params, retain_graph=k < K - 1, allow_unused=True) for k, v in enumerate(values)]
 
@@ -111,8 +128,9 @@ def floor_step(model: nn.Module, params: list[nn.Parameter], batch, losses) -> l
 def batched_floor_step(model: nn.Module, params: list[nn.Parameter], batch, losses) -> tuple:
     """(e) one forward and one vmapped backward over the K losses (``is_grads_batched=True``)."""
     x, y = batch
-    out = model(x)
-    values = torch.stack([fn(out[t], y[t]) for t, fn in losses.items()])
+    with amp(x.device):
+        out = model(x)
+        values = torch.stack([fn(out[t], y[t]).float() for t, fn in losses.items()])
     eye = torch.eye(len(values), device=values.device, dtype=values.dtype)
     return torch.autograd.grad(values, params, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
 
@@ -159,8 +177,9 @@ class NaiveProfiler:
         K = len(self.tasks)
         dev = next(self.model.parameters()).device
         grads = torch.zeros(sum(self.grad_dims), K, device=dev)  # initilize_grads
-        out = self.model(x)
-        values = {t: losses[t](out[t], y[t]) for t in self.tasks}
+        with amp(x.device):
+            out = self.model(x)
+            values = {t: losses[t](out[t], y[t]) for t in self.tasks}
         opt.zero_grad()
         grad_all = []
         for i, t in enumerate(self.tasks):
@@ -200,8 +219,11 @@ class ReconRunner:
 
     PROBES = ("cosines", "update", "adam")
 
-    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, losses, device: torch.device) -> None:
+    def __init__(
+        self, model: nn.Module, opt: torch.optim.Optimizer, losses, device: torch.device, batched: bool = False
+    ) -> None:
         self.model, self.opt, self.losses, self.device = model, opt, losses, device
+        self.batched = batched
         self.probe_times: dict[str, list[float]] = {k: [] for k in self.PROBES}
         opt.step = self._timed(opt.step, "adam")  # type: ignore[method-assign]
 
@@ -242,7 +264,10 @@ class ReconRunner:
         restore = [self._probe(owner, name, probe) for owner, name, probe in _probe_targets()]
         try:
             t0 = clock()
-            recon.profile(self.model, feed(), self.losses, steps=steps + 1, optimizer=self.opt, device=device)
+            recon.profile(
+                self.model, feed(), self.losses, steps=steps + 1, optimizer=self.opt, device=device,
+                precision=PRECISION, batched=self.batched,
+            )  # fmt: skip
             total = clock() - t0
         finally:
             for owner, name, original in restore:
@@ -268,12 +293,15 @@ def adam(model: nn.Module, kind: str = "default") -> torch.optim.Optimizer:
 def time_k(args, K: int, device: torch.device) -> dict:
     base, batches, losses = build(args, K, device)
     tasks = list(losses)
-    variants = ["a", "b", "c", "d"] + (["e"] if args.batched else [])
+    variants = ["a", "b", "c", "d"] + (["e", "f"] if args.batched else [])
     models = {v: copy.deepcopy(base) for v in variants}
-    opts = {v: adam(models[v], args.adam) for v in ("a", "c", "d")}
+    opts = {v: adam(models[v], args.adam) for v in ("a", "c", "d", "f") if v in models}
     params = {v: list(models[v].parameters()) for v in ("b", "e") if v in models}
     naive = NaiveProfiler(models["c"], tasks)
     runner = ReconRunner(models["d"], opts["d"], losses, device)
+    runners = {"d": runner}
+    if "f" in models:
+        runners["f"] = ReconRunner(models["f"], opts["f"], losses, device, batched=True)
     cursor = dict.fromkeys(variants, 0)
     fixed_costs: list[float] = []  # per recon.profile call: the call minus its steps
     probes: dict[str, float] = {}  # the latest (d) call's probes, per-step medians
@@ -288,11 +316,12 @@ def time_k(args, K: int, device: torch.device) -> dict:
         return dt
 
     def run(v: str, n: int) -> list[float]:
-        if v == "d":
-            times, fixed, got = runner.run(batches, cursor[v], n)
+        if v in runners:
+            times, fixed, got = runners[v].run(batches, cursor[v], n)
             cursor[v] += n + 1
-            fixed_costs.append(fixed)
-            probes.update({k: statistics.median(t) for k, t in got.items()})
+            if v == "d":
+                fixed_costs.append(fixed)
+                probes.update({k: statistics.median(t) for k, t in got.items()})
             return times
         out = []
         for _ in range(n):
@@ -344,6 +373,8 @@ def time_k(args, K: int, device: torch.device) -> dict:
     }
     if "e" in variants:
         res["ratio"]["e/b"] = ratio(lambda r: r["e"], "b")
+        res["ratio"]["f/b"] = ratio(lambda r: r["f"], "b")
+        res["ratio"]["f/d"] = ratio(lambda r: r["f"], "d")
     return res
 
 
@@ -380,7 +411,7 @@ def memory_child(args) -> None:
     model, batches, losses = build(args, K, device)
     params = list(model.parameters())
     v = args.mem_child
-    opt = adam(model, args.adam) if v in ("a", "c", "d") else None
+    opt = adam(model, args.adam) if v in ("a", "c", "d", "f") else None
     naive = NaiveProfiler(model, list(losses)) if v == "c" else None
     gc.collect()
     sync(device)
@@ -392,9 +423,11 @@ def memory_child(args) -> None:
         base = _rss_bytes()
         how = "VmHWM after clear_refs" if _reset_hwm() else "ru_maxrss (no reset)"
     n = args.mem_steps
-    if v == "d":
-        recon.profile(model, batches[:n], losses, steps=n, optimizer=opt, device=device)
-    for i in range(n if v != "d" else 0):
+    if v in ("d", "f"):
+        recon.profile(
+            model, batches[:n], losses, steps=n, optimizer=opt, device=device, precision=PRECISION, batched=v == "f"
+        )
+    for i in range(n if v not in ("d", "f") else 0):
         batch = batches[i % len(batches)]
         if v == "a":
             joint_step(model, opt, batch, losses)
@@ -442,6 +475,8 @@ def measure_memory(args, v: str, K: int) -> dict:
         args.adam,
         "--threads",
         str(torch.get_num_threads()),
+        "--precision",
+        PRECISION,
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -457,14 +492,14 @@ def print_tables(args, results: list[dict], memory: dict, device: torch.device, 
         f"ResNet-{args.depth} ({args.stem} stem, {n_params / 1e6:.1f}M trunk params), batch {args.batch} x "
         f"{args.image}x{args.image}, device {device}, torch {torch.__version__}, threads {threads}; "
         f"Adam {args.adam}, {args.clock} clock; median of {args.repeats} interleaved rounds x {args.steps} "
-        "step(s); ratios: median of per-round ratios"
+        f"step(s); ratios: median of per-round ratios; precision {PRECISION}"
     )
     has_e = any("e" in r["ms"] for r in results)
     head = "| K | (a) joint ms | (b) floor ms | (c) naive ms | (d) recon ms | d/b | d/c | a/b |"
     sep = "|---|---:|---:|---:|---:|---:|---:|---:|"
     if has_e:
-        head += " (e) batched ms | e/b |"
-        sep += "---:|---:|"
+        head += " (e) batched floor ms | e/b | (f) recon batched ms | f/b | f/d |"
+        sep += "---:|---:|---:|---:|---:|"
     print(head)
     print(sep)
     for r in results:
@@ -474,7 +509,7 @@ def print_tables(args, results: list[dict], memory: dict, device: torch.device, 
             f"{ra['d/b']:.3f} | {ra['d/c']:.3f} | {ra['a/b']:.3f} |"
         )
         if has_e:
-            line += f" {ms['e']:.0f} | {ra['e/b']:.3f} |"
+            line += f" {ms['e']:.0f} | {ra['e/b']:.3f} | {ms['f']:.0f} | {ra['f/b']:.3f} | {ra['f/d']:.3f} |"
         print(line)
     print()
     print("Inside (d), timed in place in the same run (already included in (d) above, nothing subtracted there):")
@@ -492,17 +527,23 @@ def print_tables(args, results: list[dict], memory: dict, device: torch.device, 
         print(
             f"Peak extra memory over {args.mem_steps} steps, median of {args.mem_repeats} fresh processes ({how}); MiB:"
         )
-        print("| K | (a) joint | (b) floor | (d) recon | d/b | Adam state | (d - Adam state)/b |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print(
+            "| K | (a) joint | (b) floor | (d) recon | d/b | Adam state | (d - Adam state)/b "
+            "| (e) batched floor | (f) recon batched |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in results:
             K = r["K"]
-            got = {v: memory[(v, K)]["peak_extra_bytes"] / 2**20 for v in "abd" if (v, K) in memory}
+            got = {v: memory[(v, K)]["peak_extra_bytes"] / 2**20 for v in "abdef" if (v, K) in memory}
             if "b" not in got or "d" not in got:
                 continue
             adam_state = 2 * 4 * r["n_params_all"] / 2**20  # exp_avg + exp_avg_sq, float32
-            a = f"{got['a']:.0f}" if "a" in got else "-"
+            a, e, f = (f"{got[v]:.0f}" if v in got else "-" for v in "aef")
             b, d = got["b"], got["d"]
-            print(f"| {K} | {a} | {b:.0f} | {d:.0f} | {d / b:.3f} | {adam_state:.0f} | {(d - adam_state) / b:.3f} |")
+            print(
+                f"| {K} | {a} | {b:.0f} | {d:.0f} | {d / b:.3f} | {adam_state:.0f} | {(d - adam_state) / b:.3f} "
+                f"| {e} | {f} |"
+            )
 
 
 def load_warning(device: torch.device) -> str | None:
@@ -544,6 +585,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--batched", action="store_true", help="also time (e), the is_grads_batched floor (on by default on CUDA)"
     )
+    p.add_argument("--precision", default="32", choices=["32", "bf16", "fp16"], help="autocast of every variant")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--mem-steps", type=int, default=3)
     p.add_argument("--mem-repeats", type=int, default=3, help="fresh processes per memory figure (median; default 3)")
@@ -552,8 +594,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mem-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mem-k", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    global clock
+    global clock, PRECISION
     clock = CLOCKS[args.clock]
+    PRECISION = args.precision
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.mem_child:
@@ -582,7 +625,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.verbose:
             print(f"K={K}: " + json.dumps({k: v for k, v in res.items() if k != "rounds"}))
         if not args.no_memory:  # interleaved fresh processes; the median damps allocator and page-cache noise
-            runs: dict[str, list[dict]] = {v: [] for v in ("a", "b", "d")}
+            runs: dict[str, list[dict]] = {v: [] for v in ("a", "b", "d", *(("e", "f") if args.batched else ()))}
             for _ in range(args.mem_repeats):
                 for v in runs:
                     runs[v].append(measure_memory(args, v, K))

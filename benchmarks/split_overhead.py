@@ -13,7 +13,16 @@ for top-k in {0, 5, 25} branched layers (spread evenly over the shared layers, t
 K in {2, 4}; then it times the rewrite itself on a ResNet-50-size graph. Target: recon / hand <= 1.05 and a
 rewrite under 2 s.
 
+A second part does the same for a Hugging Face ``transformers`` BERT (12 layers, small width; random weights, no
+download), which torch.fx cannot trace: recon captures it with torch.export. It branches one layer near the
+top, one in the middle and one at the bottom of the encoder and prints, per position, the FLOP ratio
+(``torch.utils.flop_counter``) and the measured step-time ratio of recon's split against the original, against
+the whole-backbone leaf (``leaf_modules=["bert"]``: the backbone runs once per task) and against the ideal (only
+the work downstream of the branch runs per task); then the capture + rewrite wall time of a BERT-base-size
+graph (target < 5 s).
+
     python benchmarks/split_overhead.py --quick     # a few minutes on a laptop CPU
+    python benchmarks/split_overhead.py --bert-only --quick
 """
 
 from __future__ import annotations
@@ -230,15 +239,22 @@ def spread(items: Sequence[str], k: int) -> list[str]:
     return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)] if k > 1 else [items[-1]]
 
 
-def step_fn(model: nn.Module, x: torch.Tensor, targets: dict[str, torch.Tensor]) -> Callable[[], None]:
+def step_fn(
+    model: nn.Module, x: torch.Tensor, targets: dict[str, torch.Tensor], precision: str = "32"
+) -> Callable[[], None]:
+    from recon._precision import Precision
+
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    amp = Precision(precision, device_type=x.device.type)  # --precision: autocast; fp16 with a loss scale
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = sum(F.cross_entropy(out[t], y) for t, y in targets.items())
-        loss.backward()
-        opt.step()
+        with amp.autocast():
+            out = model(x)
+            loss = sum(F.cross_entropy(out[t], y) for t, y in targets.items())
+        amp.scale_loss(loss).backward()
+        if amp.unscale_tensors([p.grad for p in model.parameters()]):
+            opt.step()
 
     return step
 
@@ -289,8 +305,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="cpu",
         help="cpu: process CPU time (robust when other jobs share the machine); wall: elapsed time",
     )
+    parser.add_argument("--precision", choices=("32", "bf16", "fp16"), default="32", help="autocast of every step")
+    parser.add_argument("--bert-only", action="store_true", help="only the transformers BERT part")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.bert_only:
+        bert_part(
+            quick=args.quick, reps=args.reps, clock=time.process_time if args.clock == "cpu" else time.perf_counter
+        )
+        return
     batch = args.batch or (4 if args.quick else 8)
     size = args.size or (16 if args.quick else 32)
     reps = args.reps or (5 if args.quick else 10)
@@ -299,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     print(
         f"ResNet-18 multi-task, input {batch}x3x{size}x{size}, {args.threads} thread(s); training step "
-        f"(forward+backward+SGD), {args.clock} time, {reps} repetitions"
+        f"(forward+backward+SGD), {args.clock} time, {reps} repetitions, precision {args.precision}"
     )
     header = (
         f"{'K':>2} {'top-k':>5} {'original':>9} {'recon':>9} {'hand':>9} {'recon/hand':>10} {'(best)':>6} "
@@ -321,9 +344,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             hand = ListResNet18(tasks, set(layers))
             assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in hand.parameters())
             steps = {
-                "original": step_fn(model, x, targets),
-                "recon": step_fn(net, x, targets),
-                "hand": step_fn(hand, x, targets),
+                "original": step_fn(model, x, targets, args.precision),
+                "recon": step_fn(net, x, targets, args.precision),
+                "hand": step_fn(hand, x, targets, args.precision),
             }
             samples = time_steps(steps, warmup, reps, clock)
             ops = f"{count_ops(steps['recon'])}/{count_ops(steps['hand'])}"
@@ -369,6 +392,111 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"rewrite ResNet-50 ({params:.1f}M params, {nodes} fx nodes, K=4), top-k {top_k:>3}, init={init:<6}: "
             f"{min(wall):.2f} s wall, {min(cpu):.2f} s cpu (best of 3; target < 2 s)"
         )
+    print()
+    bert_part(quick=args.quick, reps=args.reps, clock=clock)
+
+
+# ------------------------------------------------------------------------------------------ transformers BERT
+class BertHeads(nn.Module):
+    """A transformers BertModel shared by K linear heads ([CLS] state, pooler output, mean state, ...)."""
+
+    def __init__(self, tasks: Sequence[str], layers: int, hidden: int, heads: int, ffn: int) -> None:
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(
+            vocab_size=1000, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            intermediate_size=ffn, max_position_embeddings=128,
+        )  # fmt: skip
+        self.bert = BertModel(config)
+        self.heads = nn.ModuleDict({t: nn.Linear(hidden, 10) for t in tasks})
+
+    def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.bert(ids)
+        states = out.last_hidden_state
+        reads = [states[:, 0], out.pooler_output, states.mean(1), states[:, -1]]
+        return {t: head(reads[i % len(reads)]) for i, (t, head) in enumerate(self.heads.items())}
+
+
+def flops(model: nn.Module, x: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def ideal_flops(model: nn.Module, x: torch.Tensor, layer: str, k: int) -> float:
+    """The paper's semantics: the work from the branched layer on runs once per task, the rest once."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    seen: dict[str, int] = {}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+
+        def mark(module: nn.Module, args: tuple) -> None:
+            seen.setdefault("before", counter.get_total_flops())
+
+        hook = model.get_submodule(layer).register_forward_pre_hook(mark)
+        model(x)
+        hook.remove()
+    total = counter.get_total_flops()
+    return total + (k - 1) * (total - seen["before"])
+
+
+def bert_part(*, quick: bool, reps: int | None, clock: Callable[[], float]) -> None:
+    tasks = TASK_NAMES[:3]
+    batch, seq = (4, 32) if quick else (8, 64)
+    reps = reps or (5 if quick else 10)
+    torch.manual_seed(0)
+    model = BertHeads(tasks, layers=12, hidden=64, heads=4, ffn=128).eval()
+    x = torch.randint(0, 1000, (batch, seq))
+    targets = {t: torch.randint(0, 10, (batch,)) for t in tasks}
+    print(
+        f"transformers BERT (12 layers, hidden 64), K=3, input {batch}x{seq}; FLOPs of one forward, "
+        f"time of a training step ({reps} repetitions)"
+    )
+    header = (
+        f"{'branched layer':<34} {'FLOPs recon':>11} {'leaf':>6} {'ideal':>6} {'recon/ideal':>11} "
+        f"{'time recon':>10} {'leaf':>6} {'recon/leaf':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    base = flops(model, x)
+    for block in (11, 6, 0):
+        layer = f"bert.encoder.layer.{block}.output.dense"
+        net = split(model, [layer], init="copy", example_inputs=(x,))
+        leaf = split(model, [layer], init="copy", leaf_modules=["bert"], example_inputs=(x,), capture="fx")
+        ideal = ideal_flops(model, x, layer, len(tasks)) / base
+        ratio, leaf_ratio = flops(net.eval(), x) / base, flops(leaf.eval(), x) / base
+        for m in (model, net, leaf):
+            m.train()
+        samples = time_steps(
+            {name: step_fn(m, x, targets) for name, m in (("original", model), ("recon", net), ("leaf", leaf))},
+            2,
+            reps,
+            clock,
+        )
+        model.eval()
+        t_recon = paired_ratio(samples["recon"], samples["original"])
+        t_leaf = paired_ratio(samples["leaf"], samples["original"])
+        print(
+            f"{layer:<34} {ratio:>10.3f}x {leaf_ratio:>5.2f}x {ideal:>5.3f}x {ratio / ideal:>11.3f} "
+            f"{t_recon:>9.2f}x {t_leaf:>5.2f}x {paired_ratio(samples['recon'], samples['leaf']):>10.3f}",
+            flush=True,
+        )
+    print("FLOP and time ratios are against the original model; 'leaf' runs the whole backbone once per task.")
+
+    torch.manual_seed(0)
+    base_model = BertHeads(tasks, layers=12, hidden=768, heads=12, ffn=3072)
+    ids = torch.randint(0, 1000, (2, 16))
+    params = sum(p.numel() for p in base_model.parameters()) / 1e6
+    start = time.perf_counter()
+    net = split(base_model, ["bert.encoder.layer.11.output.dense"], init="copy", example_inputs=(ids,))
+    wall = time.perf_counter() - start
+    print(
+        f"capture (torch.export, train and eval) + rewrite + eager checks, BERT-base size ({params:.0f}M params, "
+        f"{len(net.graph.nodes)} nodes after the split): {wall:.2f} s wall (target < 5 s)"
+    )
 
 
 if __name__ == "__main__":

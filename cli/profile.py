@@ -35,6 +35,7 @@ def profile_command(
     leaf: str = typer.Option("", "--leaf", help="Comma-separated module names torch.fx should treat as opaque."),
     show: int = typer.Option(10, "--show", min=0, help="How many top layers to print."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing profile in the run folder."),
+    precision: str = typer.Option("32", "--precision", help="32, bf16 or fp16 (autocast; fp16 scales the losses)."),
 ) -> None:
     """Stage 1: warm-up training that records every shared layer's layer-wise cosines, then ranks layers."""
     recipe = load_recipe(model_py)
@@ -57,7 +58,7 @@ def profile_command(
         prof = recon.profile(
             model, recipe.train_data, recipe.losses,
             steps=steps, epochs=epochs, S=S, method=method, seed=seed, device=dev, leaf_modules=leaf_modules,
-            optimizer=recipe.make_optimizer(model.parameters()), out=folder, progress=True,
+            optimizer=recipe.make_optimizer(model.parameters()), out=folder, progress=True, precision=precision,
         )  # fmt: skip
     except (KeyboardInterrupt, NonFiniteLossError) as e:
         prof = getattr(e, "profile", None)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from pathlib import Path
@@ -12,8 +11,9 @@ import typer
 
 from cli._common import console, resolve_device
 from recon import _io, plots
+from recon._capture import example_args, layer_usage
+from recon._codegen import generated_code
 from recon._errors import ReconError
-from recon._graph import layer_tasks
 from recon._outputs import call_model, move_to, task_outputs
 from recon._plan import choose_layers, parse_budget
 from recon._profile import check_threshold
@@ -62,14 +62,14 @@ def split_command(
     model = recipe.build_model()
     if not isinstance(model, torch.nn.Module):
         raise ReconError(f"{recipe.path}: build_model() returned {type(model).__name__}; return an nn.Module")
+    inputs, _ = first_batch(recipe)  # the example batch: capture with torch.export where fx cannot, and check
     params, flops = parse_budget(budget_params, "--budget-params"), parse_budget(budget_flops, "--budget-flops")
     how = choose_layers(
         run.dir / "profile", top_k=top_k, S=S, layers=layers, scores=scores, budget_params=params,
-        budget_flops=flops, groups=groups, model=model,
-        example_inputs=first_batch(recipe)[0] if flops is not None else None,
+        budget_flops=flops, groups=groups, model=model, example_inputs=inputs if flops is not None else None,
     )  # fmt: skip
     leaves = leaves or how.leaf_modules  # default: the leaves the profile was traced with
-    net = split(model, how.layers, tasks=tasks, init=init, leaf_modules=leaves)
+    net = split(model, how.layers, tasks=tasks, init=init, leaf_modules=leaves, example_inputs=example_args(inputs))
     branches: dict[str, list[str]] = net.meta["recon"]["branches"]
 
     before = sum(p.numel() for p in model.parameters())
@@ -80,7 +80,7 @@ def split_command(
     run.record_command()
     plan.save(folder / "plan.json")
     _io.write_text(folder / "model.py", generated_code(net, plan, recipe.path))
-    usage = layer_tasks(model, tasks, leaf_modules=leaves)
+    usage = layer_usage(model, tasks, example_inputs=example_args(inputs), leaf_modules=leaves)
     fig = plots.network_figure(
         usage, tasks, branches, {n: m for n, m in model.named_modules()}, groups=net.meta["recon"]["groups"]
     )
@@ -107,6 +107,7 @@ def _record(how, net, model, top_k, init, budgets, before: int, after: int, rati
         budget_flops=budgets[1],
         leaf_modules=list(net.meta["recon"]["leaf_modules"]),
         model_class=type(model).__name__,
+        capture=net.meta["recon"]["capture"],
         extra={
             "source": how.source,
             "params_before": before,
@@ -193,33 +194,3 @@ def _print_summary(plan: SplitPlan, ratio: float | None) -> None:
         console.print(f"forward FLOPs on the first batch: {f0:,.0f} -> {f1:,.0f} ({f1 / max(f0, 1):.2f}x){budget}")
     if ratio is not None:
         console.print(f"forward+backward time, split / original on the first batch: {ratio:.2f}x")
-
-
-def generated_code(net: torch.fx.GraphModule, plan: SplitPlan, recipe: Path) -> str:
-    """``split/model.py``: the split model's forward as readable PyTorch, with the imports it needs."""
-    code = net.graph.python_code(root_module="self")
-    imports = []
-    for name, obj in sorted(code.globals.items()):
-        if name in {"inf", "nan", "NoneType", "device", "torch"} or name.startswith("__"):
-            continue
-        if not re.search(rf"\b{re.escape(name)}\b", code.src):  # fx lists some globals it never uses
-            continue
-        module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
-        if isinstance(obj, type(torch)):
-            imports.append(f"import {obj.__name__} as {name}" if obj.__name__ != name else f"import {name}")
-        elif module and qualname and "." not in qualname and "<" not in qualname:
-            imports.append(f"from {module} import {qualname}" + (f" as {name}" if name != qualname else ""))
-    branched = "\n".join(f"#   {layer}: {', '.join(tasks)}" for layer, tasks in plan.extra["branches"].items())
-    body = "\n".join(("    " + line) if line.strip() else "" for line in code.src.strip("\n").splitlines())
-    header = f'''"""The split model written by `recon split`: the forward of a torch.fx GraphModule.
-
-Recipe: {recipe}
-Model: {plan.model_class}, tasks {plan.tasks}, init={plan.init!r}.
-Each branched layer's path holds one copy per task (``<layer>.<task>``); every operation after a branched
-layer runs once per task that it feeds. This file is for reading: rebuild the module itself with
-``recon.load_split(build_model, "plan.json")`` and load its state_dict.
-"""
-'''
-    lines = [header, "# branched layers -> tasks with their own copy:", branched or "#   (none)", ""]
-    lines += ["import torch", *imports, "", "", f"class {type(net).__name__}(torch.nn.Module):", body, ""]
-    return "\n".join(lines)

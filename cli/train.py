@@ -11,8 +11,9 @@ import typer
 import recon
 from cli._common import console, frame_table, resolve_device
 from recon import _distributed, _io
+from recon._capture import example_args
 from recon._errors import ReconError
-from recon._recipe import Recipe, check_recipe, load_recipe
+from recon._recipe import Recipe, check_recipe, first_batch, load_recipe
 from recon._runs import RUNS_ROOT, Run
 from recon._train import SUMMARY, delta_m, load_baselines, seed_everything
 
@@ -67,6 +68,7 @@ def train_command(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing variant."),
+    precision: str = typer.Option("32", "--precision", help="32, bf16 or fp16 (autocast; fp16 scales the losses)."),
 ) -> None:
     """Stage 3: train from scratch (fresh build_model(), split plan applied) with a gradient method."""
     recipe = load_recipe(model_py)
@@ -99,8 +101,9 @@ def train_command(
             folder = run.stage("train", name, force=force)
         agg = recon.methods.get(method, **hparams)  # a fresh method (and its state) per variant
         _train_variant(
-            recipe, run, folder, name, agg, plan, list(tasks), epochs, seed, dev, resume, sparse, record_cosines
-        )
+            recipe, run, folder, name, agg, plan, list(tasks), epochs, seed, dev, resume, sparse, record_cosines,
+            precision,
+        )  # fmt: skip
     if main:
         _print_results(run, recipe)
 
@@ -112,11 +115,13 @@ def _label(method: str, plan, sparse: float | None, single: tuple[str, ...] | No
 
 
 def _train_variant(
-    recipe: Recipe, run: Run, folder: Path, name, agg, plan, tasks, epochs, seed, dev, resume, sparse, record_cosines
-):
+    recipe: Recipe, run: Run, folder: Path, name, agg, plan, tasks, epochs, seed, dev, resume, sparse, record_cosines,
+    precision="32",
+):  # fmt: skip
     seed_everything(seed)
     model = recipe.build_model()
-    net = recon.load_split(model, plan) if plan is not None else model
+    example = example_args(first_batch(recipe)[0]) if plan is not None and plan.capture == "export" else None
+    net = recon.load_split(model, plan, example_inputs=example) if plan is not None else model
     net.to(dev)
     meta = {
         "label": name,
@@ -130,7 +135,7 @@ def _train_variant(
         net, recipe.train_data, recipe.losses, method=agg, epochs=epochs,
         optimizer=recipe.make_optimizer(net.parameters()), val_data=recipe.val_data, metrics=recipe.metrics,
         seed=seed, device=dev, tasks=tasks, out=folder, resume=resume, progress=True, sparse=sparse, meta=meta,
-        record_cosines=record_cosines,
+        record_cosines=record_cosines, precision=precision,
     )  # fmt: skip
     if not _distributed.is_main():
         return

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -25,11 +27,13 @@ class BackwardResult:
     * ``shared``: the parameters that got the method's update (received gradient from 2+ tasks, or the
       ``shared=`` given); pass it back as ``shared=`` to skip the discovery on later steps.
     * ``losses``: the K loss values ``(K,)``, detached.
+    * ``finite``: False when a loss scale (fp16) overflowed: ``.grad`` holds inf/NaN, skip the optimizer step.
     """
 
     weights: Tensor | None
     shared: tuple[nn.Parameter, ...]
     losses: Tensor
+    finite: bool = True
 
 
 def _params_of(net: Any) -> list[nn.Parameter]:
@@ -157,21 +161,160 @@ class TaskGradients:
         return [*([self.J] if self.J is not None else []), *(self.rows[k][i] for i, k in self.own)]
 
 
+Batched = Literal["auto"] | bool
+
+
+def _wants_batched(batched: Batched, params: Sequence[Tensor]) -> bool:
+    if batched is False or not params:
+        return False
+    if batched == "auto" and params[0].device.type != "cuda":
+        return False
+    return not _batched.failed(params)
+
+
+@dataclass
+class _Memo:
+    """What the batched path knows about one model (keyed by its first parameter)."""
+
+    n_params: int
+    users: list[tuple[int, ...]] | None = None  # per parameter, the tasks that reach it
+    found: list[int] | None = None  # the shared parameters (J's columns) the users were learnt with
+    discovered: bool = False  # found by autograd (shared_idx=None), not given
+    failed: bool = False
+    tried: bool = False
+
+
+class _BatchedGradients:
+    """The K task gradients in one vectorised backward pass, remembering per model whether vmap runs."""
+
+    def __init__(self) -> None:
+        self._memos: dict[int, tuple[weakref.ref, _Memo]] = {}  # id(first parameter) -> (its weakref, memo)
+
+    def _memo(self, params: Sequence[Tensor]) -> _Memo:
+        key = id(params[0])
+        ref, memo = self._memos.get(key, (None, None))
+        if ref is None or ref() is not params[0] or memo.n_params != len(params):
+            self._memos = {k: v for k, v in self._memos.items() if v[0]() is not None}  # forget dead models
+            memo = _Memo(len(params))
+            self._memos[key] = (weakref.ref(params[0]), memo)
+        return memo
+
+    def failed(self, params: Sequence[Tensor]) -> bool:
+        return self._memo(params).failed
+
+    def gradients(
+        self, values: Sequence[Tensor], params: Sequence[Tensor], shared_idx: Sequence[int] | None, retain: bool
+    ) -> TaskGradients:
+        memo = self._memo(params)
+        wanted = None if shared_idx is None else list(shared_idx)
+        stale = wanted != memo.found if wanted is not None else not memo.discovered
+        if memo.users is None or stale:  # learn the partition with the K passes, once
+            grads = _sequential(values, params, shared_idx, retain)
+            K = len(values)
+            memo.discovered, memo.found = wanted is None, grads.shared_idx
+            memo.users = grads.users or [
+                tuple(k for k in range(K) if grads.rows[k][i] is not None) for i in range(len(params))
+            ]
+            return grads
+        first = not memo.tried
+        memo.tried = True
+        try:  # the first try keeps the graph, so that the K passes can still run if vmap cannot
+            batch = _vmapped_grads(values, params, retain or first)
+        except (RuntimeError, NotImplementedError) as e:
+            if not first:
+                raise
+            memo.failed = True
+            warnings.warn(
+                f"recon: batched task gradients cannot run on this model ({str(e).splitlines()[0][:120]}); "
+                "using one backward pass per task",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return _sequential(values, params, shared_idx, retain)
+        return _from_batch(batch, params, memo.found, memo.users, discovered=shared_idx is None)
+
+
+_batched = _BatchedGradients()
+
+
+def _vmapped_grads(values: Sequence[Tensor], params: Sequence[Tensor], retain: bool) -> list[Tensor | None]:
+    """``(K, *p.shape)`` per parameter: row k is d L_k / d p, from one backward with ``is_grads_batched``."""
+    stacked = torch.stack([v.reshape(()).float() for v in values])
+    eye = torch.eye(len(values), dtype=stacked.dtype, device=stacked.device)
+    return list(
+        torch.autograd.grad(
+            stacked, params, grad_outputs=eye, is_grads_batched=True, retain_graph=retain, allow_unused=True
+        )
+    )
+
+
+def _from_batch(
+    batch: list[Tensor | None],
+    params: Sequence[Tensor],
+    shared_idx: list[int],
+    users: list[tuple[int, ...]],
+    *,
+    discovered: bool,
+) -> TaskGradients:
+    """A :class:`TaskGradients` from batched gradients: J from the shared parameters' blocks, each other
+    parameter's rows for the tasks that reach it."""
+    K = next((g.shape[0] for g in batch if g is not None), 0)
+    in_j = set(shared_idx)
+    J = _matrix_for(K, [params[i] for i in shared_idx]) if shared_idx else None
+    if J is not None:
+        pieces = []
+        for i in shared_idx:
+            g = batch[i]
+            g = torch.zeros(K, params[i].numel(), dtype=J.dtype, device=J.device) if g is None else g.reshape(K, -1)
+            pieces.append(g.to(device=J.device, dtype=J.dtype))
+        torch.cat(pieces, dim=1, out=J)
+    rows: list[list[Tensor | None]] = [[None] * len(params) for _ in range(K)]
+    for i, g in enumerate(batch):
+        if g is not None and i not in in_j:
+            for k in users[i]:
+                rows[k][i] = g[k]
+    if discovered:  # the orders of the sequential paths: by parameter when discovered, by task when given
+        own = [(i, k) for i in range(len(params)) for k in range(K) if rows[k][i] is not None]
+    else:
+        own = [(i, k) for k in range(K) for i, g in enumerate(rows[k]) if g is not None]
+    return TaskGradients(J, rows, own, list(shared_idx), list(users) if discovered else None)
+
+
 def task_gradients(
     values: Sequence[Tensor],
     params: Sequence[Tensor],
     *,
     shared_idx: Sequence[int] | None = None,
     retain_graph: bool = False,
+    batched: Batched = "auto",
 ) -> TaskGradients:
-    """The K tasks' gradients w.r.t. ``params``: one backward pass per task.
+    """The K tasks' gradients w.r.t. ``params``: one backward pass per task, or one batched pass.
 
     With ``shared_idx=None`` the partition is discovered (a parameter is shared when 2+ tasks reach it): every
     task's gradients are computed with ``torch.autograd.grad`` and then copied into ``J``. With a known
     partition, task k's backward accumulates straight into views of ``J[k]`` (each parameter's ``.grad`` is
     pointed at its slice, autograd adds into it in place), so the peak memory is ``J`` plus one parameter's
     gradient, not ``J`` plus a whole set of task gradients. The caller's ``.grad`` are put back untouched.
+
+    ``batched``: ``True`` computes all K gradients in one vectorised backward pass,
+    ``torch.autograd.grad(stack(losses), params, grad_outputs=I_K, is_grads_batched=True)`` (vmap over the
+    backward graph: the K passes run as one, the way below the K-pass floor on a GPU); ``"auto"`` does so on
+    CUDA and runs the K passes on other devices; ``False`` never. The first call on a model runs the K passes
+    once to learn which tasks reach which parameter (batched gradients are zeros, not ``None``, where a task
+    does not reach); that partition is then kept. Where vmap cannot run the backward (some in-place ops,
+    custom autograd functions), the model falls back to the K passes for good, with one warning.
     """
+    if batched not in ("auto", True, False):
+        raise ReconError(f"batched={batched!r} is not one of 'auto', True, False")
+    if _wants_batched(batched, params):
+        return _batched.gradients(values, params, shared_idx, retain_graph)
+    return _sequential(values, params, shared_idx, retain_graph)
+
+
+def _sequential(
+    values: Sequence[Tensor], params: Sequence[Tensor], shared_idx: Sequence[int] | None, retain_graph: bool
+) -> TaskGradients:
+    """:func:`task_gradients` with one backward pass per task."""
     K = len(values)
     if shared_idx is None:
         grads = [
@@ -268,6 +411,8 @@ def backward(
     shared: Sequence[nn.Parameter] | None = None,
     step: int = -1,
     retain_graph: bool = False,
+    batched: Batched = "auto",
+    precision: Any = None,
 ) -> BackwardResult:
     """Fill ``.grad`` of ``net``'s parameters for one multi-task step with ``method``.
 
@@ -298,7 +443,13 @@ def backward(
 
     A non-finite loss raises :class:`recon.NonFiniteLossError` naming the task and ``step`` (the only host
     synchronisation in the call, besides the K x K Gram matrix that Gram-based methods solve on the host).
-    Returns a :class:`BackwardResult` (weights, shared parameters, loss values).
+    ``batched``: how the K task gradients are computed (:func:`task_gradients`). ``precision``: a
+    :class:`recon._precision.Precision` whose loss scale (fp16) multiplies the task losses (gradient methods) or
+    the combined loss (the others) before the backward passes; the gradients are unscaled before any method
+    sees them and ``.grad`` ends unscaled (so ``.grad`` must be empty before the call, as with
+    ``GradScaler.unscale_``). A step with inf/NaN gradients leaves ``result.finite`` False: skip its
+    optimizer step.
+    Returns a :class:`BackwardResult` (weights, shared parameters, loss values, finite).
     """
     from recon.methods import resolve  # late: recon.methods imports this module's package
 
@@ -307,32 +458,14 @@ def backward(
     if m.tasks is None and not m.learnable:
         m.bind(tasks)  # methods with learnable parameters must be bound before the optimiser is built
     loss_values = torch.stack([v.detach() for v in values])
-
-    custom = getattr(m, "custom_backward", None)
-    if custom is not None:
-        weights = custom(losses, net, features=features, step=step, retain_graph=retain_graph)
-        return BackwardResult(weights, (), loss_values)
-
-    if m.kind == "loss":
-        total, weights = m.combine(torch.stack(values))
-        total.backward(retain_graph=retain_graph)
-        _average_grads(net, m)
-        return BackwardResult(weights, (), loss_values)
-
-    if m.kind == "representation":
-        if features is not None:
-            R = _features_matrix(values, features)
-            weights = m(loss_values, R.detach())
-            total = (weights.detach().to(values[0].dtype) * torch.stack(values)).sum()
-            total.backward(retain_graph=retain_graph)
-            _average_grads(net, m)
-            return BackwardResult(weights.detach(), (), loss_values)
-        if m.requires_features:
-            raise ReconError(
-                f"method {type(m).__name__} needs the shared representation: pass features=z "
-                "(the encoder's output) to recon.backward, or use 'mgda' on the shared parameters"
-            )
-
+    custom = getattr(m, "custom_backward", None) is not None
+    if custom or m.kind == "loss" or (m.kind == "representation" and features is not None):
+        return _combined_backward(m, tasks, values, loss_values, net, features, step, retain_graph, precision)
+    if m.kind == "representation" and m.requires_features:
+        raise ReconError(
+            f"method {type(m).__name__} needs the shared representation: pass features=z "
+            "(the encoder's output) to recon.backward, or use 'mgda' on the shared parameters"
+        )
     params = _params_of(net)
     if not params:
         raise ReconError("recon.backward: the model has no parameter that requires grad")
@@ -340,8 +473,41 @@ def backward(
     if shared is not None:
         ids = {id(p) for p in shared}
         shared_idx = [i for i, p in enumerate(params) if id(p) in ids]
-    grads = task_gradients(values, params, shared_idx=shared_idx, retain_graph=retain_graph)
-    return reduce_and_apply(grads, params, m, loss_values)
+    scaled = precision.scale(values) if precision is not None else values
+    grads = task_gradients(scaled, params, shared_idx=shared_idx, retain_graph=retain_graph, batched=batched)
+    return reduce_and_apply(grads, params, m, loss_values, precision=precision)
+
+
+def _combined_backward(
+    m: Any, tasks: list[str], values: list[Tensor], loss_values: Tensor, net: Any, features: Any,
+    step: int, retain_graph: bool, precision: Any,
+) -> BackwardResult:  # fmt: skip
+    """Methods that run one backward of a combined loss (loss-weighting, representation with ``features``) or
+    their own (RotoGrad); with a loss scale, the combined loss is scaled and every ``.grad`` unscaled after
+    (RotoGrad's losses go unscaled, its gradients are only checked)."""
+    scale = precision.scale_loss if precision is not None else (lambda t: t)
+    custom = getattr(m, "custom_backward", None)
+    if custom is not None:  # RotoGrad: its rotation update is not linear in the losses, so they go unscaled
+        weights = custom(dict(zip(tasks, values, strict=True)), net, features=features, step=step,
+                         retain_graph=retain_graph)  # fmt: skip
+    elif m.kind == "loss":
+        total, weights = m.combine(torch.stack(values))
+        scale(total).backward(retain_graph=retain_graph)
+    else:
+        R = _features_matrix(precision.scale(values) if precision is not None else values, features)
+        if precision is not None and not precision.unscale_tensors([R], update=False):
+            precision.update(False)
+            return BackwardResult(None, (), loss_values, finite=False)
+        weights = m(loss_values, R.detach()).detach()
+        total = (weights.to(values[0].dtype) * torch.stack(values)).sum()
+        scale(total).backward(retain_graph=retain_graph)
+    if custom is None:
+        _average_grads(net, m)
+    finite = True
+    if precision is not None:
+        grads = [p.grad for p in [*_params_of(net), *m.parameters()]]
+        finite = precision.unscale_tensors(grads, unscale=custom is None)
+    return BackwardResult(weights if weights is None else weights.detach(), (), loss_values, finite=finite)
 
 
 def reduce_and_apply(
@@ -351,11 +517,15 @@ def reduce_and_apply(
     loss_values: Tensor,
     *,
     observe: Callable[[TaskGradients], None] | None = None,
+    precision: Any = None,
 ) -> BackwardResult:
     """What :func:`backward` does once the task gradients are computed: under torchrun, average them (the
-    global batch's, before the method sees them); ``observe(grads)`` if given (the training loop's conflict
-    meter reads its cosines there, so recording them costs no extra backward pass); fill ``.grad``."""
+    global batch's, before the method sees them); unscale them (``precision``'s loss scale; an overflow skips
+    the rest and returns ``finite=False``); ``observe(grads)`` if given (the training loop's conflict meter
+    reads its cosines there, so recording them costs no extra backward pass); fill ``.grad``."""
     _distributed.average_([*grads.tensors(), loss_values])
+    if precision is not None and not precision.unscale(grads):
+        return BackwardResult(None, tuple(params[i] for i in grads.shared_idx), loss_values, finite=False)
     if observe is not None:
         observe(grads)
     return apply_task_gradients(grads, params, method, loss_values)

@@ -16,7 +16,7 @@ import linecache
 import operator
 import os
 import traceback
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import networkx as nx
@@ -49,6 +49,8 @@ _THIS_FILE = os.path.abspath(__file__)
 
 class TraceError(ReconError):
     """The model cannot be symbolically traced: names the module and the source line, and the way out."""
+
+    module: str = ""
 
 
 # --------------------------------------------------------------------------------------------- tracing
@@ -153,9 +155,11 @@ def _trace_error(model: nn.Module, tracer: _Tracer, exc: BaseException) -> Trace
             "move the data-dependent code into a submodule and pass it as leaf_modules= (CLI: --leaf NAME), "
             "or fix the input that drives it with concrete_args="
         )
-    return TraceError(
+    error = TraceError(
         f"cannot trace {type(model).__name__} with torch.fx: {what}{loc}: {type(exc).__name__}: {first_line}; {fix}"
     )
+    error.module = module  # the innermost module being traced when it failed ("" for the model's own forward)
+    return error
 
 
 def trace(
@@ -191,13 +195,104 @@ def _trace(
     return fx.GraphModule(tracer.root, graph, model.__class__.__name__)
 
 
-def graph_signature(graph: fx.Graph) -> list[tuple[str, str, str, str, str]]:
-    """A comparable description of a graph's structure: (name, op, target, args, kwargs) per node."""
+class _Ref:
+    """A node reference in a graph key: the node's position, so that node names do not matter."""
 
-    def target(t: Any) -> str:
-        return t if isinstance(t, str) else getattr(t, "__qualname__", None) or repr(t)
+    __slots__ = ("index",)
 
-    return [(n.name, n.op, target(n.target), repr(n.args), repr(n.kwargs)) for n in graph.nodes]
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Ref) and other.index == self.index
+
+    def __hash__(self) -> int:
+        return hash(("ref", self.index))
+
+    def __repr__(self) -> str:
+        return f"%{self.index}"
+
+
+def _constant_key(value: Any) -> Any:
+    """A tensor constant by value (so equal constants under different names compare equal)."""
+    if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+        flat = value.detach().contiguous().flatten().cpu()
+        raw = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+        return ("constant", tuple(value.shape), str(value.dtype), hash(raw))
+    return None
+
+
+def _target_str(target: Any) -> str:
+    return target if isinstance(target, str) else getattr(target, "__qualname__", None) or repr(target)
+
+
+def node_keys(
+    graph: fx.Graph, constant: Callable[[str], Any], skip: Callable[[fx.Node], bool] | None = None
+) -> list[tuple]:
+    """A comparable description of ``graph``, node by node: ``(op, name, target, args, kwargs)`` with every node
+    reference replaced by its position and every tensor constant by its value (``constant(target)`` returns
+    the tensor a ``get_attr`` reads when it is a constant, None for a parameter, buffer or module). Two traces
+    of the same code compare equal, whatever names fx or torch.export gave their nodes and constants;
+    placeholders keep their names (they are the call signature). Nodes for which ``skip`` is true are left out
+    and references to them read their first input (layout-only operations such as ``contiguous``)."""
+    index: dict[fx.Node, Any] = {}
+    keys = []
+    for n in graph.nodes:
+        if skip is not None and skip(n) and n.all_input_nodes:
+            index[n] = index[n.all_input_nodes[0]]
+            continue
+        index[n] = _Ref(len(keys))
+        target: Any = _target_str(n.target)
+        if n.op == "get_attr":
+            target = _constant_key(constant(target)) or target
+        args = fx.node.map_arg(n.args, lambda a: index[a])
+        kwargs = fx.node.map_arg(n.kwargs, lambda a: index[a])
+        name = n.name if n.op == "placeholder" else ""
+        keys.append((n.op, name, target, args, tuple(sorted(kwargs.items()))))
+    return keys
+
+
+def module_constants(root: nn.Module, model: nn.Module | None = None) -> Callable[[str], Any]:
+    """``constant`` for :func:`node_keys` over a module traced from ``model``: attributes of ``root`` that are
+    not parameters or buffers of ``model`` (fx's ``_tensor_constant0``, which fx registers as a buffer)."""
+    model = root if model is None else model
+    owned = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    owned |= {name for name, _ in model.named_buffers(remove_duplicate=False)}
+
+    def constant(target: str) -> Any:
+        if target in owned:
+            return None
+        try:
+            return _fetch(root, target)
+        except AttributeError:
+            return None
+
+    return constant
+
+
+def _fetch(root: nn.Module, target: str) -> Any:
+    value: Any = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def first_difference(a: Sequence[tuple], b: Sequence[tuple]) -> int | None:
+    """The position of the first node at which two :func:`node_keys` lists differ (None if they are equal)."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def node_origin(node: fx.Node | None) -> tuple[str, str]:
+    """``(module name, "file:line `code`")`` of the user code that made ``node`` (empty strings if unknown)."""
+    if node is None:
+        return "", ""
+    line = _last_frame(node.stack_trace) if node.stack_trace else ""
+    stack = node.meta.get("nn_module_stack") or {}
+    module = _stack_key_to_name(stack, next(reversed(stack.keys()), "")) if stack else ""
+    return module, line
 
 
 def trace_modes(
@@ -210,7 +305,8 @@ def trace_modes(
 
     A graph that depends on ``self.training`` (``if self.training:``, ``F.dropout(x, training=self.training)``)
     would freeze one mode into the rewritten model. Modules such as ``nn.Dropout``/``nn.BatchNorm2d`` are
-    leaves, so they keep switching modes at run time and are fine. Returns the graph traced in the model's
+    leaves, so they keep switching modes at run time and are fine. The graphs are compared modulo node names
+    and modulo tensor constants of equal value (:func:`node_keys`). Returns the graph traced in the model's
     current mode; the model's modes are restored.
     """
     modes = {name: m.training for name, m in model.named_modules()}
@@ -221,25 +317,22 @@ def trace_modes(
     finally:
         for name, m in model.named_modules():
             m.training = modes.get(name, current)
-    gm = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
-    a, b = graph_signature(gm.graph), graph_signature(other.graph)
-    if a != b:
-        index = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-        traced = _trace(model, leaf_modules, concrete_args, record_stack_traces=True)
-        nodes = list(traced.graph.nodes)
+    gm = _trace(model, leaf_modules, concrete_args, record_stack_traces=True)
+    a = node_keys(gm.graph, module_constants(gm, model))
+    index = first_difference(a, node_keys(other.graph, module_constants(other, model)))
+    if index is not None:
+        nodes = list(gm.graph.nodes)
         node = nodes[min(index, len(nodes) - 1)] if nodes else None
-        line = _last_frame(node.stack_trace) if node is not None and node.stack_trace else ""
-        stack = (node.meta.get("nn_module_stack") if node is not None else None) or {}
-        module = next(reversed(stack.keys()), "") if stack else ""
-        module = _stack_key_to_name(stack, module)
+        module, line = node_origin(node)
         where = f" in module {module!r}" if module else ""
         at = f" at {line}" if line else ""
-        detail = f" (first difference at node {a[index][0]!r}{where}{at})" if index < len(a) else ""
+        detail = f" (first difference at node {node.name!r}{where}{at})" if node is not None else ""
         leaf = f"pass leaf_modules=[{module!r}] (CLI: --leaf {module}), or " if module else ""
         raise TraceError(
             f"the traced graph of {type(model).__name__} differs between train and eval mode{detail}, "
             f"so a rewritten model would freeze one mode; {leaf}use mode-aware modules (nn.Dropout, "
-            "nn.BatchNorm) instead of branching on self.training in forward"
+            "nn.BatchNorm) instead of branching on self.training in forward, or pass example_inputs= so that "
+            "recon captures it with torch.export"
         )
     return gm
 

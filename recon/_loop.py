@@ -45,7 +45,7 @@ class Precision(Protocol):
 
     def scale(self, values: Sequence[Tensor]) -> list[Tensor]: ...
 
-    def unscale(self, grads: TaskGradients) -> bool: ...
+    def unscale(self, grads: TaskGradients, *, update: bool = True) -> bool: ...
 
     def step(self, optimizer: torch.optim.Optimizer) -> None: ...
 
@@ -59,7 +59,7 @@ class FullPrecision:
     def scale(self, values: Sequence[Tensor]) -> list[Tensor]:
         return list(values)
 
-    def unscale(self, grads: TaskGradients) -> bool:
+    def unscale(self, grads: TaskGradients, *, update: bool = True) -> bool:
         return True
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -105,7 +105,8 @@ class StepEngine:
         device: where batches go.
         output_tasks: the model's outputs in order (for tuple outputs; default ``tasks``).
         where: how error messages name the data (``"data"``, ``"train_data"``).
-        precision: mixed precision hooks (default :class:`FullPrecision`).
+        precision: mixed precision hooks (default :class:`FullPrecision`; :class:`recon._precision.Precision`).
+        batched: how the K task gradients are computed (:func:`recon._backward.task_gradients`).
         observers: see :class:`Observer`.
         step: the number of steps already done (a resumed run's).
     """
@@ -124,6 +125,7 @@ class StepEngine:
         precision: Precision | None = None,
         observers: Iterable[Observer] = (),
         step: int = 0,
+        batched: Any = "auto",
     ) -> None:
         self.model = model
         self.tasks = list(tasks)
@@ -136,6 +138,7 @@ class StepEngine:
         self.precision: Precision = precision if precision is not None else FullPrecision()
         self.observers = list(observers)
         self.step = step
+        self.batched = batched
         self.names, self.params = [], []
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -155,7 +158,7 @@ class StepEngine:
     def forward_losses(self, batch: Any) -> dict[str, Tensor]:
         """Check the batch, keep this process's shard, forward, per-task losses (weighted by the shard's share)."""
         inputs, targets = check_batch(batch, self.tasks, self.where)
-        inputs, targets, weight = _distributed.shard(inputs, targets)
+        inputs, targets, weight = _distributed.shard(inputs, targets, batch)
         with self.precision.autocast():
             outputs = task_outputs(call_model(self.model, move_to(inputs, self.device)), self.output_tasks)
             values = compute_losses(self.losses, outputs, move_to(targets, self.device), "losses")
@@ -163,15 +166,19 @@ class StepEngine:
             values = {t: v * weight for t, v in values.items()}
         return values
 
-    def task_gradients(self, values: Mapping[str, Tensor], *, keep_graph: bool = False) -> TaskGradients:
+    def task_gradients(
+        self, values: Mapping[str, Tensor], *, keep_graph: bool = False, update: bool = True
+    ) -> TaskGradients:
         """The K tasks' gradients (one backward each; straight into J once the shared set is known), averaged
         across processes and unscaled."""
         scaled = self.precision.scale([values[t] for t in self.tasks])
-        grads = task_gradients(scaled, self.params, shared_idx=self.shared_idx, retain_graph=keep_graph)
+        grads = task_gradients(
+            scaled, self.params, shared_idx=self.shared_idx, retain_graph=keep_graph, batched=self.batched
+        )
         if self.shared_idx is None:
             self.shared_idx = grads.shared_idx
         _distributed.average_(grads.tensors())
-        self.step_ok = self.precision.unscale(grads) and self.step_ok
+        self.step_ok = self.precision.unscale(grads, update=update) and self.step_ok  # update: decides
         return grads
 
     def check_losses(self, values: Mapping[str, Tensor]) -> tuple[Tensor, list[float]]:
@@ -191,18 +198,27 @@ class StepEngine:
         self.step_ok = True
         if self._through_j:
             grads = self.task_gradients(values)
-            for o in observing:
-                o.on_gradients(self, grads)
-            apply_task_gradients(grads, self.params, self.method, loss_vector)
-            del grads
-        else:
-            if observing:
-                grads = self.task_gradients(values, keep_graph=True)
+            if self.step_ok:  # an overflowing fp16 step is skipped whole: no cosines, no update
                 for o in observing:
                     o.on_gradients(self, grads)
+                apply_task_gradients(grads, self.params, self.method, loss_vector)
+            del grads
+        else:
+            if observing:  # the observers' own K passes; the method's backward below decides the step
+                grads = self.task_gradients(values, keep_graph=True, update=False)
+                for o in observing if self.step_ok else ():
+                    o.on_gradients(self, grads)
                 del grads
-            result = backward(dict(values), self.model, self.method, shared=self._shared, step=self.step)
-            self._shared = result.shared or None
+            if self.step_ok:
+                scaling = getattr(self.precision, "scaling", False)
+                result = backward(
+                    dict(values), self.model, self.method, shared=self._shared, step=self.step,
+                    batched=self.batched, precision=self.precision if scaling else None,
+                )  # fmt: skip
+                self._shared = result.shared or None
+                self.step_ok = result.finite
+            else:
+                self.precision.update(False)  # type: ignore[attr-defined]  # only a scaling precision overflows
         if self.step_ok:
             self.precision.step(self.optimizer)
 

@@ -36,6 +36,7 @@ from recon._cosines import ConflictCounts, CosineRecorder, open_cosines, read_sh
 from recon._errors import NonFiniteLossError, ReconError
 from recon._gram import LayerCosines
 from recon._loop import Observer, ProgressObserver, StepEngine
+from recon._precision import Precision
 from recon._progress import progress_bar
 from recon._recipe import batch_count, validate_tasks
 from recon.methods import resolve, spec_of
@@ -285,10 +286,15 @@ def read_scores_json(path: str | os.PathLike) -> dict[str, int]:
 
 # --- shared-layer discovery --------------------------------------------------------------------------------
 def layer_usage_fx(model: nn.Module, tasks: Sequence[str], leaf_modules: Sequence[str] = ()) -> dict[str, frozenset]:
-    """Per layer, the tasks whose output it reaches in the torch.fx graph (raises ``TraceError``)."""
-    from recon._graph import layer_tasks
+    """Per layer, the tasks whose output it reaches in the torch.fx graph (raises ``TraceError``); a ReconError
+    too when leaves are involved: the graph cannot tell which task reaches a parameter inside one, autograd can."""
+    from recon._capture import capture
+    from recon._graph import layer_names
 
-    return layer_tasks(model, list(tasks), leaf_modules=tuple(leaf_modules))
+    captured = capture(model, leaf_modules=tuple(leaf_modules), mode="fx")
+    if captured.leaves:
+        raise ReconError(f"leaves {captured.leaves}: discover the shared layers with autograd")
+    return captured.layer_tasks(list(tasks), layer_names(model))
 
 
 def layer_usage_autograd(names: Sequence[str], users: Sequence[Sequence[str]]) -> dict[str, frozenset]:
@@ -414,6 +420,8 @@ class _Profiler(Observer):
             for ln in self.layers
         }
         meta = dict(self.meta)
+        if getattr(engine.precision, "scaling", False):
+            meta["skipped_steps"] = engine.precision.skipped  # fp16 steps skipped for overflowing gradients
         prof = ConflictProfile(
             tasks=self.tasks, layers=self.layers, folder=self.folder, S=self.S, layer_info=info, partial=partial,
             discovery=meta.pop("discovery"), meta=meta, _tmp=self.tmp, _running=self.recorder.counts,
@@ -455,6 +463,8 @@ def profile(
     out: str | os.PathLike | None = None,
     progress: bool = False,
     chunk: int = 256,
+    precision: str | int | Precision = "32",
+    batched: bool | str = "auto",
 ) -> ConflictProfile:
     """Warm-up training that records every shared layer's pairwise layer-wise cosines (Recon, stage 1).
 
@@ -470,6 +480,10 @@ def profile(
         device: where to profile; default: where the model's parameters are.
         out: folder to stream ``cosines.npy`` into (default: a temporary folder; :meth:`ConflictProfile.save`).
             Under torchrun only rank 0 writes; the other processes' profiles hold the scores at ``S`` only.
+        precision: ``"32"``, ``"bf16"`` or ``"fp16"`` (autocast on the model's device; fp16 with one loss scale
+            for the K task passes; a step whose gradients overflow is skipped and records no cosines).
+        batched: the K task gradients in one vectorised backward (``True``), K passes (``False``) or batched on
+            CUDA only (``"auto"``); see README, "Mixed precision, batched task gradients, sharded data".
 
     On Ctrl-C or a non-finite loss, what was recorded is kept: the exception is re-raised with the partial
     profile attached as ``exc.profile``.
@@ -489,8 +503,10 @@ def profile(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = optimizer if optimizer is not None else torch.optim.Adam(params, lr=1e-3)
     engine = StepEngine(
-        model, loss_fns, task_names, method=_warmup_method(method, task_names), optimizer=opt, device=dev
-    )
+        model, loss_fns, task_names, method=_warmup_method(method, task_names), optimizer=opt, device=dev,
+        precision=Precision.of(precision, dev), batched=batched,
+    )  # fmt: skip
+    data = _distributed.shard_data(data, "data")
     try:
         usage, discovery = layer_usage_fx(model, task_names, leaf_modules), "fx"
     except (ReconError, ImportError):  # TraceError is a ReconError: fall back to autograd on the first step
@@ -498,6 +514,7 @@ def profile(
 
     tmp, folder = _home(out) if main else (None, None)
     meta = {"method": spec_of(method), "seed": seed, "leaf_modules": list(leaf_modules), "discovery": discovery}
+    meta["precision"] = engine.precision.mode
     profiler = _Profiler(model, task_names, S=S, folder=folder, chunk=chunk, meta=meta, tmp=tmp, save=out is not None)
     if usage is not None:
         profiler.setup(engine, usage)

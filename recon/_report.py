@@ -24,7 +24,7 @@ from recon import _io
 from recon._errors import ReconError
 from recon._profile import ConflictProfile, check_threshold
 from recon._runs import Run
-from recon._train import delta_m
+from recon.methods import canonical_name
 
 __all__ = ["Report", "markdown_table", "report"]
 
@@ -46,22 +46,6 @@ MAX_MD_LAYERS = 60
 Fmt = Mapping[str, str | Callable[[Any], str]]
 
 
-# --- method names of older runs -----------------------------------------------------------------------------
-# TODO(integrator): this is recon.methods.canonical_name (same mapping); use it once it is on main.
-def _legacy_method_name(name: str) -> str:
-    """The name a user types for a method, also for older summary.json files that stored its class name.
-
-    ``"PCGrad"`` -> ``"pcgrad"``; ``"Mean"`` (what ``--method joint`` used to write) -> ``"joint"``; anything
-    else (a spec the user gave, ``"cagrad:c=0.4"``) is kept as it is.
-    """
-    from recon.methods import REGISTRY
-
-    if name == "Mean":
-        return "joint"
-    by_class = {info.cls.__name__: key for key, info in REGISTRY.items()}
-    return by_class.get(name, name)
-
-
 #: Names of joint training (the multi-task baseline), listed first after the single-task baselines.
 _JOINT = ("joint", "mean")
 
@@ -81,7 +65,7 @@ class Variant:
     def method(self) -> str:
         """The method's name as the user gives it (older class names are mapped back)."""
         s = self.summary or {}
-        return _legacy_method_name(str(s["method"])) if s.get("method") is not None else self.label
+        return canonical_name(str(s["method"])) if s.get("method") is not None else self.label
 
     @property
     def single_task(self) -> str | None:
@@ -246,6 +230,8 @@ def _final(v: Variant, tasks: list[str]) -> dict[str, dict[str, float]]:
 
 def _delta_m_or_none(final: Mapping, baseline: Mapping, directions: Mapping[str, Mapping[str, str]]) -> float | None:
     """``recon.delta_m`` (the trainer's Δm%), or None where a metric or its baseline is missing or 0."""
+    from recon import delta_m  # the one Δm% (late: recon/__init__ imports this module first)
+
     try:
         return delta_m(final, baseline, directions)
     except (KeyError, ReconError):

@@ -39,19 +39,17 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 
+from recon._capture import capture as capture_graph
+from recon._capture import check_outputs, recaptured
 from recon._errors import ReconError
 from recon._graph import (
     LeafSpec,
-    _layer_tasks,
     layer_names,
-    leaf_names,
     modules_in_call,
     mutated_input,
     node_tasks,
     output_tasks,
     to_digraph,
-    trace,
-    trace_modes,
 )
 
 __all__ = [
@@ -363,8 +361,8 @@ class SplitPlan:
     ``layers`` are in score order when they come from a profile. ``groups`` maps a layer to its task groups
     (``{layer: [[task, ...], ...]}``; a layer not in it has one copy per task, and a plan written before groups
     existed has none). ``S``, ``top_k``, ``scores``, ``budget_params`` and ``budget_flops`` record how they
-    were chosen (:func:`recon.plan_split`); ``leaf_modules`` and ``concrete_args`` how the model was traced.
-    Unknown keys read from JSON are kept in ``extra`` and written back.
+    were chosen (:func:`recon.plan_split`); ``capture``, ``leaf_modules`` and ``concrete_args`` how the model
+    was captured. Unknown keys read from JSON are kept in ``extra`` and written back.
     """
 
     tasks: list[str]
@@ -379,6 +377,7 @@ class SplitPlan:
     leaf_modules: list[str] = dataclasses.field(default_factory=list)
     concrete_args: dict[str, Any] | None = None
     model_class: str | None = None
+    capture: str | None = None  # how the graph was captured: "fx", "export", "fx+leaves[...]" (None: an older plan, fx)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -459,6 +458,7 @@ def plan_of(net: fx.GraphModule) -> SplitPlan:
         leaf_modules=list(meta["leaf_modules"]),
         concrete_args=meta["concrete_args"],
         model_class=meta["model_class"],
+        capture=meta.get("capture", "fx"),
     )
 
 
@@ -670,12 +670,14 @@ def _classes(tasks: list[str], upstream: frozenset[str], route: Mapping[str, Map
     return {members[0]: members for members in classes.values()}
 
 
-def _analyse(gm: fx.GraphModule, src: nn.Module, tasks: Sequence[str] | None, layers: Any, model: str) -> _Analysis:
+def _analyse(
+    gm: fx.GraphModule, src: nn.Module, tasks: Sequence[str] | None, layers: Any, model: str, captured: Any
+) -> _Analysis:
     """Analysis: which nodes run per task class, which BatchNorms need per-task statistics (node.meta)."""
     digraph = to_digraph(gm)
     reach = node_tasks(gm, tasks, digraph)
     task_list = list(output_tasks(gm, tasks))
-    usage = _layer_tasks(gm, task_list, layer_names(src))
+    usage = captured.layer_tasks(task_list, layer_names(src))
     groups = _normalise_groups(layers, usage, task_list, model)
     route = _routes(groups)
     branched = frozenset(groups)
@@ -792,6 +794,17 @@ def _shared_beyond(node: fx.Node, rep: str, members: Sequence[str]) -> bool:
     return not set(mine) <= set(members)
 
 
+def _prior(model: nn.Module) -> dict[str, Any] | None:
+    """What an earlier :func:`split` recorded on ``model`` (None for a model that was not split)."""
+    prior = model.meta.get(META_KEY) if isinstance(model, fx.GraphModule) else None
+    if prior and any(len(g) > 1 for gs in prior.get("groups", {}).values() for g in gs):
+        raise ReconError(
+            "this model was split with task groups, and splitting it again is not supported; split the original "
+            "model once with every layer: recon.split(model, {layer: groups, ...})"
+        )
+    return prior
+
+
 def split(
     model: nn.Module,
     layers: Iterable[str] | Mapping[str, Sequence[Sequence[str]] | None],
@@ -800,6 +813,8 @@ def split(
     init: str = "reinit",
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: dict[str, Any] | None = None,
+    example_inputs: Any = None,
+    capture: str = "auto",
 ) -> fx.GraphModule:
     """Rewrite ``model`` so that each of ``layers`` becomes one copy per task (or per task group) that uses it.
 
@@ -814,16 +829,15 @@ def split(
     not changed. ``tasks`` names the outputs of a model that returns a tuple/list (in order); dict outputs
     name themselves. ``init="copy"`` starts every copy as the original layer (the split model computes the
     same function); ``"reinit"`` calls each copy's ``reset_parameters()``. ``leaf_modules`` and
-    ``concrete_args`` go to the tracer (:func:`recon._graph.trace`).
+    ``concrete_args`` go to the tracer (:func:`recon._graph.trace`). ``example_inputs`` (a tuple of positional
+    arguments, or ``(args, kwargs)``) lets recon capture models that symbolic tracing cannot, with
+    ``torch.export``, and check the captured graph and (``init="copy"``) the split model against the eager model
+    on that batch; ``capture`` picks the way (``"auto"``, ``"fx"``, ``"export"``: :func:`recon._capture.capture`).
 
-    A shared BatchNorm that runs once per task class for two or more classes keeps its shared
-    ``weight``/``bias`` and gets running statistics per class, keyed by the class's first task
-    (:class:`TaskStatsBatchNorm`, listed in ``net.meta["recon"]["task_stats"]``): copies of its statistics
-    with ``init="copy"``, fresh ones (mean 0, variance 1) with ``"reinit"``, since re-initialised branches
-    upstream change the features the old statistics described.
-
-    The work is three passes over the traced graph: analysis (per-node :class:`NodeFacts` in
-    ``node.meta["recon_split"]``), branching (module surgery) and emission (the new graph).
+    A shared BatchNorm run per task class for 2+ classes gets running statistics per class, keyed by the
+    class's first task (:class:`TaskStatsBatchNorm`; ``net.meta["recon"]["task_stats"]``): copies with
+    ``init="copy"``, fresh ones with ``"reinit"``. Three passes: analysis (per-node :class:`NodeFacts` in
+    ``node.meta["recon_split"]``), branching (module surgery), emission (the new graph).
 
     Raises :class:`~recon._errors.ReconError` for unknown, unshared or repeated layer names (listing the
     shared ones), groups that are not a partition of the layer's tasks, and :class:`~recon._graph.TraceError`
@@ -831,37 +845,31 @@ def split(
     """
     if init not in INITS:
         raise ReconError(f"init={init!r} is not one of {list(INITS)}")
-    if isinstance(layers, str):
-        layers = [layers]
-    layers = dict(layers) if isinstance(layers, Mapping) else list(layers)
+    layers = [layers] if isinstance(layers, str) else dict(layers) if isinstance(layers, Mapping) else list(layers)
     leaf_modules = list(leaf_modules or ())
     if not isinstance(model, nn.Module):
         raise ReconError(f"recon.split expects an nn.Module, got {type(model).__name__}")
-
-    prior = model.meta.get(META_KEY) if isinstance(model, fx.GraphModule) else None
-    if prior and any(len(g) > 1 for gs in prior.get("groups", {}).values() for g in gs):
-        raise ReconError(
-            "this model was split with task groups, and splitting it again is not supported; split the original "
-            "model once with every layer: recon.split(model, {layer: groups, ...})"
-        )
+    prior = _prior(model)
     src = copy.deepcopy(model, _skip_tensors(model, list(layers)))
     if isinstance(src, fx.GraphModule):
-        gm, leaves = src, list(prior["leaf_modules"]) if prior else []
+        captured = recaptured(src, prior, example_inputs)
         if tasks is None and prior:
             tasks = prior["tasks"]
     else:
-        leaves = leaf_names(src, leaf_modules)
-        gm = trace_modes(src, leaf_modules=leaves, concrete_args=concrete_args)
+        captured = capture_graph(
+            src, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, mode=capture
+        )
+    gm, leaves = captured.gm, captured.leaves
     model_class = prior["model_class"] if prior else type(model).__name__
 
-    facts = _analyse(gm, src, tasks, layers, model_class)
+    facts = _analyse(gm, src, tasks, layers, model_class, captured)
     _branch(src, facts, init)
     graph = _emit(gm, facts)
 
     names = list(facts.groups)
     net = fx.GraphModule(src, graph, f"{model_class}Split" if names else model_class)
     _adopt_hierarchy(net, src)
-    net.meta[META_KEY] = {
+    net.meta[META_KEY] = {  # what plan_of and a later split read back
         "tasks": facts.tasks,
         "layers": (list(prior["layers"]) if prior else []) + names,
         "groups": {**(prior.get("groups", {}) if prior else {}), **facts.groups},
@@ -871,7 +879,11 @@ def split(
         "model_class": model_class,
         "branches": {layer: [g[0] for g in gs] for layer, gs in facts.groups.items()},
         "task_stats": {name: list(bn_tasks) for _, name, bn_tasks, _ in facts.stats_bns.values()},
+        "capture": captured.how,
+        "example": captured.example,
     }
+    if captured.example is not None and init == "copy":  # never hand over a model that computes otherwise
+        check_outputs(net, model, captured.example, what="the split model", expected=captured.expected)
     return net
 
 
@@ -1016,10 +1028,13 @@ def load_split(
     plan: SplitPlan | Mapping[str, Any] | str | os.PathLike,
     *,
     concrete_args: dict[str, Any] | None = None,
+    example_inputs: Any = None,
 ) -> fx.GraphModule:
     """Rebuild a split model from a fresh model (or ``build_model``) and a plan (object, dict or path).
 
     The parameter names match those of the model :func:`split` made, so its ``state_dict`` loads into it.
+    The model is captured the way the plan records (``capture``: ``"fx"``, ``"export"``, ``"fx+leaves[...]"``);
+    a plan captured with ``torch.export`` needs ``example_inputs`` (a batch: the shapes may differ).
     """
     if isinstance(plan, SplitPlan):
         pass
@@ -1037,6 +1052,11 @@ def load_split(
         model = model()
         if not isinstance(model, nn.Module):
             raise ReconError(f"build_model() returned {type(model).__name__}, not an nn.Module")
+    how = plan.capture or "fx"
+    if how == "export" and example_inputs is None:
+        raise ReconError(
+            "this split plan was captured with torch.export; pass example_inputs= (a batch of inputs, as a tuple)"
+        )
     return split(
         model,
         plan.layer_spec(),
@@ -1044,6 +1064,8 @@ def load_split(
         init=plan.init,
         leaf_modules=plan.leaf_modules,
         concrete_args=concrete_args if concrete_args is not None else plan.concrete_args,
+        example_inputs=example_inputs,
+        capture="export" if how == "export" else "fx",
     )
 
 
@@ -1054,24 +1076,32 @@ def parameter_tasks(
     *,
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: dict[str, Any] | None = None,
+    example_inputs: Any = None,
 ) -> tuple[list[str], list[tuple[str, nn.Parameter, frozenset[str]]]]:
-    """``(tasks, [(name, parameter, tasks that use it)])`` over ``net.named_parameters()``."""
+    """``(tasks, [(name, parameter, tasks that use it)])`` over ``net.named_parameters()``.
+
+    Usage is read off the graph that really runs: the fx or exported graph, and for parameters inside a leaf
+    (a module the graph records as one call), autograd on the example batch (the one :func:`split` was given,
+    or ``example_inputs``): a parameter belongs to the tasks whose outputs reach it.
+    """
     if isinstance(net, fx.GraphModule):
-        gm = net
         meta = net.meta.get(META_KEY) or {}
+        captured = recaptured(net, meta, example_inputs)
         if tasks is None:
             tasks = meta.get("tasks")
     else:
-        gm = trace(net, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        captured = capture_graph(
+            net, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args
+        )
     try:
-        task_list = list(output_tasks(gm, tasks))
+        task_list = list(output_tasks(captured.gm, tasks))
     except ReconError as exc:
         if tasks is None and "pass tasks=" in str(exc):
             raise ReconError(
                 f"{exc}; or split it with recon.split(model, layers, tasks=[...]), whose result knows its tasks"
             ) from exc
         raise
-    usage = _layer_tasks(gm, task_list, layer_names(net))
+    usage = captured.layer_tasks(task_list, layer_names(net))
     by_param: dict[int, set[str]] = {}
     for name, module in net.named_modules():
         for p in module._parameters.values():
@@ -1086,13 +1116,16 @@ def shared_parameters(
     tasks: Sequence[str] | None = None,
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: dict[str, Any] | None = None,
+    example_inputs: Any = None,
 ) -> list[nn.Parameter]:
     """The parameters of ``net`` that two or more tasks use (``named_parameters()`` order).
 
     ``net`` is a model made by :func:`split` (which knows its tasks), or any model with dict outputs; a model
     with tuple outputs needs ``tasks``.
     """
-    _, rows = parameter_tasks(net, tasks, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    _, rows = parameter_tasks(
+        net, tasks, leaf_modules=leaf_modules, concrete_args=concrete_args, example_inputs=example_inputs
+    )
     return [p for _, p, used in rows if len(used) >= 2]
 
 
@@ -1103,9 +1136,12 @@ def task_parameters(
     tasks: Sequence[str] | None = None,
     leaf_modules: Iterable[LeafSpec] = (),
     concrete_args: dict[str, Any] | None = None,
+    example_inputs: Any = None,
 ) -> list[nn.Parameter]:
     """The parameters of ``net`` that only ``task`` uses (its branches and its head)."""
-    task_list, rows = parameter_tasks(net, tasks, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    task_list, rows = parameter_tasks(
+        net, tasks, leaf_modules=leaf_modules, concrete_args=concrete_args, example_inputs=example_inputs
+    )
     if task not in task_list:
         raise ReconError(f"unknown task {task!r}; the tasks are {task_list}")
     return [p for _, p, used in rows if used == {task}]

@@ -29,6 +29,7 @@ from recon._errors import ReconError
 from recon._gram import LayerCosines
 from recon._loop import Observer, ProgressObserver, StepEngine
 from recon._outputs import call_model, move_to, task_outputs
+from recon._precision import Precision
 from recon._profile import layer_usage_autograd, shared_layer_params
 from recon._progress import progress_bar
 from recon._recipe import batch_count, batches, check_batch, compute_losses, validate_tasks
@@ -126,7 +127,10 @@ class _Epochs(Observer):
         self.history.append(record)
         if run.folder is not None:
             _io.write_text(run.folder / METRICS, pd.DataFrame(self.history).to_csv(index=False, float_format="%.6g"))
-            _save_checkpoint(run.folder, epoch + 1, engine.model, engine.optimizer, run.method, self.history, run.meta)
+            _save_checkpoint(
+                run.folder, epoch + 1, engine.model, engine.optimizer, run.method, self.history, run.meta,
+                engine.precision,
+            )  # fmt: skip
         if run.on_epoch is not None:
             run.on_epoch(epoch + 1, record)
         engine.model.train()
@@ -164,11 +168,17 @@ def evaluate(
 
     A plain metric ``fn(output, target) -> float`` is averaged over batches weighted by batch size; a metric
     object with ``reset()``, ``update(output, target)`` and ``compute()`` (e.g. ``recon.dense``'s whole-set
-    mIoU) accumulates over the set instead.
+    mIoU) accumulates over the set instead. On data sharded across torchrun processes the sums and counts are
+    all-reduced and stateful metrics see every process's batches (:class:`recon._distributed.GatheredMetric`).
     """
     was_training = net.training
     net.eval()
+    iterable = batches(data)
+    sharded = _distributed.is_sharded(data)
     named = {t: dict((metrics or {}).get(t, {})) for t in tasks}
+    if sharded:
+        named = {t: {k: (_distributed.gathered(fn) if _stateful(fn) else fn, d) for k, (fn, d) in m.items()}
+                 for t, m in named.items()}  # fmt: skip
     for t in tasks:
         for fn, _ in named[t].values():
             if hasattr(fn, "update") and hasattr(fn, "compute"):
@@ -176,7 +186,7 @@ def evaluate(
     sums: dict[str, dict[str, float]] = {t: {} for t in tasks}
     count = 0
     try:
-        for batch in batches(data):
+        for batch in iterable:
             inputs, targets = check_batch(batch, list(tasks), "val_data")
             outputs = task_outputs(call_model(net, move_to(inputs, device)), tasks)
             targets = move_to(targets, device)
@@ -190,6 +200,11 @@ def evaluate(
                         sums[t][name] = sums[t].get(name, 0.0) + float(fn(outputs[t], targets[t])) * n
     finally:
         net.train(was_training)
+    if sharded:
+        keys = [(t, k) for t in tasks for k, (fn, _) in named[t].items() if not _stateful(fn)]
+        *totals, count = _distributed.sum_([*(sums[t].get(k, 0.0) for t, k in keys), count])
+        for (t, k), v in zip(keys, totals, strict=True):
+            sums[t][k] = v
     out: dict[str, dict[str, float]] = {}
     for t in tasks:
         out[t] = {}
@@ -197,6 +212,10 @@ def evaluate(
             stateful = hasattr(fn, "update") and hasattr(fn, "compute")
             out[t][name] = float(fn.compute()) if stateful else sums[t].get(name, float("nan")) / max(count, 1)
     return out
+
+
+def _stateful(fn: Any) -> bool:
+    return hasattr(fn, "update") and hasattr(fn, "compute")
 
 
 def _batch_size(target: Any) -> int:
@@ -247,7 +266,11 @@ class _TrainRun:
     on_epoch: Callable[[int, dict[str, Any]], None] | None
 
 
-def _check_train_args(loss_fns: dict, tasks: Sequence[str] | None, epochs: int, resume: bool, out: Any) -> list[str]:
+def _check_train_args(losses: Any, tasks: Sequence[str] | None, epochs: int, resume: bool, out: Any):
+    """The loss functions and the trained tasks, checked."""
+    if callable(losses) and not isinstance(losses, Mapping):
+        losses = losses()
+    loss_fns = dict(losses)
     task_names = validate_tasks(tasks if tasks is not None else list(loss_fns), "train")
     unknown = [t for t in task_names if t not in loss_fns]
     if unknown:
@@ -256,7 +279,7 @@ def _check_train_args(loss_fns: dict, tasks: Sequence[str] | None, epochs: int, 
         raise ReconError(f"epochs = {epochs} must be at least 1")
     if resume and out is None:
         raise ReconError("resume=True needs `out`, the folder holding checkpoint.pt")
-    return task_names
+    return loss_fns, task_names
 
 
 def train(
@@ -279,6 +302,8 @@ def train(
     meta: Mapping[str, Any] | None = None,
     record_cosines: bool = False,
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+    precision: str | int | Precision = "32",
+    batched: bool | str = "auto",
 ) -> TrainResult:
     """Train ``net`` from its current parameters with a gradient method (Recon, stage 3).
 
@@ -298,16 +323,16 @@ def train(
         record_cosines: measure the shared layers' layer-wise cosines every step (free for gradient methods,
             which compute the per-task gradients anyway; one more backward per task for the others): the history
             gets ``conflict_share`` (share of cosines < 0) and the result ``cosines``.
+        precision, batched: as in :func:`recon.profile`; fp16's loss scale is in the checkpoint. Under torchrun
+            each process loads only its shard of the data where it can, metrics are reduced (README).
     """
-    if callable(losses) and not isinstance(losses, Mapping):
-        losses = losses()
-    loss_fns = dict(losses)
-    task_names = _check_train_args(loss_fns, tasks, epochs, resume, out)
+    loss_fns, task_names = _check_train_args(losses, tasks, epochs, resume, out)
 
     seed_everything(seed)
     if device is not None:
         net.to(_distributed.local_device(torch.device(device)))
     dev = next(net.parameters()).device
+    amp = Precision.of(precision, dev)
     _distributed.broadcast_parameters(net)
     writes = _distributed.is_main()  # only rank 0 writes files and prints; every rank reads a resumed checkpoint
     agg, optimizer = _method_and_optimizer(method, task_names, net, optimizer, dev)
@@ -315,12 +340,8 @@ def train(
         sparse = _attach_sparse(sparse, net, data, task_names, loss_fns, dev, optimizer)
 
     folder = Path(out) if out is not None else None
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    if resume:
-        start_epoch, history = _load_checkpoint(folder, net, optimizer, agg)
-    elif folder is not None and writes:
-        folder.mkdir(parents=True, exist_ok=True)
+    start_epoch, history = _start(folder, resume, writes, net, optimizer, agg, amp)
+    data, val_data = _distributed.shard_data(data, "train_data", start_epoch), _distributed.shard_data(val_data)
 
     meter = ConflictMeter(task_names) if record_cosines and len(task_names) > 1 else None
     run = _TrainRun(task_names, agg, meter, val_data, metrics, folder if writes else None, meta, on_epoch)
@@ -328,7 +349,7 @@ def train(
     engine = StepEngine(
         net, loss_fns, task_names, method=agg, optimizer=optimizer, device=dev, output_tasks=list(loss_fns),
         where="train_data", observers=[o for o in (meter, _Epochs(run, history)) if o is not None],
-        step=start_epoch * (steps_per_epoch or 0),
+        step=start_epoch * (steps_per_epoch or 0), precision=amp, batched=batched,
     )  # fmt: skip
     total = None if steps_per_epoch is None else steps_per_epoch * (epochs - start_epoch)
     net.train()
@@ -337,7 +358,17 @@ def train(
         engine.run(data, epochs=epochs, start_epoch=start_epoch)
     if sparse is not None:
         sparse.remove()  # the returned network carries no hooks
+    run.meta = {**dict(meta or {}), **amp.summary()}
     return _finish(run, history, net, method, epochs, seed)
+
+
+def _start(folder, resume, writes, net, optimizer, agg, precision) -> tuple[int, list[dict[str, Any]]]:
+    """The epoch to start from and the history so far: a resumed checkpoint's, or 0 and a fresh folder."""
+    if resume:
+        return _load_checkpoint(folder, net, optimizer, agg, precision)
+    if folder is not None and writes:
+        folder.mkdir(parents=True, exist_ok=True)
+    return 0, []
 
 
 def _method_and_optimizer(method: Any, tasks: list[str], net: nn.Module, optimizer, device):
@@ -386,7 +417,7 @@ def _final_metrics(frame: pd.DataFrame, tasks: Sequence[str], directions) -> dic
     return {t: {m: float(last[f"val_{t}_{m}"]) for m in directions[t] if f"val_{t}_{m}" in last} for t in tasks}
 
 
-def _save_checkpoint(folder, epoch, net, optimizer, agg, history, meta) -> None:
+def _save_checkpoint(folder, epoch, net, optimizer, agg, history, meta, precision=None) -> None:
     _io.save_torch(
         folder / CHECKPOINT,
         {
@@ -397,11 +428,12 @@ def _save_checkpoint(folder, epoch, net, optimizer, agg, history, meta) -> None:
             "history": json.dumps(history),
             "rng": _rng_state(),
             "meta": json.dumps(dict(meta or {}), default=str),
+            "precision": precision.state_dict() if isinstance(precision, Precision) else None,
         },
     )
 
 
-def _load_checkpoint(folder, net, optimizer, agg) -> tuple[int, list[dict[str, Any]]]:
+def _load_checkpoint(folder, net, optimizer, agg, precision=None) -> tuple[int, list[dict[str, Any]]]:
     path = Path(folder) / CHECKPOINT
     if not path.exists():
         raise ReconError(f"{path} does not exist; nothing to resume, train without --resume")
@@ -411,6 +443,8 @@ def _load_checkpoint(folder, net, optimizer, agg) -> tuple[int, list[dict[str, A
     if ckpt.get("method") is not None:
         agg.load_state_dict(ckpt["method"])
     _set_rng_state(ckpt["rng"])
+    if ckpt.get("precision") is not None and precision is not None:
+        precision.load_state_dict(ckpt["precision"])
     return int(ckpt["epoch"]), json.loads(ckpt["history"])
 
 

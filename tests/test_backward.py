@@ -278,3 +278,58 @@ def test_task_gradients_with_a_known_partition_equal_discovery_and_keep_the_call
     mixed = task_gradients(values, [a, b], shared_idx=[0, 1])
     assert mixed.J.dtype == torch.float64
     assert torch.allclose(mixed.J, torch.stack(ref))
+
+
+# --- a loss scale (fp16) through every kind of method -----------------------------------------------------------
+def _scaled_equals_plain(make, method, **kwargs):
+    """``recon.backward`` with a power-of-two loss scale fills the same ``.grad`` as without one (the scale is
+    undone exactly before the method and on every ``.grad``)."""
+    from recon._precision import Precision
+
+    grads = []
+    for precision in (None, Precision("fp16", init_scale=2.0**10)):
+        torch.manual_seed(0)
+        net, losses, extra = make()
+        res = backward(losses, net, method, precision=precision, **extra, **kwargs)
+        assert res.finite
+        grads.append([None if p.grad is None else p.grad.clone() for p in net.parameters()])
+        if precision is not None:
+            assert precision.skipped == 0 and precision.growth_tracker == 1  # one decision per step
+    for a, b in zip(*grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def _trunk_heads():
+    net = TrunkHeads()
+    x, y = data()
+    z = net.trunk(x)
+    losses = {t: ((net.heads[t](z) - y[t]) ** 2).mean() * (i + 1) for i, t in enumerate(TASKS)}
+    return net, losses, {"features": z}
+
+
+def _rotograd():
+    backbone = nn.Linear(5, 4)
+    net = M.RotoGrad(backbone, {"a": nn.Linear(4, 1), "b": nn.Linear(4, 2)}, latent_size=4)
+    out = net(torch.randn(8, 5))
+    return net, {"a": out["a"].pow(2).mean(), "b": (out["b"] - 1).pow(2).mean()}, {}
+
+
+@pytest.mark.parametrize("method", ["mgda_ub", "uncertainty", "pcgrad", "gradnorm", "rotograd"])
+def test_a_loss_scale_is_undone_for_every_kind_of_method(method):
+    if method == "rotograd":
+        _scaled_equals_plain(_rotograd, method)
+    elif method == "mgda_ub":
+        _scaled_equals_plain(_trunk_heads, method)
+    else:
+        _scaled_equals_plain(lambda: (*_trunk_heads()[:2], {}), M.get(method).bind(list(TASKS)))
+
+
+def test_an_overflowing_scale_reports_a_skipped_step():
+    from recon._precision import Precision
+
+    net, losses, _ = _trunk_heads()
+    amp = Precision("fp16", init_scale=2.0**140)
+    res = backward(losses, net, M.get("uncertainty").bind(list(TASKS)), precision=amp)
+    assert not res.finite and amp.skipped == 1 and amp.scale_value == 2.0**139
