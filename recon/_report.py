@@ -34,6 +34,7 @@ FIGURES = (
     "heatmap.png",
     "scores.png",
     "cosine_time.png",
+    "budget_curve.png",
     "cosine_distribution.png",
     "cosine_distributions.png",
     "training_curves.png",
@@ -504,8 +505,35 @@ def _profile_section(w: _Writer, rep: Report, cosines: Mapping[str, Any], from_p
         lambda: plots.cosine_over_time(prof, S=S),
         "Layer-wise cosine over the profiled steps (mean over task pairs); the strip on top is the share below S.",
     )
+    curve = _budget_curves(rep)
+    if curve is not None:
+        w.figure(
+            "budget_curve.png",
+            lambda: plots.budget_curve_figure(curve, chosen=_chosen_point(rep.plan)),
+            "The most S-conflict score a split removes for each parameter cost (exact Pareto front), with one "
+            "copy per task and with task groups; where it flattens, more capacity stops removing conflict.",
+        )
     if from_profile_only:
         _distribution_figure(w, cosines, S)
+
+
+def _budget_curves(rep: Report) -> dict[str, pd.DataFrame] | None:
+    """Score removed against parameters added, per task and with groups (None if the recipe will not load)."""
+    from recon._plan import budget_curve
+    from recon._recipe import load_recipe
+
+    try:
+        model = load_recipe(Run.open(rep.run_dir).recipe).build_model()
+        return {g: budget_curve(rep.profile, model, groups=g, S=rep.S) for g in ("none", "auto")}
+    except (ReconError, OSError, AttributeError, KeyError):
+        return None
+
+
+def _chosen_point(plan: Mapping[str, Any] | None) -> tuple[float, float] | None:
+    if not plan or "removed" not in plan or not plan.get("params_before"):
+        return None
+    added = 100 * (plan["params_after"] - plan["params_before"]) / plan["params_before"]
+    return added, float(sum(plan["removed"].values()))
 
 
 def _distribution_figure(w: _Writer, cosines: Mapping[str, Any], S: float) -> None:
