@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from recon._errors import NonFiniteLossError, ReconError
+from recon import NonFiniteLossError, ReconError
 
 console = Console()
 err_console = Console(stderr=True)

@@ -17,10 +17,7 @@ from cli._common import (
     frame_table,
     resolve_device,
 )
-from recon import _distributed, _io
-from recon._errors import NonFiniteLossError
-from recon._recipe import check_recipe, load_recipe
-from recon._runs import Run
+from recon import NonFiniteLossError, Run, load_recipe
 
 
 def profile_command(
@@ -40,19 +37,17 @@ def profile_command(
     """Stage 1: warm-up training that records every shared layer's layer-wise cosines, then ranks layers."""
     recipe = load_recipe(model_py)
     spec = recon.methods.get(method).spec  # an unknown method fails before any work
-    dev = resolve_device(device)
-    _distributed.init_from_env(dev)  # under torchrun: join the group; rank 0 alone writes and prints
-    dev = _distributed.local_device(dev)
+    dev = recon.init_distributed(resolve_device(device))  # under torchrun: join the group; rank 0 alone writes
     torch.manual_seed(seed)
-    model = check_recipe(recipe, device=dev)
+    model = recipe.check(device=dev)
     folder = None
-    if _distributed.is_main():
+    if recon.is_main_process():
         run = Run.create(recipe=model_py, tasks=recipe.tasks, seed=seed, out=out)
         folder = run.stage("profile", force=force)
         run.record_command()
         run.info["commands"][-1]["method"] = spec  # the warm-up method's spec, as profile.json holds it
         run.save()
-    folder = _distributed.broadcast_object(folder)
+    folder = recon.broadcast_object(folder)
     leaf_modules = tuple(n for n in leaf.split(",") if n)
     try:
         prof = recon.profile(
@@ -62,25 +57,23 @@ def profile_command(
         )  # fmt: skip
     except (KeyboardInterrupt, NonFiniteLossError) as e:
         prof = getattr(e, "profile", None)
-        if prof is not None and _distributed.is_main():
+        if prof is not None and recon.is_main_process():
             _finish(prof, folder, show)
             err_console.print(f"[yellow]kept {prof.steps} recorded steps, marked partial, in {folder}[/]")
         if isinstance(e, KeyboardInterrupt):
             raise typer.Exit(EXIT_INTERRUPTED) from None
         raise fail(str(e), EXIT_FAILURE) from None
-    if _distributed.is_main():
+    if recon.is_main_process():
         _finish(prof, folder, show)
         console.print(f"profile written to [bold]{folder}[/]  ·  next: [bold]recon split --top-k 4[/]")
 
 
 def _finish(prof: recon.ConflictProfile, folder: Path, show: int) -> None:
     """Heatmap and the table of the top layers (the data files are already written by the profiler)."""
-    from recon import plots
+    from recon.plots import conflict_heatmap, save_figure
 
     if prof.layers and prof.steps:
-        fig = plots.conflict_heatmap(prof)
-        _io.save_figure(folder / "heatmap.png", fig, dpi=120)
-        plots.plt.close(fig)
+        save_figure(conflict_heatmap(prof), folder / "heatmap.png", dpi=120)
     if not prof.layers:
         console.print("[yellow]no shared layers: every layer with parameters is used by one task only[/]")
         return

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -10,26 +9,7 @@ import typer
 
 import recon
 from cli._common import console, frame_table, resolve_device
-from recon import _distributed, _io
-from recon._capture import example_args
-from recon._errors import ReconError
-from recon._recipe import Recipe, check_recipe, first_batch, load_recipe
-from recon._runs import RUNS_ROOT, Run
-from recon._train import SUMMARY, delta_m, load_baselines, seed_everything
-
-
-def find_run(recipe: Path, out: Path | None, tasks: list[str], seed: int) -> Run:
-    """``--out``, else the latest run made from the same recipe, else a new run."""
-    if out is not None:
-        return Run.create(recipe=recipe, tasks=tasks, seed=seed, out=out)
-    mine = []
-    for file in RUNS_ROOT.glob("*/run.json") if RUNS_ROOT.is_dir() else []:
-        info = json.loads(file.read_text())
-        if Path(info.get("recipe", "")) == recipe.resolve():
-            mine.append((info.get("created_unix", 0.0), file.parent))
-    if mine:
-        return Run.open(max(mine)[1])
-    return Run.create(recipe=recipe, tasks=tasks, seed=seed)
+from recon import Recipe, ReconError, Run, load_recipe
 
 
 def load_plan(run: Run, split: str, tasks: list[str]):
@@ -73,18 +53,17 @@ def train_command(
     """Stage 3: train from scratch (fresh build_model(), split plan applied) with a gradient method."""
     recipe = load_recipe(model_py)
     dev = resolve_device(device)
-    _distributed.init_from_env(dev)  # under torchrun: join the group; rank 0 alone writes and prints
-    dev = _distributed.local_device(dev)
+    dev = recon.init_distributed(dev)  # under torchrun: join the group; rank 0 alone writes and prints
     hparams = recon.methods.parse_hparams(hp)
     spec = recon.methods.get(method, **hparams).spec  # a bad name or hyperparameter fails before any work
     if sparse is not None and not 0.0 < sparse <= 1.0:
         raise ReconError(f"--sparse {sparse}: the kept ratio must be in (0, 1]")
-    check_recipe(recipe, device=dev)
-    main = _distributed.is_main()
+    recipe.check(device=dev)
+    main = recon.is_main_process()
     if (recipe.val_data is None or not recipe.metrics) and main:
         console.print("[yellow]the recipe has no val_data()/metrics: only training losses are recorded[/]")
-    run_dir = find_run(model_py, out, recipe.tasks, seed).dir if main else None
-    run = Run.open(_distributed.broadcast_object(run_dir))
+    run_dir = Run.for_recipe(model_py, tasks=recipe.tasks, seed=seed, out=out).dir if main else None
+    run = Run.open(recon.broadcast_object(run_dir))
     plan = None if single_task else load_plan(run, split, recipe.tasks)
     variants = [(t,) for t in recipe.tasks] if single_task else [tuple(recipe.tasks)]
     if main:
@@ -118,9 +97,9 @@ def _train_variant(
     recipe: Recipe, run: Run, folder: Path, name, agg, plan, tasks, epochs, seed, dev, resume, sparse, record_cosines,
     precision="32",
 ):  # fmt: skip
-    seed_everything(seed)
+    recon.seed_everything(seed)
     model = recipe.build_model()
-    example = example_args(first_batch(recipe)[0]) if plan is not None and plan.capture not in (None, "fx") else None
+    example = recipe.example_args() if plan is not None and plan.capture not in (None, "fx") else None
     net = recon.load_split(model, plan, example_inputs=example) if plan is not None else model
     net.to(dev)
     meta = {
@@ -129,7 +108,7 @@ def _train_variant(
         "single_task": tasks[0] if len(tasks) == 1 and len(recipe.tasks) > 1 else None,
         "recipe": str(recipe.path.resolve()),
     }
-    if _distributed.is_main():
+    if recon.is_main_process():
         console.print(f"[bold]{name}[/]: {sum(p.numel() for p in net.parameters()):,} parameters -> {folder}")
     result = recon.train(
         net, recipe.train_data, recipe.losses, method=agg, epochs=epochs,
@@ -137,24 +116,17 @@ def _train_variant(
         seed=seed, device=dev, tasks=tasks, out=folder, resume=resume, progress=True, sparse=sparse, meta=meta,
         record_cosines=record_cosines, precision=precision,
     )  # fmt: skip
-    if not _distributed.is_main():
-        return
-    summary = dict(result.summary)
-    baseline = load_baselines(run.dir / "train", recipe.tasks)
-    if meta["single_task"] is None and baseline is not None and result.final:
-        summary["delta_m"] = delta_m(result.final, baseline, summary["directions"])
-        summary["baseline"] = "single-task"
-    _io.write_json(folder / SUMMARY, summary)
+    if recon.is_main_process():
+        run.save_summary(folder, result, tasks=recipe.tasks, delta_m=meta["single_task"] is None)
 
 
 def _print_results(run: Run, recipe: Recipe) -> None:
     rows = {}
-    for file in sorted((run.dir / "train").glob(f"*/{SUMMARY}")):
-        s = json.loads(file.read_text())
+    for label, s in run.summaries().items():
         row = {f"{t}/{m}": v for t, named in s.get("final", {}).items() for m, v in named.items()}
         row["params"] = s.get("params")
         row["Δm% (↓)"] = s.get("delta_m")
-        rows[file.parent.name] = row
+        rows[label] = row
     if rows:
         frame = pd.DataFrame.from_dict(rows, orient="index")
         fmt = {c: ".4f" for c in frame.columns if "/" in c}

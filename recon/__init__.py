@@ -13,14 +13,17 @@ and, in one's own loop, ``recon.backward(losses, net, method)``.
 
 from recon import methods
 from recon._backward import BackwardResult, backward
+from recon._distributed import broadcast_object, init_distributed, is_main_process
 from recon._errors import NonFiniteLossError, ReconError
 from recon._graph import TraceError, layer_tasks
 from recon._plan import plan_split
 from recon._profile import ConflictProfile, profile, read_scores_json
 from recon._recipe import Recipe, load_recipe
 from recon._report import Report, report
+from recon._runs import Run
 from recon._split import SplitPlan, load_split, shared_parameters, split, task_parameters
-from recon._train import TrainResult, delta_m, evaluate, train
+from recon._split_run import split_run
+from recon._train import TrainResult, delta_m, evaluate, seed_everything, train
 
 __version__ = "0.1.0"
 
@@ -31,12 +34,16 @@ __all__ = [
     "Recipe",
     "ReconError",
     "Report",
+    "Run",
     "SplitPlan",
     "TraceError",
     "TrainResult",
     "backward",
+    "broadcast_object",
     "delta_m",
     "evaluate",
+    "init_distributed",
+    "is_main_process",
     "layer_tasks",
     "load_recipe",
     "load_split",
@@ -45,8 +52,10 @@ __all__ = [
     "profile",
     "read_scores_json",
     "report",
+    "seed_everything",
     "shared_parameters",
     "split",
+    "split_run",
     "task_parameters",
     "train",
 ]

@@ -405,3 +405,20 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def init_distributed(device: torch.device | str) -> torch.device:
+    """Join the process group ``torchrun`` describes (a no-op outside torchrun) and return this process's device.
+
+    NCCL on CUDA (each process on ``cuda:LOCAL_RANK`` when ``device`` has no index), gloo on CPU; see README,
+    "Running on several processes or GPUs". Call it before building the model; ``recon.train`` and
+    ``recon.profile`` then shard each batch across the processes.
+    """
+    device = torch.device(device)
+    init_from_env(device)
+    return local_device(device)
+
+
+def is_main_process() -> bool:
+    """Whether this process should write files and print: rank 0 under torchrun, and always outside it."""
+    return is_main()

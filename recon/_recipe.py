@@ -51,6 +51,24 @@ class Recipe:
             raise ReconError(f"{self.path}: optimizer(params) returned {describe(opt)}; return a torch.optim.Optimizer")
         return opt
 
+    def first_batch(self, which: str = "train_data") -> tuple[Any, dict[str, Any]]:
+        """The first ``(inputs, targets)`` batch of ``train_data`` (or ``val_data``), checked for form."""
+        return first_batch(self, which)
+
+    def example_args(self) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of the first training batch's inputs: the example ``recon.split`` and
+        ``recon.load_split`` capture a model with when torch.fx cannot trace it."""
+        from recon._capture import example_args
+
+        return example_args(self.first_batch()[0])
+
+    def check(self, *, device: torch.device | str | None = None) -> torch.nn.Module:
+        """Build the model and run one forward and the losses on the first batch; returns the model.
+
+        Fails early with one line (a ``ReconError``) naming what the recipe gets wrong (docs/recipe.md).
+        """
+        return check_recipe(self, device=device)
+
 
 def validate_tasks(tasks: Iterable[Any], where: str) -> list[str]:
     """Task names must be Python identifiers without dots (they become submodule names)."""

@@ -107,6 +107,28 @@ class Run:
             raise ReconError(f"{file} is not valid JSON ({e}); repair or remove it") from None
         return cls(path, info)
 
+    @classmethod
+    def for_recipe(
+        cls,
+        recipe: str | Path,
+        *,
+        tasks: list[str],
+        seed: int,
+        out: str | Path | None = None,
+        root: str | Path = RUNS_ROOT,
+    ) -> Run:
+        """``out`` if given, else the latest run under ``root`` made from the same recipe, else a new run."""
+        if out is not None:
+            return cls.create(recipe=recipe, tasks=tasks, seed=seed, out=out)
+        root, mine = Path(root), []
+        for file in root.glob(f"*/{RUN_FILE}") if root.is_dir() else []:
+            info = json.loads(file.read_text())
+            if Path(info.get("recipe", "")) == Path(recipe).resolve():
+                mine.append((info.get("created_unix", 0.0), file.parent))
+        if mine:
+            return cls.open(max(mine)[1])
+        return cls.create(recipe=recipe, tasks=tasks, seed=seed, root=root)
+
     @property
     def recipe(self) -> Path:
         return Path(self.info["recipe"])
@@ -137,6 +159,32 @@ class Run:
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+    def save_summary(
+        self, folder: str | Path, result: Any, *, tasks: list[str], delta_m: bool = True
+    ) -> dict[str, Any]:
+        """Write ``summary.json`` of a trained variant (a ``recon.TrainResult``) into ``folder``, and return it.
+
+        With ``delta_m``, Δm% against the run's ``single-<task>`` variants is added when every task has one
+        (docs/run-folder.md, "summary.json").
+        """
+        from recon._train import SUMMARY, load_baselines
+        from recon._train import delta_m as compute_delta_m
+
+        summary = dict(result.summary)
+        baseline = load_baselines(self.dir / "train", tasks)
+        if delta_m and baseline is not None and result.final:
+            summary["delta_m"] = compute_delta_m(result.final, baseline, summary["directions"])
+            summary["baseline"] = "single-task"
+        _io.write_json(Path(folder) / SUMMARY, summary)
+        return summary
+
+    def summaries(self) -> dict[str, dict[str, Any]]:
+        """``{label: summary}`` of every ``train/<label>/summary.json`` in this run, by label."""
+        from recon._train import SUMMARY
+
+        files = sorted((self.dir / "train").glob(f"*/{SUMMARY}"))
+        return {file.parent.name: json.loads(file.read_text()) for file in files}
 
 
 def latest_run(root: str | Path = RUNS_ROOT) -> Path:

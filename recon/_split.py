@@ -861,7 +861,6 @@ def split(
         )
     gm, leaves = captured.gm, captured.leaves
     model_class = prior["model_class"] if prior else type(model).__name__
-
     facts = _analyse(gm, src, tasks, layers, model_class, captured)
     _branch(src, facts, init)
     graph = _emit(gm, facts)

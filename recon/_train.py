@@ -247,6 +247,7 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed torch, NumPy and Python's ``random`` alike: the model a recipe builds next is the same each run."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)

@@ -1,7 +1,7 @@
 """Every picture recon draws: used by ``recon profile``, ``recon report`` and the notebook.
 
 Each function returns a matplotlib :class:`~matplotlib.figure.Figure` and neither shows nor saves it; save one
-with ``fig.savefig(path)`` (or ``recon._io.save_figure`` for an atomic write). Figures are built without
+with ``fig.savefig(path)`` (or :func:`save_figure` for an atomic write). Figures are built without
 pyplot, so they never pile up in pyplot's global state; in a notebook a returned figure displays itself.
 
 Colours are colour-blind safe: the Okabe-Ito palette for overlaid runs (with distinct line styles too),
@@ -14,6 +14,7 @@ Colours are colour-blind safe: the Okabe-Ito palette for overlaid runs (with dis
 - :func:`score_bars`: S-conflict scores per layer with the branched (top-k) layers marked.
 - :func:`training_curves`: per-task train loss and validation metrics per epoch, several runs overlaid.
 - :func:`conflict_share_curves`: the share of shared-layer cosines below 0 per epoch, several runs overlaid.
+- :func:`save_figure`: write a figure atomically and close it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ __all__ = [
     "cosine_distribution",
     "cosine_distributions",
     "cosine_over_time",
+    "save_figure",
     "score_bars",
     "training_curves",
 ]
@@ -701,3 +703,14 @@ def budget_curve_figure(
         ax.legend(fontsize=8, frameon=False)
     ax.set_title(title or "what a split removes for what it costs", fontsize=10)
     return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path`` atomically (a temporary file renamed into place: an interrupt leaves no half
+    image) and close it; returns the path."""
+    from recon._io import save_figure as write
+
+    out = write(path, fig, dpi=dpi)
+    plt = __getattr__("plt")
+    plt.close(fig)
+    return out
