@@ -120,7 +120,7 @@ def _train_variant(
 ):  # fmt: skip
     seed_everything(seed)
     model = recipe.build_model()
-    example = example_args(first_batch(recipe)[0]) if plan is not None and plan.capture == "export" else None
+    example = example_args(first_batch(recipe)[0]) if plan is not None and plan.capture not in (None, "fx") else None
     net = recon.load_split(model, plan, example_inputs=example) if plan is not None else model
     net.to(dev)
     meta = {

@@ -4,18 +4,18 @@ Three ways, tried in this order by :func:`capture` (``mode="auto"``):
 
 * ``"fx"``: ``torch.fx`` symbolic tracing (:func:`recon._graph.trace_modes`), with the leaves the user names;
   module-level, and it needs no example batch.
-* ``"export"``: ``torch.export.export(model, strict=False)`` with the batch dimension dynamic
-  (``torch.export.Dim``) on the example batch: it records the operations that really run (aten level), so it
-  captures models that symbolic tracing cannot (``transformers``' BERT, ViT, GPT-2: Proxy iteration, item
-  assignment). Every parameter is read through a ``get_attr`` of its own path, so a branched layer anywhere in
-  the graph is branched at full granularity. The exported graph is specialised to the mode it was exported
-  in; recon exports in train and in eval mode, requires the two graphs to be the same up to scalar arguments
-  (the ``train`` flag of dropout, sdpa's ``dropout_p``, BatchNorm's ``training``), and makes exactly those
-  arguments read the owning module's ``training`` flag at run time, so ``net.train()``/``net.eval()`` switch
-  them as on any ``nn.Module``. Calls of ``torch.nn`` modules that take one input (``nn.Linear``,
-  ``nn.LayerNorm``, ``nn.Dropout``, ``nn.BatchNorm2d``...) are folded back into module calls (from each
-  node's ``nn_module_stack``): BatchNorm updates its running statistics in train mode and uses them in eval
-  mode as usual, and the generated code names the original modules.
+* ``"export"``: ``torch.export.export(model, strict=False)`` on the example batch, with the batch dimension
+  dynamic (``torch.export.Dim``) and the others dynamic where the model allows (``Dim.AUTO``): it records the
+  operations that really run (aten level), so it captures models that symbolic tracing cannot (``transformers``'
+  BERT, ViT, GPT-2: Proxy iteration, item assignment). Every parameter is read through a ``get_attr`` of its own
+  path, so a branched layer anywhere in the graph is branched at full granularity. The exported graph is
+  specialised to the mode it was exported in; recon exports in train and in eval mode, requires the two graphs
+  to be the same up to scalar arguments (the ``train`` flag of dropout, sdpa's ``dropout_p``, BatchNorm's
+  ``training``), and makes exactly those arguments read the owning module's ``training`` flag at run time, so
+  ``net.train()``/``net.eval()`` switch them as on any ``nn.Module``. Calls of ``torch.nn`` modules that take
+  one input (``nn.Linear``, ``nn.LayerNorm``, ``nn.Dropout``, ``nn.BatchNorm2d``...) are folded back into module
+  calls (from each node's ``nn_module_stack``): BatchNorm updates its running statistics in train mode and uses
+  them in eval mode as usual, and the generated code names the original modules.
 * ``"fx+leaves[...]"``: symbolic tracing where the smallest submodules that fail to trace are recorded as
   opaque calls (leaves). Which task reaches a parameter inside a leaf is then taken from autograd on the
   example batch (:meth:`Captured.layer_tasks`), not from the graph.
@@ -75,13 +75,15 @@ class Captured:
 
     ``gm`` shares its submodules with the captured model. ``how`` is ``"fx"``, ``"export"`` or
     ``"fx+leaves[a,b]"`` (recorded in ``plan.json`` as ``capture``); ``leaves`` the modules recorded as opaque
-    calls; ``example`` the example batch as ``(args, kwargs)`` (None when none was given).
+    calls; ``example`` the example batch as ``(args, kwargs)`` (None when none was given); ``expected`` the eager
+    model's outputs on it (eval mode), kept from the check so that a later check need not run the model again.
     """
 
     gm: fx.GraphModule
     how: str
     leaves: list[str]
     example: tuple[tuple, dict] | None = None
+    expected: Any = None  # the eager model's outputs on the example batch in eval mode, once checked
 
     def layer_tasks(self, tasks: Sequence[str] | None, names: Sequence[str]) -> dict[str, frozenset[str]]:
         """``{layer: tasks whose output it reaches}``: from the graph, except for layers inside a leaf, which
@@ -208,7 +210,8 @@ def _how(leaves: Sequence[str]) -> str:
 
 def _checked(captured: Captured, model: nn.Module) -> Captured:
     if captured.example is not None:
-        check_outputs(captured.gm, model, captured.example, what=f"the graph captured with {captured.how}")
+        what = f"the graph captured with {captured.how}"
+        captured.expected = check_outputs(captured.gm, model, captured.example, what=what)
     return captured
 
 
@@ -235,9 +238,12 @@ def _set_modes(model: nn.Module, modes: Mapping[str, bool] | bool) -> dict[str, 
     return old
 
 
-def check_outputs(candidate: nn.Module, reference: nn.Module, example: tuple[tuple, dict], *, what: str) -> None:
+def check_outputs(
+    candidate: nn.Module, reference: nn.Module, example: tuple[tuple, dict], *, what: str, expected: Any = None
+) -> Any:
     """Run ``candidate`` and ``reference`` on ``example`` in eval mode; raise a :class:`ReconError` naming the
-    first output that differs (or the error the candidate raised) and its likely cause. Modes are restored."""
+    first output that differs (or the error the candidate raised) and its likely cause. Modes are restored.
+    Returns the reference's outputs; ``expected`` gives them (the reference is then not run again)."""
     args, kwargs = example
     cause = (
         "likely cause: Python-level tests on traced values (isinstance(x, list) on a leaf's output, "
@@ -246,7 +252,7 @@ def check_outputs(candidate: nn.Module, reference: nn.Module, example: tuple[tup
     saved = (_set_modes(candidate, False), _set_modes(reference, False))
     try:
         with torch.no_grad():
-            want = reference(*args, **kwargs)
+            want = reference(*args, **kwargs) if expected is None else expected
             try:
                 got = candidate(*args, **kwargs)
             except Exception as exc:  # the captured graph itself fails: say so, never hand it over
@@ -267,6 +273,7 @@ def check_outputs(candidate: nn.Module, reference: nn.Module, example: tuple[tup
             where = pytree.keystr(path) or "the output"
             gap = f" (largest difference {float((g - w).abs().max()):.3g})" if _same_shape(w, g) else ""
             raise ReconError(f"{what} differs from the model at output{where}{gap} on the example batch; {cause}")
+    return want
 
 
 def _same_shape(a: Any, b: Any) -> bool:
@@ -285,10 +292,10 @@ def _differs(want: Any, got: Any) -> bool:
 def parameter_reach(net: nn.Module, tasks: Sequence[str], example: tuple[tuple, dict]) -> dict[int, frozenset[str]]:
     """``{id(parameter): tasks}``: the tasks whose outputs autograd connects to each trainable parameter on the
     example batch (eval mode, so that dropout and BatchNorm statistics change nothing)."""
-    from recon._outputs import task_outputs
+    from recon._outputs import move_to, task_outputs
 
     params = [p for p in net.parameters() if p.requires_grad]
-    args, kwargs = example
+    args, kwargs = move_to(example, params[0].device) if params else example  # the model may have moved since
     saved = _set_modes(net, False)
     try:
         with torch.enable_grad():
@@ -365,14 +372,18 @@ def _named_inputs(model: nn.Module, example: tuple[tuple, dict]) -> tuple[list[s
         raise ReconError("the example inputs hold no tensor with a batch dimension; give a batch of tensors")
     size = tensors[0].shape[0]
     batch = torch.export.Dim("batch")
-    dynamic = {
-        k: ({0: batch} if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == size else None)
+    dynamic = {  # the batch dimension dynamic; the others (sequence length, image size) where the model allows
+        k: ({0: batch, **dict.fromkeys(range(1, v.dim()), torch.export.Dim.AUTO)} if _batched(v, size) else None)
         for k, v in named.items()
     }
     for k, v in named.items():
         if not isinstance(v, (torch.Tensor, int, float, bool, str, type(None))):
             raise ReconError(f"input {k!r} is a {type(v).__name__}; torch.export capture takes tensors and scalars")
     return list(named), named, dynamic
+
+
+def _batched(value: Any, size: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size
 
 
 def _export(model: nn.Module, kwargs: dict[str, Any], dynamic: dict) -> fx.GraphModule:

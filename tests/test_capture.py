@@ -11,7 +11,7 @@ from recon._capture import capture, example_args
 from recon._errors import ReconError
 from recon._graph import TraceError, trace_modes
 from recon._split import SplitPlan, load_split, plan_of, shared_parameters, split, task_parameters
-from tests.models import TASKS, Gated, ModeDependent
+from tests.models import TASKS, TASKS3, Gated, ModeDependent
 
 
 class Constant(nn.Module):
@@ -207,3 +207,53 @@ def test_example_args_forms() -> None:
     assert example_args({"ids": x}) == ((), {"ids": x})
     with pytest.raises(ReconError, match="example_inputs"):
         example_args(3)
+
+
+class Doubling(nn.Module):
+    """Python branching on self.training: genuinely different graphs in the two modes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 4)
+        self.heads = nn.ModuleDict({t: nn.Linear(4, 1) for t in TASKS})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.inp(x)
+        if self.training:
+            h = h * 2
+        return {t: head(h) for t, head in self.heads.items()}
+
+
+def test_export_names_the_first_real_mode_difference() -> None:
+    x = torch.randn(3, 4)
+    with pytest.raises(ReconError, match=r"differs between train and eval mode.*test_capture\.py:\d+ `h = h \* 2`"):
+        capture(Doubling(), example_inputs=(x,), mode="export")
+    with pytest.raises(ReconError, match="cannot capture"):  # and no way captures it: never a frozen mode
+        split(Doubling(), ["inp"], example_inputs=(x,))
+
+
+class PooledThree(nn.Module):
+    """A leaf used by three tasks whose inner ``pool`` only two of them reach."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = Backbone()
+        self.heads = nn.ModuleDict({t: nn.Linear(4, 1) for t in TASKS3})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h, p = self.backbone(x)
+        first, *rest = TASKS3
+        return {first: self.heads[first](h), **{t: self.heads[t](p) for t in rest}}
+
+
+def test_routing_inside_a_leaf_and_its_rebuild() -> None:
+    x = torch.randn(3, 4)
+    net = split(PooledThree(), ["backbone.pool"], leaf_modules=["backbone"], example_inputs=(x,), capture="fx")
+    first, *rest = TASKS3
+    assert net.meta["recon"]["branches"] == {"backbone.pool": rest}  # autograd: the first task never reaches it
+    plan = plan_of(net)
+    plan.extra["branches"] = net.meta["recon"]["branches"]  # as `recon split` records it
+    with pytest.raises(ReconError, match="pass example_inputs"):
+        load_split(PooledThree, plan)
+    rebuilt = load_split(PooledThree, plan, example_inputs=(x,))
+    assert list(rebuilt.state_dict()) == list(net.state_dict())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from recon._split import load_split, plan_of, shared_parameters, split
 transformers = pytest.importorskip("transformers")
 
 TASKS = ("a", "b", "c")
-LAYERS = 4
+LAYERS = 3
 HIDDEN = 32
 
 
@@ -144,11 +146,13 @@ def test_flop_ratio_is_the_papers(kind: str) -> None:
 def test_modes_switch_and_plan_rebuilds() -> None:
     model = _model("bert")
     x = _inputs("bert")
-    net = split(model, ["backbone.encoder.layer.2.attention.self.query"], init="copy", example_inputs=(x,))
+    net = split(model, ["backbone.encoder.layer.1.attention.self.query"], init="copy", example_inputs=(x,))
     net.train()
     assert not torch.equal(net(x)["a"], net(x)["a"])  # dropout is on
     net.eval()
     assert torch.equal(net(x)["a"], net(x)["a"])
+    longer = torch.randint(0, 50, (3, 11))  # batch size and sequence length are both dynamic
+    torch.testing.assert_close(net(longer), model.eval()(longer))
     rebuilt = load_split(lambda: _model("bert", seed=3), plan_of(net), example_inputs=(_inputs("bert", 6),))
     assert list(rebuilt.state_dict()) == list(net.state_dict())
     rebuilt.load_state_dict(net.state_dict())
@@ -161,7 +165,7 @@ def test_pooler_inside_a_backbone_leaf_belongs_to_its_task() -> None:
     x = _inputs("bert")
     shared = {id(p) for p in shared_parameters(model, leaf_modules=["backbone"], example_inputs=(x,))}
     pooler = model.backbone.pooler.dense
-    assert id(pooler.weight) not in shared and id(model.backbone.encoder.layer[3].output.dense.weight) in shared
+    assert id(pooler.weight) not in shared and id(model.backbone.encoder.layer[2].output.dense.weight) in shared
     own = {id(p) for p in recon.task_parameters(model, "b", leaf_modules=["backbone"], example_inputs=(x,))}
     assert id(pooler.weight) in own
 
@@ -197,3 +201,25 @@ def test_profile_equals_independent_autograd(kind: str) -> None:
     ga = torch.cat([per_task["a"][n].flatten() for n in names if n.rpartition(".")[0] == layer])
     gc = torch.cat([per_task["c"][n].flatten() for n in names if n.rpartition(".")[0] == layer])
     assert row.cos == pytest.approx(float(torch.nn.functional.cosine_similarity(ga, gc, dim=0)), abs=1e-4)
+
+
+def test_cli_profile_and_split_a_transformers_recipe_without_leaves(tmp_path: Path, monkeypatch) -> None:
+    """`recon profile` and `recon split` on examples/bert_tasks.py: torch.export capture, no --leaf."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RECON_BERT_BATCH", "8")
+    recipe = str(Path(__file__).resolve().parents[1] / "examples" / "bert_tasks.py")
+    res = CliRunner().invoke(app, ["profile", recipe, "--steps", "1"])
+    assert res.exit_code == 0, res.output
+    layer = "bert.encoder.layer.3.output.dense"  # the recipe has 4 layers
+    res = CliRunner().invoke(app, ["split", "--layers", layer, "--init", "copy"])
+    assert res.exit_code == 0, res.output
+    folder = next((tmp_path / "runs").iterdir()) / "split"
+    plan = json.loads((folder / "plan.json").read_text())
+    assert plan["capture"] == "export" and plan["layers"] == [layer]
+    code = (folder / "model.py").read_text()
+    assert "torch.export" in code and f"# {layer} (Linear)" in code  # aten-level code names its modules
+    assert 'getattr(self.bert.encoder.layer, "3").output.dense.digit(' in code
