@@ -137,23 +137,30 @@ def _flat_average(tensors, weight=1.0) -> None:
         offset += t.numel()
 
 
-def _time_allreduce(net: torch.nn.Module, K: int, device: torch.device, reps: int = 20) -> dict[str, float]:
-    """Milliseconds per all-reduce of a step's gradients (J of K x all parameters, K head-sized tensors)."""
+def _time_allreduce(net: torch.nn.Module, K: int, device: torch.device, reps: int = 41) -> dict[str, float]:
+    """Milliseconds per all-reduce of a step's gradients (J of K x all parameters, K head-sized tensors): the
+    median over ``reps`` rounds, the two ways alternating within each round (paired against load drifts)."""
+    import statistics
+
     from recon import _distributed
 
     P = sum(p.numel() for p in net.parameters())
     J = torch.randn(K, P, device=device)
     small = [torch.randn(64, device=device) for _ in range(2 * K)]
-    out = {}
-    for name, fn in (("flat copy", _flat_average), ("in place + buckets", _distributed.average_)):
-        fn([J, *small])  # warm-up
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn([J, *small])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out[name] = (time.perf_counter() - t0) / reps * 1e3
+    ways = {"flat copy": _flat_average, "in place + buckets": _distributed.average_}
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for r in range(reps + 1):
+        for name in list(ways)[:: 1 if r % 2 else -1]:
+            dist.barrier()
+            t0 = time.perf_counter()
+            ways[name]([J, *small])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r:  # round 0 warms up
+                times[name].append(time.perf_counter() - t0)
+    out = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    pairs = zip(times["in place + buckets"], times["flat copy"], strict=True)
+    out["ratio"] = statistics.median(a / b for a, b in pairs)
     out["J MiB"] = J.numel() * J.element_size() / 2**20
     return out
 
@@ -193,11 +200,13 @@ def main() -> None:
         if "allreduce" in res:
             ar = res["allreduce"]
             print()
-            print(f"One all-reduce of a step's gradients, {w} processes (J = {ar['J MiB']:.1f} MiB), ms:")
+            print(
+                f"One all-reduce of a step's gradients, {w} processes (J = {ar['J MiB']:.1f} MiB), ms (median of "
+                "paired rounds; ratio: median of per-round ratios):"
+            )
             print("| flat copy (before) | in place + buckets (now) | now/before |")
             print("|---:|---:|---:|")
-            flat, now = ar["flat copy"], ar["in place + buckets"]
-            print(f"| {flat:.2f} | {now:.2f} | {now / flat:.2f} |")
+            print(f"| {ar['flat copy']:.2f} | {ar['in place + buckets']:.2f} | {ar['ratio']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ it cannot avoid).
 
 A last table times one whole ``recon.backward(losses, net, "pcgrad")`` step on an MLP trunk with K heads, its K
 task gradients from K backward passes (sequential) or from one vectorised pass (``batched=True``), under
-``--precision 32|bf16|fp16`` (autocast forward; fp16 with recon's loss scale), with the peak memory of each:
-``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the growth of the process's peak resident set (VmHWM,
-reset through ``/proc/self/clear_refs``) over three steps.
+``--precision 32|bf16|fp16`` (autocast forward; fp16 with recon's loss scale), with the peak memory of one step:
+``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the peak of the running sum of torch.profiler's memory
+events (tracemalloc does not see torch's allocator, and the resident set hides reused pages).
 
     python benchmarks/methods.py            # K in {2, 4, 8, 16}, P in {1e5, 1e6}
     python benchmarks/methods.py --quick    # P = 1e5 only, fewer repeats
@@ -22,6 +22,7 @@ reset through ``/proc/self/clear_refs``) over three steps.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -29,8 +30,10 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep torch.profiler's start/stop lines off the tables
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -165,22 +168,31 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _peak_mib(fn: Callable[[], object], device: torch.device, steps: int = 3) -> float:
-    """Peak extra memory of ``steps`` calls of ``fn`` (CUDA allocator, or VmHWM growth on the CPU), MiB."""
-    from benchmarks.profile_overhead import _hwm_bytes, _reset_hwm, _rss_bytes
-
+def _peak_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak extra memory of one call of ``fn``, MiB: the CUDA allocator's peak, or on the CPU the peak of the
+    running sum of torch.profiler's memory events (each operator's net allocation, and frees), so a
+    transient buffer counts even when the allocator reuses freed pages."""
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    else:
-        _reset_hwm()
-        base = _rss_bytes()
-    for _ in range(steps):
         fn()
-    _sync(device)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else (_hwm_bytes() or base)
-    return (peak - base) / 2**20
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    timeline = []
+    for e in prof.events():
+        m = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        if m:
+            timeline.append((e.time_range.start, m))
+    run = peak = 0
+    for _, m in sorted(timeline):
+        run += m
+        peak = max(peak, run)
+    return peak / 2**20
 
 
 def step_rows(Ks: list[int], reps: int, precision: str, device: torch.device) -> list[dict]:
@@ -340,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         device = torch.device(args.device)
         title = (
             f"one recon.backward PCGrad step, sequential vs batched task gradients, precision {args.precision}, "
-            f"{device} (ms: best of rounds; peak: {'CUDA allocator' if device.type == 'cuda' else 'VmHWM growth'})"
+            f"{device} (ms: best of rounds; peak: {'CUDA allocator' if device.type == 'cuda' else 'torch.profiler'})"
         )
         steps = (step_rows(Ks, reps, args.precision, device), title)
     report(*run(Ks, Ps, reps, names), markdown=args.markdown, steps=steps)

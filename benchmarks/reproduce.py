@@ -19,6 +19,10 @@ both recipes); the README's table used ``--seeds 2 --epochs 3`` to fit 30 minute
 ``--quick`` shrinks everything to a smoke test.
 
     python benchmarks/reproduce.py [--quick] [--out benchmarks/results]
+
+``--equal-cost`` runs the comparison at equal cost instead (see ``benchmarks/equal_cost.py``):
+
+    python benchmarks/reproduce.py --equal-cost --recipes multidigits3,multidigits_attributes --methods joint,cagrad
 """
 
 from __future__ import annotations
@@ -51,12 +55,30 @@ def main() -> None:
         help="also branch k random layers of the same sizes (capacity control; default on)",
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="a smoke test: tiny data, 1 seed, 1 epoch")
+    parser.add_argument(
+        "--equal-cost", action="store_true",
+        help="the equal-cost comparison (joint, top-k, +budget, +budget with groups, random, width-matched)",
+    )  # fmt: skip
+    parser.add_argument("--budget", type=float, default=0.1, help="--equal-cost: parameter budget (fraction)")
+    parser.add_argument("--baseline-seeds", type=int, default=2, help="--equal-cost: seeds of single-task baselines")
+    parser.add_argument("--budget-flops", type=float, default=None, help="--equal-cost: also rows within this ratio")
+    parser.add_argument("--variants", default="", help="--equal-cost: comma-separated subset of the rows")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.epochs, args.train_size, args.val_size = 1, 1, 256, 256
+        args.baseline_seeds = 1
     os.environ["RECON_DIGITS_TRAIN"] = str(args.train_size)
     os.environ["RECON_DIGITS_VAL"] = str(args.val_size)
+    if args.equal_cost:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        sys.path[:0] = [str(ROOT), str(ROOT / "examples")]
+        from benchmarks.equal_cost import run_equal_cost
+
+        run_equal_cost(args)
+        return
 
     import torch
 

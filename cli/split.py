@@ -5,7 +5,6 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import typer
@@ -16,7 +15,8 @@ from recon._capture import example_args, layer_usage
 from recon._codegen import generated_code
 from recon._errors import ReconError
 from recon._outputs import call_model, move_to, task_outputs
-from recon._profile import ConflictProfile, check_threshold, read_scores_json
+from recon._plan import choose_layers, parse_budget
+from recon._profile import check_threshold
 from recon._recipe import compute_losses, first_batch, load_recipe
 from recon._runs import Run
 from recon._split import INITS, SplitPlan, split
@@ -33,6 +33,13 @@ def split_command(
     scores: Path | None = typer.Option(
         None, "--scores", help="An official-format scores.json ({layer: score}) to take the top-k layers from."
     ),
+    budget_params: str | None = typer.Option(
+        None, "--budget-params", help="Remove the most conflict adding at most this fraction of parameters (0.1)."
+    ),
+    budget_flops: str | None = typer.Option(
+        None, "--budget-flops", help="... within this ratio of the forward FLOPs on the first batch (1.3)."
+    ),
+    groups: str = typer.Option("none", "--groups", help="auto: choose each layer's task groups; none: one per task."),
     init: str = typer.Option("reinit", "--init", help="reinit: fresh copies (reset_parameters); copy: warm start."),
     leaf: str = typer.Option("", "--leaf", help="Comma-separated module names torch.fx should treat as opaque."),
     run_dir: Path | None = typer.Option(None, "--run", help="Run folder (default: the latest in ./runs)."),
@@ -51,106 +58,65 @@ def split_command(
     recipe = load_recipe(run.recipe)
     tasks = list(recipe.tasks)
     leaves = [n for n in (s.strip() for s in leaf.split(",")) if n]
-    chosen, how = _choose_layers(run, top_k, S, layers, scores)
-    leaves = leaves or list(how.get("leaf_modules") or [])  # default: the leaves the profile was traced with
-
     torch.manual_seed(int(run.info.get("seed", 0)))
     model = recipe.build_model()
     if not isinstance(model, torch.nn.Module):
         raise ReconError(f"{recipe.path}: build_model() returned {type(model).__name__}; return an nn.Module")
     inputs, _ = first_batch(recipe)  # the example batch: capture with torch.export where fx cannot, and check
-    net = split(model, chosen, tasks=tasks, init=init, leaf_modules=leaves, example_inputs=example_args(inputs))
+    params, flops = parse_budget(budget_params, "--budget-params"), parse_budget(budget_flops, "--budget-flops")
+    how = choose_layers(
+        run.dir / "profile", top_k=top_k, S=S, layers=layers, scores=scores, budget_params=params,
+        budget_flops=flops, groups=groups, model=model, example_inputs=inputs if flops is not None else None,
+    )  # fmt: skip
+    leaves = leaves or how.leaf_modules  # default: the leaves the profile was traced with
+    net = split(model, how.layers, tasks=tasks, init=init, leaf_modules=leaves, example_inputs=example_args(inputs))
     branches: dict[str, list[str]] = net.meta["recon"]["branches"]
 
     before = sum(p.numel() for p in model.parameters())
     after = sum(p.numel() for p in net.parameters())
     ratio = _time_ratio(model, net, recipe, resolve_device(device))
-
-    plan = SplitPlan(
-        tasks=tasks,
-        layers=chosen,
-        init=init,
-        S=how.get("S"),
-        top_k=top_k,
-        scores=how.get("scores"),
-        leaf_modules=list(net.meta["recon"]["leaf_modules"]),
-        model_class=type(model).__name__,
-        capture=net.meta["recon"]["capture"],
-        extra={
-            "source": how["source"],
-            "params_before": before,
-            "params_after": after,
-            "time_ratio": None if ratio is None else round(ratio, 4),
-            "branches": branches,
-        },
-    )
+    plan = _record(how, net, model, top_k, init, (params, flops), before, after, ratio)
     folder = run.stage("split", force=force)
     run.record_command()
     plan.save(folder / "plan.json")
     _io.write_text(folder / "model.py", generated_code(net, plan, recipe.path))
     usage = layer_usage(model, tasks, example_inputs=example_args(inputs), leaf_modules=leaves)
-    fig = plots.network_figure(usage, tasks, branches, {n: m for n, m in model.named_modules()})
+    fig = plots.network_figure(
+        usage, tasks, branches, {n: m for n, m in model.named_modules()}, groups=net.meta["recon"]["groups"]
+    )
     _io.save_figure(folder / "network.png", fig, dpi=110)
 
-    _print_summary(chosen, branches, how.get("scores"), before, after, ratio)
+    _print_summary(plan, ratio)
     console.print(
         f"plan and code written to [bold]{folder}[/]  ·  next: [bold]recon train {recipe.path.name} --split latest[/]"
     )
 
 
-# ------------------------------------------------------------------------------------------- choosing
-def _names(text: str) -> list[str]:
-    return [n for n in (s.strip() for s in text.split(",")) if n]
-
-
-def _choose_layers(
-    run: Run, top_k: int | None, S: float | None, layers: str | None, scores: Path | None
-) -> tuple[list[str], dict[str, Any]]:
-    """The layers to branch, and how they were chosen (source, S, scores, leaf modules of the profile)."""
-    if layers is not None:
-        if top_k is not None or scores is not None:
-            raise ReconError("pass either --layers or --top-k/--scores, not both")
-        if S is not None:
-            raise ReconError("--S rescores the stored profile for --top-k; it has no effect with --layers")
-        names = _names(layers)
-        if not names:
-            raise ReconError("--layers is empty; give comma-separated layer names, e.g. --layers layer4.1.conv2")
-        return names, {"source": "layers"}
-    if top_k is None:
-        raise ReconError(
-            "say which layers to branch: --top-k K (the K layers with the highest S-conflict scores of the "
-            "stored profile), --scores scores.json --top-k K, or --layers a,b"
-        )
-    if scores is not None:
-        if S is not None:
-            raise ReconError("--S rescores the stored profile; a scores.json file holds fixed scores, drop --S")
-        ranked = read_scores_json(scores)
-        return _top(list(ranked), top_k, f"{scores}"), {
-            "source": str(scores),
-            "scores": dict(ranked),
-        }
-    profile_dir = run.dir / "profile"
-    prof = ConflictProfile.load(profile_dir)
-    frame = prof.scores(S)
-    ranked = {str(layer): int(score) for layer, score in frame["score"].items()}
-    how: dict[str, Any] = {
-        "source": str(profile_dir),
-        "S": prof.S if S is None else S,
-        "scores": ranked,
-        "leaf_modules": prof.meta.get("leaf_modules", []),
-    }
-    return _top(list(ranked), top_k, f"the profile in {profile_dir}"), how
-
-
-def _top(ranked: list[str], k: int, where: str) -> list[str]:
-    # the root module's own parameters ("") cannot be branched: they have no path of their own
-    candidates = [name for name in ranked if name]
-    if k > len(candidates):
-        raise ReconError(
-            f"--top-k {k} exceeds the {len(candidates)} shared layers in {where}; choose K <= {len(candidates)} "
-            f"(shared layers: {', '.join(candidates)})"
-        )
-    return candidates[:k]
+def _record(how, net, model, top_k, init, budgets, before: int, after: int, ratio: float | None) -> SplitPlan:
+    """The plan.json of this split: what was branched, how it was chosen, what it cost."""
+    budget = how.plan.extra if how.plan is not None else {}
+    return SplitPlan(
+        tasks=list(net.meta["recon"]["tasks"]),
+        layers=list(net.meta["recon"]["branches"]),
+        init=init,
+        S=how.S,
+        top_k=top_k,
+        scores=how.scores,
+        groups=net.meta["recon"]["groups"] if how.plan is not None else None,
+        budget_params=budgets[0],
+        budget_flops=budgets[1],
+        leaf_modules=list(net.meta["recon"]["leaf_modules"]),
+        model_class=type(model).__name__,
+        capture=net.meta["recon"]["capture"],
+        extra={
+            "source": how.source,
+            "params_before": before,
+            "params_after": after,
+            "time_ratio": None if ratio is None else round(ratio, 4),
+            "branches": net.meta["recon"]["branches"],
+            **{k: budget[k] for k in ("removed", "params_added", "flops_before", "flops_after") if k in budget},
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------------- measuring
@@ -186,32 +152,45 @@ def _time_ratio(model: torch.nn.Module, net: torch.nn.Module, recipe, device: to
 
 
 # -------------------------------------------------------------------------------------------- printing
-def _print_summary(
-    chosen: list[str],
-    branches: dict[str, list[str]],
-    scores: dict[str, int] | None,
-    before: int,
-    after: int,
-    ratio: float | None,
-) -> None:
+def _print_summary(plan: SplitPlan, ratio: float | None) -> None:
+    """Per branched layer: its task groups, the score it removes, the parameters it adds; then the totals
+    against each budget."""
     from rich.table import Table
 
-    if chosen:
-        table = Table(title=f"{len(chosen)} branched layer(s)", title_justify="left", header_style="bold")
+    extra = plan.extra
+    removed, added = extra.get("removed") or {}, extra.get("params_added") or {}
+    groups = plan.groups or {layer: [[t] for t in tasks] for layer, tasks in extra["branches"].items()}
+    if plan.layers:
+        table = Table(title=f"{len(plan.layers)} branched layer(s)", title_justify="left", header_style="bold")
         table.add_column("layer", style="cyan", no_wrap=True)
-        if scores:
+        if plan.scores:
             table.add_column("score", justify="right")
-        table.add_column("copies for tasks")
-        for layer in chosen:
+        if removed:
+            table.add_column("score removed", justify="right")
+            table.add_column("params added", justify="right")
+        table.add_column("copies (task groups)")
+        for layer in plan.layers:
             row = [layer]
-            if scores:
-                row.append(str(scores.get(layer, "")))
-            row.append(", ".join(branches.get(layer, [])))
+            if plan.scores:
+                row.append(str(plan.scores.get(layer, "")))
+            if removed:
+                row += [str(removed.get(layer, "")), f"{added.get(layer, 0):,}"]
+            row.append(" | ".join(",".join(g) for g in groups.get(layer, [])))
             table.add_row(*row)
         console.print(table)
     else:
         console.print("no layer branched: the split model is the original one")
+    before, after = extra["params_before"], extra["params_after"]
     grown = (after - before) / before * 100 if before else 0.0
-    console.print(f"parameters: {before:,} -> {after:,} ({grown:+.1f}%)")
+    line = f"parameters: {before:,} -> {after:,} ({grown:+.1f}%)"
+    if plan.budget_params is not None:
+        line += f"  ·  budget +{100 * plan.budget_params:.1f}%"
+    if removed:
+        line += f"  ·  score removed {sum(removed.values())}"
+    console.print(line)
+    if "flops_after" in extra:
+        f0, f1 = extra["flops_before"], extra["flops_after"]
+        budget = f"  ·  budget {plan.budget_flops:.2f}x" if plan.budget_flops is not None else ""
+        console.print(f"forward FLOPs on the first batch: {f0:,.0f} -> {f1:,.0f} ({f1 / max(f0, 1):.2f}x){budget}")
     if ratio is not None:
         console.print(f"forward+backward time, split / original on the first batch: {ratio:.2f}x")

@@ -6,7 +6,7 @@ Builds the MultiDigits recipe (examples/multidigits.py), profiles it for a few s
 layers with ``recon.split`` (or the layers given with ``--layers``), then trains the split model with a
 ``Trainer`` for ``--max-steps`` steps: the module is a plain LightningModule plus three recon lines
 (the mixin, ``configure_recon``, ``recon_step``). Per-task losses go to Lightning's logger (CSV under
-``--log-dir``); the validation accuracy per task is printed at the end.
+``--log-dir``, default ``runs/lightning``); the validation accuracy per task is printed at the end.
 
 ``--devices 2 --strategy ddp`` runs one process per device (on CPU, gloo): recon.backward averages the
 per-task gradients across processes before the method aggregates them (see README, "PyTorch Lightning").
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-steps", type=int, default=10)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--strategy", default="auto")
-    parser.add_argument("--log-dir", default=os.environ.get("RECON_LIGHTNING_LOGS", "lightning_logs"))
+    parser.add_argument("--log-dir", default=os.environ.get("RECON_LIGHTNING_LOGS", "runs/lightning"))
     args = parser.parse_args(argv)
 
     layers = args.layers.split(",") if args.layers else None

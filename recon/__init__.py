@@ -15,6 +15,7 @@ from recon import methods
 from recon._backward import BackwardResult, backward
 from recon._errors import NonFiniteLossError, ReconError
 from recon._graph import TraceError, layer_tasks
+from recon._plan import plan_split
 from recon._profile import ConflictProfile, profile, read_scores_json
 from recon._recipe import Recipe, load_recipe
 from recon._report import Report, report
@@ -40,6 +41,7 @@ __all__ = [
     "load_recipe",
     "load_split",
     "methods",
+    "plan_split",
     "profile",
     "read_scores_json",
     "report",

@@ -151,12 +151,13 @@ def _comm_device() -> torch.device:
 
 
 _BUCKET_BYTES = 25 << 20  # DDP's default bucket (bucket_cap_mb=25)
+_IN_PLACE_BYTES = 1 << 20  # from this size a tensor is reduced where it lies: a copy would cost more than a call
 
 
 def average_(tensors: Sequence[torch.Tensor], weight: float = 1.0) -> None:
     """In place: ``t <- mean over processes of (weight * t)``.
 
-    A tensor of a bucket's size or more (J, the ``(K, P)`` task gradients) is all-reduced in place, with no
+    A contiguous tensor of 1 MiB or more (J, the ``(K, P)`` task gradients) is all-reduced in place, with no
     concatenated copy; smaller ones are packed into flat buckets of up to 25 MiB per dtype and device (one
     all-reduce per bucket, as DDP does), then copied back.
     """
@@ -165,7 +166,7 @@ def average_(tensors: Sequence[torch.Tensor], weight: float = 1.0) -> None:
     W = world_size()
     groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for t in tensors:
-        if t.is_contiguous() and t.numel() * t.element_size() >= _BUCKET_BYTES:
+        if t.is_contiguous() and t.numel() * t.element_size() >= _IN_PLACE_BYTES:
             _reduce_mean(t, weight, W)
         else:
             groups.setdefault((t.dtype, t.device), []).append(t)
@@ -302,6 +303,7 @@ class ShardedData:
         self.epoch = 0  # passed to a sampler's set_epoch
         self.sharded = _takes_shard_keywords(data) if callable(data) else _shardable(data)
         self._noticed = False
+        self._rebuilt: tuple[Any, _ShardedLoader] | None = None  # a given loader is rebuilt once, not per epoch
 
     def __call__(self) -> Iterable:
         data = self.data
@@ -311,7 +313,9 @@ class ShardedData:
             data = data()
         if _shardable(data):
             self.sharded = True
-            return _ShardedLoader(data, self)
+            if self._rebuilt is None or self._rebuilt[0] is not data:
+                self._rebuilt = (data, _ShardedLoader(data, self))
+            return self._rebuilt[1]
         self.sharded = False
         if not self._noticed and is_main():
             warnings.warn(

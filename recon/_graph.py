@@ -550,10 +550,11 @@ def _walk(module: nn.Module, prefix: str, task: str | None) -> Iterator[str]:
     """Names of ``module`` and its descendants whose parameters a call of it (for ``task``) may use."""
     yield prefix
     tasks = getattr(module, "_recon_tasks", None)
+    own = getattr(module, "_recon_route", {}).get(task, task)  # a group's copy serves every task of its group
     for name, child in module._modules.items():
         if child is None:
             continue
-        if tasks is not None and name in tasks and task is not None and name != task:
+        if tasks is not None and name in tasks and task is not None and name != own:
             continue
         yield from _walk(child, f"{prefix}.{name}" if prefix else name, task)
 

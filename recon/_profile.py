@@ -176,6 +176,23 @@ class ConflictProfile:
         cols = [f"{a}-{b}" for a, b in self.pairs]
         return pd.DataFrame(rates, index=pd.Index(self.layers, name="layer"), columns=cols)
 
+    def conflict_matrix(self, layer: str, S: float | None = None, *, counts: bool = False) -> pd.DataFrame:
+        """``K x K`` (tasks x tasks, symmetric, zero diagonal): the share of recorded steps where task i's and
+        task j's gradients on ``layer`` have ``cos < S``; with ``counts=True`` the number of such steps, whose
+        sum over the pairs a split separates is the S-conflict score it removes (the layer's score, Definition
+        3 of the paper, for a per-task split; none for one group)."""
+        S = self.S if S is None else check_threshold(S)
+        if layer not in self.layers:
+            raise ReconError(f"unknown layer {layer!r}; the profiled shared layers are {self.layers}")
+        column = np.asarray(self.cosine_array[:, self.layers.index(layer), :], dtype=np.float32)
+        below = (column < S).sum(axis=0)  # NaN compares False: skipped pairs never count
+        valid = (~np.isnan(column)).sum(axis=0)
+        K = len(self.tasks)
+        out = np.zeros((K, K), dtype=np.int64 if counts else np.float64)
+        for p, (a, b) in enumerate(combinations(range(K), 2)):
+            out[a, b] = out[b, a] = below[p] if counts else (below[p] / valid[p] if valid[p] else 0.0)
+        return pd.DataFrame(out, index=pd.Index(self.tasks, name="task"), columns=list(self.tasks))
+
     def top_layers(self, k: int, S: float | None = None) -> list[str]:
         """The ``k`` layers with the highest S-conflict scores."""
         if not isinstance(k, int) or k < 0:

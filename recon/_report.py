@@ -24,7 +24,7 @@ from recon import _io
 from recon._errors import ReconError
 from recon._profile import ConflictProfile, check_threshold
 from recon._runs import Run
-from recon._train import delta_m
+from recon.methods import canonical_name
 
 __all__ = ["Report", "markdown_table", "report"]
 
@@ -34,6 +34,7 @@ FIGURES = (
     "heatmap.png",
     "scores.png",
     "cosine_time.png",
+    "budget_curve.png",
     "cosine_distribution.png",
     "cosine_distributions.png",
     "training_curves.png",
@@ -43,22 +44,6 @@ MAX_MD_LAYERS = 60
 
 #: Per-column display formats of a table: a format spec (``"+.2f"``) or a function of the cell.
 Fmt = Mapping[str, str | Callable[[Any], str]]
-
-
-# --- method names of older runs -----------------------------------------------------------------------------
-# TODO(integrator): this is recon.methods.canonical_name (same mapping); use it once it is on main.
-def _legacy_method_name(name: str) -> str:
-    """The name a user types for a method, also for older summary.json files that stored its class name.
-
-    ``"PCGrad"`` -> ``"pcgrad"``; ``"Mean"`` (what ``--method joint`` used to write) -> ``"joint"``; anything
-    else (a spec the user gave, ``"cagrad:c=0.4"``) is kept as it is.
-    """
-    from recon.methods import REGISTRY
-
-    if name == "Mean":
-        return "joint"
-    by_class = {info.cls.__name__: key for key, info in REGISTRY.items()}
-    return by_class.get(name, name)
 
 
 #: Names of joint training (the multi-task baseline), listed first after the single-task baselines.
@@ -80,7 +65,7 @@ class Variant:
     def method(self) -> str:
         """The method's name as the user gives it (older class names are mapped back)."""
         s = self.summary or {}
-        return _legacy_method_name(str(s["method"])) if s.get("method") is not None else self.label
+        return canonical_name(str(s["method"])) if s.get("method") is not None else self.label
 
     @property
     def single_task(self) -> str | None:
@@ -245,6 +230,8 @@ def _final(v: Variant, tasks: list[str]) -> dict[str, dict[str, float]]:
 
 def _delta_m_or_none(final: Mapping, baseline: Mapping, directions: Mapping[str, Mapping[str, str]]) -> float | None:
     """``recon.delta_m`` (the trainer's Δm%), or None where a metric or its baseline is missing or 0."""
+    from recon import delta_m  # the one Δm% (late: recon/__init__ imports this module first)
+
     try:
         return delta_m(final, baseline, directions)
     except (KeyError, ReconError):
@@ -518,8 +505,35 @@ def _profile_section(w: _Writer, rep: Report, cosines: Mapping[str, Any], from_p
         lambda: plots.cosine_over_time(prof, S=S),
         "Layer-wise cosine over the profiled steps (mean over task pairs); the strip on top is the share below S.",
     )
+    curve = _budget_curves(rep)
+    if curve is not None:
+        w.figure(
+            "budget_curve.png",
+            lambda: plots.budget_curve_figure(curve, chosen=_chosen_point(rep.plan)),
+            "The most S-conflict score a split removes for each parameter cost (exact Pareto front), with one "
+            "copy per task and with task groups; where it flattens, more capacity stops removing conflict.",
+        )
     if from_profile_only:
         _distribution_figure(w, cosines, S)
+
+
+def _budget_curves(rep: Report) -> dict[str, pd.DataFrame] | None:
+    """Score removed against parameters added, per task and with groups (None if the recipe will not load)."""
+    from recon._plan import budget_curve
+    from recon._recipe import load_recipe
+
+    try:
+        model = load_recipe(Run.open(rep.run_dir).recipe).build_model()
+        return {g: budget_curve(rep.profile, model, groups=g, S=rep.S) for g in ("none", "auto")}
+    except (ReconError, OSError, AttributeError, KeyError):
+        return None
+
+
+def _chosen_point(plan: Mapping[str, Any] | None) -> tuple[float, float] | None:
+    if not plan or "removed" not in plan or not plan.get("params_before"):
+        return None
+    added = 100 * (plan["params_after"] - plan["params_before"]) / plan["params_before"]
+    return added, float(sum(plan["removed"].values()))
 
 
 def _distribution_figure(w: _Writer, cosines: Mapping[str, Any], S: float) -> None:

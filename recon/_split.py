@@ -111,7 +111,12 @@ class TaskBranches(nn.Module):
     rewritten graph calls the copies directly wherever it can.
     """
 
-    def __init__(self, copies: Mapping[str, nn.Module], shared: Mapping[str, nn.Module] | None = None):
+    def __init__(
+        self,
+        copies: Mapping[str, nn.Module],
+        shared: Mapping[str, nn.Module] | None = None,
+        route: Mapping[str, str] | None = None,
+    ):
         super().__init__()
         clash = sorted(set(copies) & set(shared or {}))
         if clash:
@@ -121,15 +126,22 @@ class TaskBranches(nn.Module):
         for task, module in copies.items():
             self.add_module(task, module)
         self._recon_tasks = tuple(copies)
+        # task -> the copy that serves it: a task group's copy is named after the group's first task
+        self._recon_route = {**{t: t for t in copies}, **dict(route or {})}
+
+    @property
+    def route(self) -> dict[str, str]:
+        """``{task: name of the copy it uses}`` (identity for a per-task split)."""
+        return dict(self._recon_route)
 
     @property
     def tasks(self) -> tuple[str, ...]:
         return self._recon_tasks
 
     def __getitem__(self, task: str) -> nn.Module:
-        if task not in self._recon_tasks:
+        if task not in self._recon_route:
             raise KeyError(f"no branch for task {task!r}; branches: {list(self._recon_tasks)}")
-        return self._modules[task]
+        return self._modules[self._recon_route[task]]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._recon_tasks)
@@ -139,22 +151,22 @@ class TaskBranches(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         task = current_task()
-        if task not in self._recon_tasks:
+        if task not in self._recon_route:
             raise RuntimeError(
                 f"this layer has one branch per task {list(self._recon_tasks)}; call it as net.<path>.<task>"
                 f"(...) or inside recon's task_scope(task) (current task: {task!r})"
             )
-        return self._modules[task](*args, **kwargs)
+        return self._modules[self._recon_route[task]](*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            tasks = self.__dict__.get("_recon_tasks")
+            route = self.__dict__.get("_recon_route")
             task = current_task()
-            if not tasks or task not in tasks:
+            if not route or task not in route:
                 raise
-            return getattr(self._modules[task], name)
+            return getattr(self._modules[route[task]], name)
 
     def extra_repr(self) -> str:
         return f"tasks={list(self._recon_tasks)}"
@@ -346,9 +358,11 @@ def _give_task_stats(bn: nn.Module, name: str, tasks: Sequence[str], keep_shared
 class SplitPlan:
     """What :func:`split` did, as a small JSON object (``split/plan.json``): enough to rebuild the model.
 
-    ``layers`` are in score order when they come from a profile. ``S``, ``top_k`` and ``scores`` record how
-    they were chosen; ``capture``, ``leaf_modules`` and ``concrete_args`` how the model was captured. Unknown keys
-    read from JSON are kept in ``extra`` and written back.
+    ``layers`` are in score order when they come from a profile. ``groups`` maps a layer to its task groups
+    (``{layer: [[task, ...], ...]}``; a layer not in it has one copy per task, and a plan written before groups
+    existed has none). ``S``, ``top_k``, ``scores``, ``budget_params`` and ``budget_flops`` record how they
+    were chosen (:func:`recon.plan_split`); ``capture``, ``leaf_modules`` and ``concrete_args`` how the model
+    was captured. Unknown keys read from JSON are kept in ``extra`` and written back.
     """
 
     tasks: list[str]
@@ -357,6 +371,9 @@ class SplitPlan:
     S: float | None = None
     top_k: int | None = None
     scores: dict[str, float] | None = None
+    groups: dict[str, list[list[str]]] | None = None
+    budget_params: float | None = None
+    budget_flops: float | None = None
     leaf_modules: list[str] = dataclasses.field(default_factory=list)
     concrete_args: dict[str, Any] | None = None
     model_class: str | None = None
@@ -389,6 +406,10 @@ class SplitPlan:
         plan = cls(**known, extra=extra)
         plan.tasks, plan.layers = list(plan.tasks), list(plan.layers)
         plan.leaf_modules = list(plan.leaf_modules or [])
+        if plan.groups is not None:
+            if not isinstance(plan.groups, Mapping) or set(plan.groups) - set(plan.layers):
+                raise ReconError("the split plan's 'groups' must map branched layers to lists of task lists")
+            plan.groups = {k: [list(g) for g in v] for k, v in plan.groups.items()}
         if plan.init not in INITS:
             raise ReconError(f"the split plan has init={plan.init!r}; use one of {list(INITS)}")
         return plan
@@ -404,6 +425,12 @@ class SplitPlan:
         if not isinstance(data, dict):
             raise ReconError("the split plan must be a JSON object with 'tasks' and 'layers'")
         return cls.from_dict(data)
+
+    def layer_spec(self) -> list[str] | dict[str, list[list[str]] | None]:
+        """What :func:`split` takes: the layers, or ``{layer: groups}`` when the plan has groups."""
+        if not self.groups:
+            return list(self.layers)
+        return {layer: self.groups.get(layer) for layer in self.layers}
 
     def save(self, path: str | os.PathLike) -> Path:
         from recon._io import write_text
@@ -427,6 +454,7 @@ def plan_of(net: fx.GraphModule) -> SplitPlan:
         tasks=list(meta["tasks"]),
         layers=list(meta["layers"]),
         init=meta["init"],
+        groups={k: [list(g) for g in v] for k, v in meta.get("groups", {}).items()},
         leaf_modules=list(meta["leaf_modules"]),
         concrete_args=meta["concrete_args"],
         model_class=meta["model_class"],
@@ -558,9 +586,228 @@ def _node_uses_branch(gm: fx.GraphModule, node: fx.Node, branched: frozenset[str
     return set()
 
 
+Groups = dict[str, list[list[str]]]
+NODE_KEY = "recon_split"  # per-node facts of the analysis, in ``node.meta`` (as fx passes keep theirs)
+
+
+@dataclasses.dataclass
+class NodeFacts:
+    """What the analysis knows about one node of the traced graph (``node.meta["recon_split"]``).
+
+    * ``uses``: the branched layers the node calls or reads directly;
+    * ``upstream``: the branched layers at or upstream of it (``down`` = it has any);
+    * ``classes``: ``{representative: [tasks]}``, one entry per copy of the node in the new graph: the tasks
+      it feeds, grouped by the copy they took at every branched layer upstream (first task in task order
+      represents its class); empty when the node is not downstream of a branch (it runs once, shared);
+    * ``mutates``: the input an in-place operation writes into (None if it does not).
+    """
+
+    uses: frozenset[str]
+    upstream: frozenset[str]
+    classes: dict[str, list[str]]
+    mutates: fx.Node | None = None
+
+    @property
+    def down(self) -> bool:
+        return bool(self.upstream)
+
+
+@dataclasses.dataclass
+class _Analysis:
+    """The whole-graph facts :func:`split` branches and emits from (nothing changed yet)."""
+
+    tasks: list[str]
+    groups: Groups
+    route: dict[str, dict[str, str]]  # layer -> {task: copy name}
+    stats_calls: dict[tuple[fx.Node, str], set[int]]
+    stats_bns: dict[int, tuple[nn.Module, str, list[str], bool]]
+
+
+def _normalise_groups(
+    layers: Iterable[str] | Mapping[str, Any], usage: Mapping[str, frozenset[str]], tasks: Sequence[str], model: str
+) -> Groups:
+    """``{layer: groups}``: each group a list in task order, groups ordered by their first task.
+
+    A list of names means one group per task that uses the layer; a dict value of ``None`` does too. A dict
+    value must be a partition of the tasks that use the layer.
+    """
+    spec = dict(layers) if isinstance(layers, Mapping) else dict.fromkeys(layers)
+    names = _validate_layers(list(layers), usage, model)
+    order = {t: i for i, t in enumerate(tasks)}
+    out: Groups = {}
+    for layer in names:
+        users = [t for t in tasks if t in usage[layer]]
+        given = spec[layer]
+        if given is None:
+            out[layer] = [[t] for t in users]
+            continue
+        if isinstance(given, str) or not all(isinstance(g, (list, tuple)) and g for g in given):
+            raise ReconError(
+                f"groups of layer {layer!r} must be a list of non-empty task lists, e.g. {[[t] for t in users]}"
+            )
+        flat = [t for g in given for t in g]
+        unknown = [t for t in flat if t not in order]
+        if unknown:
+            raise ReconError(f"unknown task(s) {unknown} in the groups of layer {layer!r}; the tasks are {list(tasks)}")
+        if sorted(flat, key=order.get) != users:
+            raise ReconError(
+                f"the groups of layer {layer!r} ({[list(g) for g in given]}) are not a partition of the tasks that "
+                f"use it {users}; list each of them in exactly one group"
+            )
+        out[layer] = sorted((sorted(g, key=order.get) for g in given), key=lambda g: order[g[0]])
+    return out
+
+
+def _routes(groups: Groups) -> dict[str, dict[str, str]]:
+    return {layer: {t: g[0] for g in gs for t in g} for layer, gs in groups.items()}
+
+
+def _classes(tasks: list[str], upstream: frozenset[str], route: Mapping[str, Mapping[str, str]]) -> dict:
+    """Tasks grouped by the copy they take at every layer of ``upstream``; keyed by each class's first task."""
+    classes: dict[tuple, list[str]] = {}
+    for t in tasks:
+        classes.setdefault(tuple(route[layer].get(t, t) for layer in sorted(upstream)), []).append(t)
+    return {members[0]: members for members in classes.values()}
+
+
+def _analyse(
+    gm: fx.GraphModule, src: nn.Module, tasks: Sequence[str] | None, layers: Any, model: str, captured: Any
+) -> _Analysis:
+    """Analysis: which nodes run per task class, which BatchNorms need per-task statistics (node.meta)."""
+    digraph = to_digraph(gm)
+    reach = node_tasks(gm, tasks, digraph)
+    task_list = list(output_tasks(gm, tasks))
+    usage = captured.layer_tasks(task_list, layer_names(src))
+    groups = _normalise_groups(layers, usage, task_list, model)
+    route = _routes(groups)
+    branched = frozenset(groups)
+    if branched:
+        _check_tasks_as_names(task_list)
+    modules = dict(gm.named_modules())
+    run: dict[fx.Node, list[str]] = {}  # every task a node downstream of a branch runs for
+    for n in gm.graph.nodes:
+        uses = frozenset(_node_uses_branch(gm, n, branched))
+        upstream = uses.union(*(n_.meta[NODE_KEY].upstream for n_ in digraph.predecessors(n)))
+        facts = n.meta[NODE_KEY] = NodeFacts(uses, upstream, {})
+        if n.op == "output" or not upstream:
+            continue
+        facts.mutates = mutated_input(n, modules)
+        run[n] = [t for t in task_list if t in reach[n]]
+        if not run[n] and n.is_impure():
+            needed = [a for a in n.all_input_nodes if a.meta[NODE_KEY].down]
+            run[n] = [t for t in task_list if all(t in run[a] for a in needed)]
+        facts.classes = _classes(run[n], upstream, route)
+    reps = {n: list(n.meta[NODE_KEY].classes) for n in run}
+    stats_calls, stats_bns = _batchnorm_calls(gm, reps, task_list, branched)
+    return _Analysis(task_list, groups, route, stats_calls, stats_bns)
+
+
+def _branch(src: nn.Module, facts: _Analysis, init: str) -> None:
+    """Branching: one copy per task group at each branched layer's path (deepest first); per-task
+    running statistics for the shared BatchNorms that run per task class."""
+    aliases = _aliases(src)
+    for layer in sorted(facts.groups, key=lambda name: name.count("."), reverse=True):
+        original = src.get_submodule(layer)
+        copies = {g[0]: _task_copy(original, layer, g[0], init) for g in facts.groups[layer]}
+        container = TaskBranches(copies, shared=dict(original._modules), route=facts.route[layer])
+        container.training = original.training
+        for path in aliases[id(original)]:
+            _replace(src, path, container)
+    for bn, name, bn_tasks, keep_shared in facts.stats_bns.values():
+        _give_task_stats(bn, name, bn_tasks, keep_shared, init)
+
+
+def _emit(gm: fx.GraphModule, facts: _Analysis) -> fx.Graph:
+    """Emission: the new graph, each node downstream of a branch once per task class (node.meta facts)."""
+    graph = fx.Graph()
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    shared_env: dict[fx.Node, fx.Node] = {}
+    task_env: dict[str, dict[fx.Node, fx.Node]] = {t: {} for t in facts.tasks}
+    module_nodes: dict[str, fx.Node] = {}  # get_attr of a module, for call_for_task
+    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            break
+        info: NodeFacts = n.meta[NODE_KEY]
+        if not info.down:
+            shared_env[n] = new = graph.node_copy(n, lambda a: shared_env[a])
+            if isinstance(new.type, str):  # string annotations print as odd globals; drop them
+                new.type = None
+            new.meta.pop(NODE_KEY, None)
+            continue
+        for rep, members in info.classes.items():
+            new = _emit_copy(graph, n, info, rep, facts, shared_env, task_env, module_nodes)
+            for t in members:
+                task_env[t][n] = new
+    out_type = None if isinstance(out_node.type, str) else out_node.type
+    graph.output(_map_output(out_node.args[0], facts.tasks, shared_env, task_env), type_expr=out_type)
+    graph.lint()
+    return graph
+
+
+def _emit_copy(
+    graph: fx.Graph,
+    n: fx.Node,
+    info: NodeFacts,
+    rep: str,
+    facts: _Analysis,
+    shared_env: dict[fx.Node, fx.Node],
+    task_env: dict[str, dict[fx.Node, fx.Node]],
+    module_nodes: dict[str, fx.Node],
+) -> fx.Node:
+    """The copy of node ``n`` for the task class represented by ``rep``."""
+    env = task_env[rep]
+
+    def get(a: fx.Node) -> fx.Node:
+        return env[a] if a in env else shared_env[a]
+
+    args = fx.node.map_arg(n.args, get)
+    kwargs = fx.node.map_arg(n.kwargs, get)
+    mutated = info.mutates
+    if mutated is not None and _shared_beyond(mutated, rep, info.classes[rep]):
+        # an in-place write into a tensor that tasks outside this class share: give this class its own clone
+        clone = graph.create_node("call_method", "clone", (get(mutated),), name=f"{mutated.name}_{rep}")
+        args = (clone, *args[1:])
+        for t in info.classes[rep]:
+            task_env[t][mutated] = clone
+    name = n.name if len(info.classes) == 1 and rep in n.name.split("_") else f"{n.name}_{rep}"
+    if n.op == "call_module":
+        scoped = bool(facts.stats_calls.get((n, rep), set()) & facts.stats_bns.keys())
+        own = facts.route[str(n.target)][rep] if str(n.target) in info.uses else None
+        new = _emit_module_call(graph, str(n.target), rep, own, args, kwargs, info.uses, name, module_nodes, scoped)
+    elif n.op == "get_attr":
+        hit = _branch_owner(str(n.target), frozenset(facts.groups))
+        target = f"{hit[0]}.{facts.route[hit[0]][rep]}.{hit[1]}" if hit else n.target
+        new = graph.create_node("get_attr", target, name=name)
+    else:
+        new = graph.create_node(n.op, n.target, args, kwargs, name=name, type_expr=n.type)
+    new.meta = {k: v for k, v in n.meta.items() if k != NODE_KEY}
+    return new
+
+
+def _shared_beyond(node: fx.Node, rep: str, members: Sequence[str]) -> bool:
+    """Whether the value of ``node`` that task ``rep`` reads is also read by tasks outside ``members``."""
+    classes = node.meta[NODE_KEY].classes
+    if not classes:
+        return True  # computed once for all tasks
+    mine = next((c for c in classes.values() if rep in c), [])
+    return not set(mine) <= set(members)
+
+
+def _prior(model: nn.Module) -> dict[str, Any] | None:
+    """What an earlier :func:`split` recorded on ``model`` (None for a model that was not split)."""
+    prior = model.meta.get(META_KEY) if isinstance(model, fx.GraphModule) else None
+    if prior and any(len(g) > 1 for gs in prior.get("groups", {}).values() for g in gs):
+        raise ReconError(
+            "this model was split with task groups, and splitting it again is not supported; split the original "
+            "model once with every layer: recon.split(model, {layer: groups, ...})"
+        )
+    return prior
+
+
 def split(
     model: nn.Module,
-    layers: Iterable[str],
+    layers: Iterable[str] | Mapping[str, Sequence[Sequence[str]] | None],
     *,
     tasks: Sequence[str] | None = None,
     init: str = "reinit",
@@ -569,7 +816,14 @@ def split(
     example_inputs: Any = None,
     capture: str = "auto",
 ) -> fx.GraphModule:
-    """Rewrite ``model`` so that each of ``layers`` becomes one copy per task that uses it.
+    """Rewrite ``model`` so that each of ``layers`` becomes one copy per task (or per task group) that uses it.
+
+    ``layers`` is a list of layer names (one copy per task that uses the layer), or a dict
+    ``{layer: [[task, ...], ...]}`` mapping a layer to a partition of the tasks that use it: one copy per
+    group, named after the group's first task in task order (``net.get_submodule("layer2.conv1.seg")`` serves
+    every task of seg's group; a value of ``None`` means one group per task). A node downstream of branched
+    layers runs once per class of tasks that took the same copy at every branched layer upstream of it, so
+    tasks that never diverged share the computation. A branched layer adds (groups - 1) x its parameters.
 
     Returns a ``torch.fx.GraphModule`` with the model's call signature and output structure; ``model`` is
     not changed. ``tasks`` names the outputs of a model that returns a tuple/list (in order); dict outputs
@@ -580,26 +834,23 @@ def split(
     ``torch.export``, and check the captured graph and (``init="copy"``) the split model against the eager model
     on that batch; ``capture`` picks the way (``"auto"``, ``"fx"``, ``"export"``: :func:`recon._capture.capture`).
 
-    A shared BatchNorm that runs once per task for two or more tasks keeps its shared ``weight``/``bias`` and
-    gets running statistics per task (:class:`TaskStatsBatchNorm`, listed in ``net.meta["recon"]["task_stats"]``):
-    copies of its statistics with ``init="copy"``, fresh ones (mean 0, variance 1) with ``"reinit"``, since
-    re-initialised branches upstream change the features the old statistics described.
+    A shared BatchNorm run per task class for 2+ classes gets running statistics per class, keyed by the
+    class's first task (:class:`TaskStatsBatchNorm`; ``net.meta["recon"]["task_stats"]``): copies with
+    ``init="copy"``, fresh ones with ``"reinit"``. Three passes: analysis (per-node :class:`NodeFacts` in
+    ``node.meta["recon_split"]``), branching (module surgery), emission (the new graph).
 
     Raises :class:`~recon._errors.ReconError` for unknown, unshared or repeated layer names (listing the
-    shared ones) and :class:`~recon._graph.TraceError` for a model fx cannot trace, or one whose graph
-    depends on train/eval mode.
+    shared ones), groups that are not a partition of the layer's tasks, and :class:`~recon._graph.TraceError`
+    for a model fx cannot trace, or one whose graph depends on train/eval mode.
     """
     if init not in INITS:
         raise ReconError(f"init={init!r} is not one of {list(INITS)}")
-    if isinstance(layers, str):
-        layers = [layers]
-    layers = list(layers)
+    layers = [layers] if isinstance(layers, str) else dict(layers) if isinstance(layers, Mapping) else list(layers)
     leaf_modules = list(leaf_modules or ())
     if not isinstance(model, nn.Module):
         raise ReconError(f"recon.split expects an nn.Module, got {type(model).__name__}")
-
-    prior = model.meta.get(META_KEY) if isinstance(model, fx.GraphModule) else None
-    src = copy.deepcopy(model, _skip_tensors(model, layers))
+    prior = _prior(model)
+    src = copy.deepcopy(model, _skip_tensors(model, list(layers)))
     if isinstance(src, fx.GraphModule):
         captured = recaptured(src, prior, example_inputs)
         if tasks is None and prior:
@@ -611,103 +862,23 @@ def split(
     gm, leaves = captured.gm, captured.leaves
     model_class = prior["model_class"] if prior else type(model).__name__
 
-    # ---- analysis (nothing changes yet)
-    digraph = to_digraph(gm)
-    reach = node_tasks(gm, tasks, digraph)
-    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    out_value = out_node.args[0]
-    task_list = list(output_tasks(gm, tasks))
-    usage = captured.layer_tasks(task_list, layer_names(src))
-    layers = _validate_layers(layers, usage, model_class)
-    branched = frozenset(layers)
-    if branched:
-        _check_tasks_as_names(task_list)
-    modules = dict(gm.named_modules())
-    uses = {n: _node_uses_branch(gm, n, branched) for n in gm.graph.nodes}
-    down: dict[fx.Node, bool] = {}
-    for n in gm.graph.nodes:
-        down[n] = bool(uses[n]) or any(down[p] for p in digraph.predecessors(n))
-    mutates = {n: mutated_input(n, modules) for n in gm.graph.nodes if down[n]}
-    copy_tasks: dict[fx.Node, list[str]] = {}  # the tasks each node downstream of a branch runs for
-    for n in gm.graph.nodes:
-        if n.op == "output" or not down[n]:
-            continue
-        copy_tasks[n] = [t for t in task_list if t in reach[n]]
-        if not copy_tasks[n] and n.is_impure():
-            needed = [a for a in n.all_input_nodes if down[a]]
-            copy_tasks[n] = [t for t in task_list if all(t in copy_tasks[a] for a in needed)]
-    stats_calls, stats_bns = _batchnorm_calls(gm, copy_tasks, task_list, branched)
+    facts = _analyse(gm, src, tasks, layers, model_class, captured)
+    _branch(src, facts, init)
+    graph = _emit(gm, facts)
 
-    # ---- module surgery: one copy per task at each branched layer's path (deepest first)
-    branch_tasks = {layer: [t for t in task_list if t in usage[layer]] for layer in layers}
-    aliases = _aliases(src)
-    for layer in sorted(layers, key=lambda name: name.count("."), reverse=True):
-        original = src.get_submodule(layer)
-        copies = {t: _task_copy(original, layer, t, init) for t in branch_tasks[layer]}
-        container = TaskBranches(copies, shared=dict(original._modules))
-        container.training = original.training
-        for path in aliases[id(original)]:
-            _replace(src, path, container)
-    for bn, name, bn_tasks, keep_shared in stats_bns.values():  # shared BatchNorms run per task: per-task stats
-        _give_task_stats(bn, name, bn_tasks, keep_shared, init)
-
-    # ---- emit the new graph
-    graph = fx.Graph()
-    graph._codegen = copy.deepcopy(gm.graph._codegen)
-    shared_env: dict[fx.Node, fx.Node] = {}
-    task_env: dict[str, dict[fx.Node, fx.Node]] = {t: {} for t in task_list}
-    module_nodes: dict[str, fx.Node] = {}  # get_attr of a module, for call_for_task
-
-    def lookup(task: str) -> Callable[[fx.Node], fx.Node]:
-        env = task_env[task]
-        return lambda a: env[a] if a in env else shared_env[a]
-
-    for n in gm.graph.nodes:
-        if n.op == "output":
-            break
-        if not down[n]:
-            shared_env[n] = new = graph.node_copy(n, lambda a: shared_env[a])
-            if isinstance(new.type, str):  # string annotations print as odd globals; drop them
-                new.type = None
-            continue
-        for t in copy_tasks[n]:
-            get = lookup(t)
-            args = fx.node.map_arg(n.args, get)
-            kwargs = fx.node.map_arg(n.kwargs, get)
-            mutated = mutates.get(n)
-            if mutated is not None and mutated not in task_env[t]:
-                # an in-place write into a tensor all tasks share: give this task its own clone
-                clone = graph.create_node("call_method", "clone", (shared_env[mutated],), name=f"{mutated.name}_{t}")
-                args = (clone, *args[1:])
-                task_env[t][mutated] = clone
-            name = n.name if len(copy_tasks[n]) == 1 and t in n.name.split("_") else f"{n.name}_{t}"
-            if n.op == "call_module":
-                scoped = bool(stats_calls.get((n, t), set()) & stats_bns.keys())
-                new = _emit_module_call(graph, str(n.target), t, args, kwargs, uses[n], name, module_nodes, scoped)
-            elif n.op == "get_attr":
-                hit = _branch_owner(str(n.target), branched)
-                target = f"{hit[0]}.{t}.{hit[1]}" if hit else n.target
-                new = graph.create_node("get_attr", target, name=name)
-            else:
-                new = graph.create_node(n.op, n.target, args, kwargs, name=name, type_expr=n.type)
-            new.meta = copy.copy(n.meta)
-            task_env[t][n] = new
-
-    out_type = None if isinstance(out_node.type, str) else out_node.type
-    graph.output(_map_output(out_value, task_list, shared_env, task_env), type_expr=out_type)
-    graph.lint()
-
-    net = fx.GraphModule(src, graph, f"{model_class}Split" if layers else model_class)
+    names = list(facts.groups)
+    net = fx.GraphModule(src, graph, f"{model_class}Split" if names else model_class)
     _adopt_hierarchy(net, src)
-    net.meta[META_KEY] = {
-        "tasks": task_list,
-        "layers": (list(prior["layers"]) if prior else []) + layers,
+    net.meta[META_KEY] = {  # what plan_of and a later split read back
+        "tasks": facts.tasks,
+        "layers": (list(prior["layers"]) if prior else []) + names,
+        "groups": {**(prior.get("groups", {}) if prior else {}), **facts.groups},
         "init": init,
         "leaf_modules": leaves,
         "concrete_args": concrete_args,
         "model_class": model_class,
-        "branches": {layer: branch_tasks[layer] for layer in layers},
-        "task_stats": {name: list(bn_tasks) for _, name, bn_tasks, _ in stats_bns.values()},
+        "branches": {layer: [g[0] for g in gs] for layer, gs in facts.groups.items()},
+        "task_stats": {name: list(bn_tasks) for _, name, bn_tasks, _ in facts.stats_bns.values()},
         "capture": captured.how,
         "example": captured.example,
     }
@@ -788,18 +959,18 @@ def _emit_module_call(
     graph: fx.Graph,
     target: str,
     task: str,
+    own: str | None,
     args: tuple,
     kwargs: dict,
-    used: set[str],
+    used: Iterable[str],
     name: str,
     module_nodes: dict[str, fx.Node],
     scoped: bool = False,
 ) -> fx.Node:
-    """The call of module ``target`` for ``task``: of the task's copy if the module is branched, and within
+    """The call of module ``target`` for ``task``: of its copy ``own`` if the module is branched, and within
     the task's scope (``call_for_task``) if a branched layer or a per-task-statistics BatchNorm is inside."""
-    own = target in used
     inner = scoped or any(u != target for u in used)
-    path = f"{target}.{task}" if own else target
+    path = f"{target}.{own}" if own is not None else target
     if not inner:
         return graph.create_node("call_module", path, args, kwargs, name=name)
     if path not in module_nodes:
@@ -888,7 +1059,7 @@ def load_split(
         )
     net = split(
         model,
-        plan.layers,
+        plan.layer_spec(),
         tasks=plan.tasks,
         init=plan.init,
         leaf_modules=plan.leaf_modules,

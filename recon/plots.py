@@ -606,11 +606,14 @@ def network_figure(
     branches: dict[str, list[str]],
     modules: dict[str, Any],
     max_layers: int = 120,
+    *,
+    groups: Mapping[str, Sequence[Sequence[str]]] | None = None,
 ):
     """A split network at a glance: layers (rows, in model order) x tasks (columns).
 
     One grey bar across the tasks that share a layer, one orange cell per task for a branched layer, a blue
-    cell for a layer only one task uses.
+    cell for a layer only one task uses. A layer branched into task groups (``groups``, as in
+    ``net.meta["recon"]["groups"]``) shows each group's cells in its own shade, labelled with the copy's name.
     """
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch, Rectangle
@@ -625,7 +628,14 @@ def network_figure(
         used = sorted(column[t] for t in usage[name] if t in column)
         if not used:
             continue
-        if name in branches:
+        parts = (groups or {}).get(name)
+        if name in branches and parts and any(len(g) > 1 for g in parts):
+            for g, group in enumerate(parts):
+                shade = _GROUP_SHADES[g % len(_GROUP_SHADES)]
+                for t in group:
+                    ax.add_patch(Rectangle((column[t] + 0.06, row + 0.1), 0.88, 0.8, color=shade))
+                    ax.text(column[t] + 0.5, row + 0.55, group[0], ha="center", va="center", fontsize=5)
+        elif name in branches:
             for t in branches[name]:
                 ax.add_patch(Rectangle((column[t] + 0.06, row + 0.1), 0.88, 0.8, color=colours["branched"]))
         elif len(used) > 1:
@@ -646,9 +656,48 @@ def network_figure(
     handles = [
         Patch(color=colours["shared"], label="shared (one copy)"),
         Patch(color=colours["branched"], label="branched (one copy per task)"),
+        *(
+            [Patch(color=_GROUP_SHADES[1], label="branched into task groups (one copy per shade, named in it)")]
+            if groups and any(len(g) > 1 for parts in groups.values() for g in parts)
+            else []
+        ),
         Patch(color=colours["task"], label="used by one task"),
     ]
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=1, fontsize=7, frameon=False)
     ax.set_title("layers with parameters, in model order", fontsize=9, pad=18)
     fig.tight_layout()
+    return fig
+
+
+_GROUP_SHADES = ("#E69F00", "#B5651D", "#F0C05A", "#8C4A0B", "#D55E00")
+
+
+def budget_curve_figure(
+    curve: pd.DataFrame | Mapping[str, pd.DataFrame],
+    *,
+    chosen: tuple[float, float] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Score removed against parameters added: the best split at each parameter cost (the Pareto front of
+    :func:`recon._plan.budget_curve`), as a step curve; several curves (``{label: frame}``, e.g. per-task
+    copies against task groups) share the axes. ``chosen`` marks a plan as (params added in %, score removed).
+    Where the curve flattens, more capacity stops removing conflict."""
+    curves = dict(curve) if isinstance(curve, Mapping) else {"": curve}
+    if not curves or all(len(c) == 0 for c in curves.values()):
+        return _empty("no shared layer to branch", title or "budget curve")
+    fig = _figure(6.0, 3.6)
+    ax = fig.add_subplot()
+    for i, (label, frame) in enumerate(curves.items()):
+        x = 100 * np.asarray(frame["params_fraction"], dtype=float)
+        y = np.asarray(frame["score_removed"], dtype=float)
+        ax.step(x, y, where="post", label=label or None, **_style(i))
+        ax.plot(x, y, "o", markersize=3, color=_style(i)["color"])
+    if chosen is not None:
+        ax.plot([chosen[0]], [chosen[1]], "*", markersize=12, color="black", label="chosen plan")
+    ax.set_xlabel("parameters added (% of the model)")
+    ax.set_ylabel("S-conflict score removed")
+    ax.grid(alpha=0.3)
+    if len(curves) > 1 or chosen is not None:
+        ax.legend(fontsize=8, frameon=False)
+    ax.set_title(title or "what a split removes for what it costs", fontsize=10)
     return fig

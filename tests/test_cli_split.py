@@ -133,3 +133,37 @@ def test_bad_input_exits_2_with_one_line(run, args: list[str], message: str, lis
     assert len(res.output.strip().splitlines()) == 1
     if lists_layers:
         assert "mid" in res.output and "trunk" in res.output  # the valid names are listed
+
+
+def test_split_within_budgets_prints_groups_scores_and_totals(run) -> None:
+    res = run("--budget-params", "0.6", "--budget-flops", "1.5", "--groups", "auto")
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "score removed" in text and "params added" in text and "budget +60.0%" in text and "budget 1.50x" in text
+    plan = json.loads((run.folder / "split" / "plan.json").read_text())
+    assert plan["budget_params"] == 0.6 and plan["budget_flops"] == 1.5
+    assert set(plan["groups"]) == set(plan["layers"]) and plan["layers"]
+    assert plan["params_after"] - plan["params_before"] <= 0.6 * plan["params_before"]
+    assert plan["flops_after"] <= 1.5 * plan["flops_before"]
+    assert sum(plan["params_added"].values()) == plan["params_after"] - plan["params_before"]
+    rep = recon.report(run.folder)  # the report draws the budget curve, with this plan marked on it
+    assert "budget_curve.png" in rep.figures and (run.folder / "report" / "budget_curve.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--budget-params", "-0.1"], "out of range"),
+        (["--budget-params", "lots"], "--budget-params must be a number"),
+        (["--budget-flops", "0.5"], "out of range"),
+        (["--budget-params", "0"], "no layer fits within --budget-params 0"),
+        (["--budget-params", "0.1", "--top-k", "1"], "--top-k is the paper's unbudgeted rule"),
+        (["--budget-params", "0.1", "--groups", "some"], "groups='some'"),
+        (["--budget-params", "0.1", "--layers", "mid"], "either --layers or"),
+    ],
+)
+def test_bad_budgets_exit_2_with_one_line(run, args: list[str], message: str) -> None:
+    res = run(*args)
+    assert res.exit_code == 2, res.output
+    assert message in " ".join(res.output.split())
+    assert len(res.output.strip().splitlines()) == 1

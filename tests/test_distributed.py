@@ -311,13 +311,24 @@ def _average_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         g = torch.Generator().manual_seed(rank)
-        big = torch.randn(3, (_distributed._BUCKET_BYTES // 4) // 3 + 5, generator=g)  # over a bucket: in place
+        big = torch.randn(3, (_distributed._IN_PLACE_BYTES // 4) // 3 + 5, generator=g)  # J-sized: in place
         small = [torch.randn(7, generator=g), torch.randn(2, 3, generator=g).t(), torch.randn(4, generator=g).double()]
-        ptr = big.data_ptr()
         tensors = [big, *small]
         originals = [t.clone() for t in tensors]
-        _distributed.average_(tensors, weight=0.5 + rank)
-        assert big.data_ptr() == ptr
+        calls, all_reduce = [], dist.all_reduce
+
+        def spy(t, *args, **kwargs):
+            calls.append((t.data_ptr(), t.numel(), t.dtype))
+            return all_reduce(t, *args, **kwargs)
+
+        dist.all_reduce = spy
+        try:
+            _distributed.average_(tensors, weight=0.5 + rank)
+        finally:
+            dist.all_reduce = all_reduce
+        # J itself is reduced (no K x P copy); the small ones in one bucket per dtype
+        assert calls[0] == (big.data_ptr(), big.numel(), big.dtype)
+        assert sorted((n, str(d)) for _, n, d in calls[1:]) == [(4, "torch.float64"), (13, "torch.float32")]
         everyone = [None] * world
         dist.all_gather_object(everyone, originals)
         if rank == 0:

@@ -153,10 +153,12 @@ def test_a_non_finite_loss_stops_before_any_update_and_names_task_and_step():
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before, strict=True))
 
 
-class SkippingPrecision(FullPrecision):
-    """A precision hook that records its calls and reports overflowing gradients (the step is skipped)."""
+class ScalingPrecision(FullPrecision):
+    """A precision hook that records its calls, scales the losses by 4 and reports ``ok`` from ``unscale``
+    (False: overflowing gradients, the step is skipped)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ok: bool) -> None:
+        self.ok = ok
         self.calls: list[str] = []
 
     def autocast(self):
@@ -167,27 +169,32 @@ class SkippingPrecision(FullPrecision):
         self.calls.append("scale")
         return [v * 4.0 for v in values]
 
-    def unscale(self, grads):
+    def unscale(self, grads, *, update=True):
         self.calls.append("unscale")
         grads.J.div_(4.0)
-        return False
+        return self.ok
 
     def step(self, optimizer):
         self.calls.append("step")
         optimizer.step()
 
 
-def test_the_precision_hook_wraps_forward_scales_the_task_gradients_and_can_skip_the_step():
+@pytest.mark.parametrize("ok", [True, False])
+def test_the_precision_hook_wraps_forward_scales_the_task_gradients_and_can_skip_the_step(ok):
     torch.manual_seed(2)
     net = Net()
-    before = [p.detach().clone() for p in net.parameters()]
+    reference = copy.deepcopy(net)
     batch = batches(1)[0]
     spy = Spy()
-    precision = SkippingPrecision()
+    precision = ScalingPrecision(ok)
     engine_for(net, observers=[spy], precision=precision).run_step(batch)
-    assert precision.calls == ["autocast", "scale", "unscale"]  # no optimizer step after an overflow
-    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before, strict=True))
-    grads = autograd_task_grads(net, batch)  # unscaled: the observer saw the true task gradients
+    moved = not all(torch.equal(p, q) for p, q in zip(net.parameters(), reference.parameters(), strict=True))
+    if not ok:  # overflow: the step is skipped whole, no optimizer step and nothing observed
+        assert precision.calls == ["autocast", "scale", "unscale"]
+        assert not moved and spy.J == []
+        return
+    assert precision.calls == ["autocast", "scale", "unscale", "step"] and moved
+    grads = autograd_task_grads(reference, batch)  # unscaled: the observer saw the true task gradients
     expected = torch.stack([torch.cat([g[i].reshape(-1) for i in (0, 1)]) for g in grads.values()])
     torch.testing.assert_close(spy.J[0], expected)
 
@@ -195,7 +202,7 @@ def test_the_precision_hook_wraps_forward_scales_the_task_gradients_and_can_skip
 def test_an_uneven_shard_weights_the_losses_not_the_averages(monkeypatch):
     """The one weighting scheme: a shard's losses are multiplied by its share n_r W / N before any backward."""
     batch = batches(1, size=6)[0]
-    monkeypatch.setattr(_distributed, "shard", lambda inputs, targets: (inputs, targets, 0.5))
+    monkeypatch.setattr(_distributed, "shard", lambda inputs, targets, *rest: (inputs, targets, 0.5))
     torch.manual_seed(3)
     net = Net()
     reference = copy.deepcopy(net)

@@ -341,14 +341,16 @@ def test_the_end_of_a_profile_reads_no_cosine_back_and_another_S_reads_it_once(t
 def test_a_process_other_than_rank_0_writes_nothing_and_keeps_the_same_scores(monkeypatch):
     from recon import _distributed
 
-    main = recon.profile(BranchyNet(), batches(3), LOSSES, steps=3, chunk=2)
+    torch.manual_seed(0)
+    model = BranchyNet()
+    main = recon.profile(copy.deepcopy(model), batches(3), LOSSES, steps=3, chunk=2)
     monkeypatch.setattr(_distributed, "is_main", lambda: False)
 
     def no_temporary_folder(*args, **kwargs):
         raise AssertionError("a non-zero rank made a temporary folder")
 
     monkeypatch.setattr("tempfile.TemporaryDirectory", no_temporary_folder)
-    other = recon.profile(BranchyNet(), batches(3), LOSSES, steps=3, chunk=2)
+    other = recon.profile(model, batches(3), LOSSES, steps=3, chunk=2)
     assert other.folder is None and other.steps == 3
     assert other.scores().drop(columns="mean_cos").equals(main.scores().drop(columns="mean_cos"))
     np.testing.assert_allclose(other.scores()["mean_cos"], main.scores()["mean_cos"], rtol=1e-12)

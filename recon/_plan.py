@@ -1,0 +1,548 @@
+"""Cost-aware surgery: choose the layers to branch (and their task groups) within parameter and FLOP budgets.
+
+What a branch removes: splitting layer ``k`` into task groups separates every pair of tasks that land in
+different groups; the S-conflict score it removes is the number of recorded steps with ``cos_ij^(k) < S``
+summed over those pairs (Definition 3 of Shi et al., ICLR 2023, restricted to the separated pairs): the
+layer's whole score for a per-task split, nothing for one group.
+
+What it costs:
+
+* parameters: a layer branched into ``g`` groups adds ``(g - 1)`` times its own parameters (exactly);
+* forward FLOPs: not additive, since every node downstream of a branched layer runs once per class of tasks
+  that took the same copies upstream. :class:`FlopModel` counts each node of the traced graph once with
+  ``torch.utils.flop_counter.FlopCounterMode`` on example inputs, then the FLOPs of any plan are the sum over
+  nodes of (its FLOPs) x (number of task classes it runs for in the split graph): the count
+  ``FlopCounterMode`` gives on the split model itself (the tests check that).
+
+See :func:`plan_split` for the search and what it guarantees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import pandas as pd
+import torch
+import torch.fx as fx
+from torch import nn
+
+from recon._errors import ReconError
+from recon._graph import _layer_tasks, layer_names, node_layers, node_tasks, output_tasks, to_digraph, trace
+from recon._split import SplitPlan
+
+__all__ = ["FlopModel", "LayerOption", "budget_curve", "candidate_options", "plan_split", "removed_score"]
+
+GROUPS = ("none", "auto")
+EXACT_PARTITIONS = 6  # up to this many tasks, every partition of a layer's tasks is a candidate (Bell(6) = 203)
+EXACT_COMBINATIONS = 20_000  # with a FLOP budget, plans are enumerated exhaustively up to this many
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOption:
+    """One way to branch one layer: its task groups, the score it removes, the parameters it adds."""
+
+    layer: str
+    groups: tuple[tuple[str, ...], ...]
+    score: int
+    params: int
+
+
+# ------------------------------------------------------------------------------------------ what it removes
+def removed_score(counts: np.ndarray | pd.DataFrame, groups: Sequence[Sequence[str]], tasks: Sequence[str]) -> int:
+    """The S-conflict count of the task pairs that ``groups`` separates (``counts``: K x K pair counts)."""
+    c = np.asarray(counts)
+    label = {t: g for g, group in enumerate(groups) for t in group}
+    idx = [i for i, t in enumerate(tasks) if t in label]
+    return int(sum(c[i, j] for a, i in enumerate(idx) for j in idx[a + 1 :] if label[tasks[i]] != label[tasks[j]]))
+
+
+def _partitions(items: list[str]) -> Iterator[list[list[str]]]:
+    """Every set partition of ``items`` (first item's group first; order inside groups kept)."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _partitions(rest):
+        yield [[first], *part]
+        for i in range(len(part)):
+            yield [*part[:i], [first, *part[i]], *part[i + 1 :]]
+
+
+def _agglomerate(users: list[str], counts: np.ndarray, tasks: Sequence[str]) -> list[list[list[str]]]:
+    """One partition per number of groups: from singletons, repeatedly merge the two groups whose pairs hold
+    the fewest conflicts (the merge that gives up the least removed score; average-free, count linkage)."""
+    pos = {t: i for i, t in enumerate(tasks)}
+    groups = [[t] for t in users]
+    out = [[list(g) for g in groups]]
+    while len(groups) > 1:
+        best = min(
+            itertools.combinations(range(len(groups)), 2),
+            key=lambda ab: sum(counts[pos[x], pos[y]] for x in groups[ab[0]] for y in groups[ab[1]]),
+        )
+        a, b = best
+        groups = [g for i, g in enumerate(groups) if i not in (a, b)] + [groups[a] + groups[b]]
+        out.append([list(g) for g in groups])
+    return out
+
+
+def candidate_options(
+    layer: str, users: list[str], counts: np.ndarray, tasks: Sequence[str], own_params: int, groups: str
+) -> list[LayerOption]:
+    """The ways to branch ``layer``: one per number of groups ``g >= 2``, the partition removing the most
+    score (exact over all partitions up to :data:`EXACT_PARTITIONS` tasks, agglomerative above); with
+    ``groups="none"`` only the per-task split."""
+    order = {t: i for i, t in enumerate(tasks)}
+
+    def option(part: Sequence[Sequence[str]]) -> LayerOption:
+        norm = sorted((tuple(sorted(g, key=order.get)) for g in part), key=lambda g: order[g[0]])
+        return LayerOption(layer, tuple(norm), removed_score(counts, norm, tasks), (len(norm) - 1) * own_params)
+
+    if len(users) < 2:
+        return []
+    if groups == "none":
+        return [option([[t] for t in users])]
+    parts = _partitions(users) if len(users) <= EXACT_PARTITIONS else _agglomerate(users, counts, tasks)
+    best: dict[int, LayerOption] = {}
+    for part in parts:
+        if len(part) < 2:
+            continue
+        o = option(part)
+        if len(part) not in best or o.score > best[len(part)].score:
+            best[len(part)] = o
+    # a partition with more groups that removes no more than one with fewer costs more for nothing
+    kept, top = [], -1
+    for g in sorted(best):
+        if best[g].score > top:
+            kept.append(best[g])
+            top = best[g].score
+    return kept
+
+
+# --------------------------------------------------------------------------------------------- FLOPs
+class FlopModel:
+    """Forward FLOPs of the model split by any plan, from one count per node of the traced graph.
+
+    Node FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` while an ``fx.Interpreter`` runs
+    the graph on ``example_inputs``; a plan's FLOPs are ``sum(node FLOPs x task classes the node runs for)``.
+    """
+
+    def __init__(self, gm: fx.GraphModule, tasks: Sequence[str], candidates: Sequence[str], example_inputs: Any):
+        self.tasks = list(tasks)
+        digraph = to_digraph(gm)
+        reach = node_tasks(gm, self.tasks, digraph)
+        flops = _node_flops(gm, example_inputs)
+        wanted = frozenset(candidates)
+        self.nodes = [n for n in gm.graph.nodes if flops.get(n, 0) > 0]
+        self.flops = np.array([flops[n] for n in self.nodes], dtype=np.float64)
+        self.runs = [[i for i, t in enumerate(self.tasks) if t in reach[n]] for n in self.nodes]
+        index = {n: i for i, n in enumerate(self.nodes)}
+        self.downstream: dict[str, set[int]] = {layer: set() for layer in candidates}
+        for n in gm.graph.nodes:
+            for layer in node_layers(gm, n, wanted):
+                hit = {n} | nx.descendants(digraph, n)
+                self.downstream[layer] |= {index[m] for m in hit if m in index}
+        self.base = float(self.flops.sum())
+
+    def count(self, groups: Mapping[str, Sequence[Sequence[str]]]) -> float:
+        """Forward FLOPs of the model split with ``groups`` (``{layer: [[task, ...], ...]}``)."""
+        pos = {t: i for i, t in enumerate(self.tasks)}
+        total = 0.0
+        labels = {}
+        for layer, part in groups.items():
+            lab = np.arange(len(self.tasks))  # a task outside the layer's groups keeps a class of its own
+            for g, group in enumerate(part):
+                for t in group:
+                    lab[pos[t]] = len(self.tasks) + g
+            labels[layer] = lab
+        for i, f in enumerate(self.flops):
+            layers = [layer for layer in groups if i in self.downstream[layer]]
+            if not layers:
+                total += f
+                continue
+            keys = {tuple(labels[layer][k] for layer in layers) for k in self.runs[i]}
+            total += f * len(keys)
+        return total
+
+
+def _node_flops(gm: fx.GraphModule, example_inputs: Any) -> dict[fx.Node, float]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if isinstance(example_inputs, torch.Tensor):
+        args: list[Any] = [example_inputs]
+    elif isinstance(example_inputs, Mapping):
+        args = [example_inputs[str(p.target)] for p in placeholders if str(p.target) in example_inputs]
+    elif isinstance(example_inputs, (tuple, list)):
+        args = list(example_inputs)
+    else:
+        raise ReconError(
+            f"example_inputs must be a tensor, a tuple of the forward's arguments or a dict of them, "
+            f"got {type(example_inputs).__name__}"
+        )
+    counts: dict[fx.Node, float] = {}
+
+    class Counter(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            with FlopCounterMode(display=False) as mode:
+                out = super().run_node(n)
+            counts[n] = float(mode.get_total_flops())
+            return out
+
+    with torch.no_grad():
+        Counter(gm).run(*args)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------- search
+@dataclasses.dataclass
+class _Problem:
+    options: list[list[LayerOption]]
+    params_cap: float
+    flops: FlopModel | None
+    flops_cap: float
+
+    def cost(self, choice: Sequence[LayerOption]) -> tuple[int, float | None]:
+        params = sum(o.params for o in choice)
+        flops = self.flops.count({o.layer: o.groups for o in choice}) if self.flops is not None else None
+        return params, flops
+
+    def fits(self, choice: Sequence[LayerOption]) -> bool:
+        params, flops = self.cost(choice)
+        return params <= self.params_cap and (flops is None or flops <= self.flops_cap * (1 + 1e-12))
+
+
+def _pareto(options: list[list[LayerOption]], cap: float) -> list[tuple[int, int, tuple[LayerOption, ...]]]:
+    """Every plan on the (parameters added, score removed) Pareto front within ``cap``: an exact dynamic
+    programme for the multiple-choice knapsack (one option or none per layer), states pruned by dominance."""
+    front: list[tuple[int, int, tuple[LayerOption, ...]]] = [(0, 0, ())]
+    for opts in options:
+        grown = list(front)
+        for cost, score, choice in front:
+            grown += [(cost + o.params, score + o.score, (*choice, o)) for o in opts if cost + o.params <= cap]
+        grown.sort(key=lambda s: (s[0], -s[1]))
+        front, best = [], -1
+        for state in grown:
+            if state[1] > best:
+                front.append(state)
+                best = state[1]
+    return front
+
+
+def _exhaustive(problem: _Problem) -> tuple[LayerOption, ...]:
+    best: tuple[int, tuple[LayerOption, ...]] = (0, ())
+    for combo in itertools.product(*[[None, *opts] for opts in problem.options]):
+        choice = tuple(o for o in combo if o is not None)
+        score = sum(o.score for o in choice)
+        if score > best[0] and sum(o.params for o in choice) <= problem.params_cap and problem.fits(choice):
+            best = (score, choice)
+    return best[1]
+
+
+def _greedy(problem: _Problem) -> tuple[LayerOption, ...]:
+    """Add or upgrade one layer at a time: the feasible move with the most score removed per unit of budget
+    used (FLOPs re-counted on the graph for every move), until no move fits."""
+    chosen: dict[str, LayerOption] = {}
+    base_params, base_flops = problem.cost(())
+    while True:
+        params, flops = problem.cost(tuple(chosen.values()))
+        best, best_ratio = None, -math.inf
+        for opts in problem.options:
+            for o in opts:
+                now = chosen.get(o.layer)
+                if o.score <= (now.score if now else 0):
+                    continue
+                trial = {**chosen, o.layer: o}
+                if not problem.fits(tuple(trial.values())):
+                    continue
+                p2, f2 = problem.cost(tuple(trial.values()))
+                used = [(p2 - params) / max(problem.params_cap, 1)] if math.isfinite(problem.params_cap) else []
+                if f2 is not None and flops is not None:
+                    used.append((f2 - flops) / max(problem.flops_cap - base_flops, 1.0))
+                ratio = (o.score - (now.score if now else 0)) / max(max(used, default=0.0), 1e-12)
+                if ratio > best_ratio:
+                    best, best_ratio = o, ratio
+        if best is None:
+            return tuple(chosen.values())
+        chosen[best.layer] = best
+
+
+def _search(problem: _Problem) -> tuple[LayerOption, ...]:
+    if problem.flops is None:
+        return max(_pareto(problem.options, problem.params_cap), key=lambda s: (s[1], -s[0]))[2]
+    if math.prod(len(o) + 1 for o in problem.options) <= EXACT_COMBINATIONS:
+        return _exhaustive(problem)
+    ranked = sorted(_pareto(problem.options, problem.params_cap), key=lambda s: (-s[1], s[0]))
+    front = next((s[2] for s in ranked if problem.fits(s[2])), ())
+    greedy = _greedy(problem)
+    return max((front, greedy), key=lambda c: sum(o.score for o in c))
+
+
+# ------------------------------------------------------------------------------------------------- API
+def _check_budget(value: Any, flag: str, floor: float) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ReconError(f"{flag} must be a number, got {value!r}")
+    if value < floor:
+        what = "a fraction of the parameters, e.g. 0.1 for +10%" if floor == 0 else "a ratio >= 1, e.g. 1.3"
+        raise ReconError(f"{flag} = {value} is out of range; give {what}")
+    return float(value)
+
+
+def _layer_options(
+    profile: Any, model: nn.Module, groups: str, S: float, leaf_modules: Sequence[Any]
+) -> tuple[fx.GraphModule, list[list[LayerOption]]]:
+    """The traced model and, per profiled shared layer, its candidate options (best partition per group count)."""
+    gm = trace(model, leaf_modules=leaf_modules)
+    tasks = list(output_tasks(gm, profile.tasks))
+    usage = _layer_tasks(gm, tasks, layer_names(model))
+    options = []
+    for layer in profile.layers:
+        if not layer or len(usage.get(layer, ())) < 2:
+            continue
+        users = [t for t in tasks if t in usage[layer]]
+        counts = profile.conflict_matrix(layer, S, counts=True).loc[tasks, tasks].to_numpy()
+        own = sum(p.numel() for p in model.get_submodule(layer).parameters(recurse=False))
+        options.append(candidate_options(layer, users, counts, tasks, own, groups))
+    return gm, [o for o in options if o]
+
+
+def plan_split(
+    profile: Any,
+    model: nn.Module,
+    *,
+    top_k: int | None = None,
+    budget_params: float | None = None,
+    budget_flops: float | None = None,
+    groups: str = "none",
+    example_inputs: Any = None,
+    S: float | None = None,
+    leaf_modules: Sequence[Any] | None = None,
+    init: str = "reinit",
+) -> SplitPlan:
+    """The layers to branch (and, with ``groups="auto"``, each layer's task groups) that remove the most
+    S-conflict score within the budgets, as a :class:`~recon.SplitPlan` for :func:`recon.load_split`.
+
+    * ``top_k``: the paper's rule, the k layers with the highest scores, one copy per task (no budget).
+    * ``budget_params=F``: at most ``F`` x the model's parameters added (0.1 = +10%), exactly.
+    * ``budget_flops=R``: at most ``R`` x the model's forward FLOPs on ``example_inputs`` (needed then), as
+      counted by :class:`FlopModel` (``torch.utils.flop_counter`` on the traced graph).
+    * ``groups="none"``: per-task copies; ``"auto"``: per layer, for each number of groups, the partition of its
+      tasks that removes the most score: exact (every partition) up to 6 tasks, agglomerative above (merge
+      the two groups whose pairs conflict least, repeatedly), so above 6 tasks a layer's options are a
+      heuristic.
+
+    What the search guarantees, given the layers' options: with a parameter budget only, the optimum (an
+    exact multiple-choice knapsack by a Pareto dynamic programme). With a FLOP budget, the optimum when there
+    are at most 20,000 combinations of options (exhaustive enumeration, each plan's FLOPs counted); beyond
+    that the better of (a) the highest-scoring plan of the parameter Pareto front whose counted FLOPs fit and
+    (b) a greedy that adds the move with the most score per budget used, re-counting FLOPs each time: no
+    optimality bound is claimed there. A budget that no branch fits is a :class:`~recon.ReconError`.
+    """
+    if groups not in GROUPS:
+        raise ReconError(f"groups={groups!r} is not one of {list(GROUPS)}")
+    budget_params = _check_budget(budget_params, "budget_params (--budget-params)", 0.0)
+    budget_flops = _check_budget(budget_flops, "budget_flops (--budget-flops)", 1.0)
+    S = profile.S if S is None else S
+    budgeted = budget_params is not None or budget_flops is not None
+    if top_k is not None and (budgeted or groups != "none"):
+        raise ReconError("top_k (--top-k) is the paper's unbudgeted rule; give it alone, or give budgets instead")
+    if top_k is not None:
+        return _top_k_plan(profile, top_k, S, init)
+    if not budgeted:
+        raise ReconError("say how to choose: top_k=K, or budget_params=F and/or budget_flops=R")
+    if budget_flops is not None and example_inputs is None:
+        raise ReconError("budget_flops needs example_inputs (the recipe's first batch) to count FLOPs on")
+    leaves = list(leaf_modules if leaf_modules is not None else profile.meta.get("leaf_modules", []))
+    work = _frozen_copy(model)
+    gm, options = _layer_options(profile, work, groups, S, leaves)
+    base = sum(p.numel() for p in model.parameters())
+    flop_model = None
+    if budget_flops is not None:
+        flop_model = FlopModel(gm, profile.tasks, [o[0].layer for o in options], example_inputs)
+    cap = math.inf if budget_params is None else budget_params * base
+    problem = _Problem(options, cap, flop_model, budget_flops * flop_model.base if flop_model else math.inf)
+    choice = sorted(_search(problem), key=lambda o: -o.score)
+    if not choice:
+        raise ReconError(_nothing_fits(options, base, budget_params, budget_flops))
+    params, flops = problem.cost(choice)
+    scores = {str(k): int(v) for k, v in profile.scores(S)["score"].items()}
+    extra = {"removed": {o.layer: o.score for o in choice}, "params_added": {o.layer: o.params for o in choice}}
+    extra.update(params_before=base, params_after=base + params, groups_mode=groups)
+    if flop_model is not None:
+        extra.update(flops_before=flop_model.base, flops_after=flops)
+    return SplitPlan(
+        tasks=list(profile.tasks),
+        layers=[o.layer for o in choice],
+        init=init,
+        S=S,
+        scores=scores,
+        groups={o.layer: [list(g) for g in o.groups] for o in choice},
+        budget_params=budget_params,
+        budget_flops=budget_flops,
+        leaf_modules=leaves,
+        model_class=type(model).__name__,
+        extra=extra,
+    )
+
+
+def _top_k_plan(profile: Any, top_k: int, S: float, init: str) -> SplitPlan:
+    """The paper's rule: the k highest-scoring shared layers, one copy per task (the root's own excluded)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ReconError(f"top_k = {top_k!r} must be a non-negative integer")
+    ranked = [layer for layer in profile.scores(S).index if layer]
+    if top_k > len(ranked):
+        raise ReconError(f"top-k {top_k} exceeds the {len(ranked)} shared layers; choose k <= {len(ranked)}")
+    scores = {str(k): int(v) for k, v in profile.scores(S)["score"].items()}
+    return SplitPlan(tasks=list(profile.tasks), layers=ranked[:top_k], init=init, S=S, top_k=top_k, scores=scores)
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy in eval mode, so that counting FLOPs moves no BatchNorm statistics of the user's model."""
+    import copy
+
+    if not isinstance(model, nn.Module):
+        raise ReconError(f"plan_split needs the model (an nn.Module), got {type(model).__name__}")
+    return copy.deepcopy(model).eval()
+
+
+def _nothing_fits(options: list[list[LayerOption]], base: int, budget_params: float | None, budget_flops: Any) -> str:
+    if not options:
+        return "the profile has no shared layer that can be branched"
+    cheapest = min((o for opts in options for o in opts), key=lambda o: o.params)
+    parts = []
+    if budget_params is not None:
+        parts.append(f"--budget-params {budget_params:g}")
+    if budget_flops is not None:
+        parts.append(f"--budget-flops {budget_flops:g}")
+    return (
+        f"no layer fits within {' and '.join(parts)}: the cheapest branch ({cheapest.layer}) adds "
+        f"{cheapest.params:,} parameters ({cheapest.params / max(base, 1):+.1%}); raise the budget"
+    )
+
+
+def budget_curve(
+    profile: Any,
+    model: nn.Module,
+    *,
+    groups: str = "none",
+    S: float | None = None,
+    leaf_modules: Sequence[Any] | None = None,
+) -> pd.DataFrame:
+    """The most score a split removes for each parameter cost: the exact Pareto front (parameters added,
+    score removed) over all plans, one row per point, with the plan's layers. Plot it with
+    :func:`recon.plots.budget_curve_figure` to see where more capacity stops paying."""
+    if groups not in GROUPS:
+        raise ReconError(f"groups={groups!r} is not one of {list(GROUPS)}")
+    S = profile.S if S is None else S
+    leaves = list(leaf_modules if leaf_modules is not None else profile.meta.get("leaf_modules", []))
+    _, options = _layer_options(profile, _frozen_copy(model), groups, S, leaves)
+    base = sum(p.numel() for p in model.parameters())
+    rows = [
+        {
+            "params_added": cost,
+            "params_fraction": cost / max(base, 1),
+            "score_removed": score,
+            "layers": ",".join(o.layer for o in choice),
+        }
+        for cost, score, choice in _pareto(options, math.inf)
+    ]
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------- choosing, for a run folder
+@dataclasses.dataclass
+class Choice:
+    """What ``recon split`` branches and how it was chosen: ``layers`` is what :func:`recon.split` takes (a
+    list, or ``{layer: groups}``); ``plan`` the budgeted :class:`~recon.SplitPlan` when budgets chose it."""
+
+    layers: list[str] | dict[str, Any]
+    source: str
+    S: float | None = None
+    scores: dict[str, int] | None = None
+    leaf_modules: list[str] = dataclasses.field(default_factory=list)
+    plan: SplitPlan | None = None
+
+
+def parse_budget(text: str | None, flag: str) -> float | None:
+    """A budget given on the command line, as a number (one-line error otherwise)."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ReconError(f"{flag} must be a number, got {text!r}") from None
+
+
+def choose_layers(
+    profile_dir: Any,
+    *,
+    top_k: int | None = None,
+    S: float | None = None,
+    layers: str | None = None,
+    scores: Any = None,
+    budget_params: float | None = None,
+    budget_flops: float | None = None,
+    groups: str = "none",
+    model: nn.Module | None = None,
+    example_inputs: Any = None,
+) -> Choice:
+    """The layers to branch from the flags of ``recon split``: ``layers`` (comma-separated names), ``scores``
+    (an official scores.json) with ``top_k``, the stored profile's ``top_k``, or budgets (:func:`plan_split`
+    on the profile, which needs ``model`` and, for a FLOP budget, ``example_inputs``)."""
+    from recon._profile import ConflictProfile, read_scores_json
+
+    budgeted = budget_params is not None or budget_flops is not None or groups != "none"
+    if layers is not None:
+        if top_k is not None or scores is not None or budgeted:
+            raise ReconError("pass either --layers or --top-k/--scores/--budget-*, not both")
+        if S is not None:
+            raise ReconError("--S rescores the stored profile for --top-k; it has no effect with --layers")
+        names = [n for n in (s.strip() for s in layers.split(",")) if n]
+        if not names:
+            raise ReconError("--layers is empty; give comma-separated layer names, e.g. --layers layer4.1.conv2")
+        return Choice(names, "layers")
+    if top_k is None and not budgeted:
+        raise ReconError(
+            "say which layers to branch: --top-k K (the K layers with the highest S-conflict scores of the "
+            "stored profile), --budget-params F / --budget-flops R, --scores scores.json --top-k K, or --layers a,b"
+        )
+    if scores is not None:
+        if S is not None:
+            raise ReconError("--S rescores the stored profile; a scores.json file holds fixed scores, drop --S")
+        if budgeted:
+            raise ReconError("budgets need the stored profile's cosines; drop --scores")
+        ranked = read_scores_json(scores)
+        return Choice(_top(list(ranked), top_k, f"{scores}"), str(scores), scores=dict(ranked))
+    prof = ConflictProfile.load(profile_dir)
+    frame = prof.scores(S)
+    ranked = {str(layer): int(score) for layer, score in frame["score"].items()}
+    how = Choice([], str(profile_dir), prof.S if S is None else S, ranked, list(prof.meta.get("leaf_modules", [])))
+    if not budgeted:
+        how.layers = _top(list(ranked), top_k, f"the profile in {profile_dir}")
+        return how
+    if top_k is not None:
+        raise ReconError("--top-k is the paper's unbudgeted rule; give it alone, or give --budget-* instead")
+    how.plan = plan_split(
+        prof, model, budget_params=budget_params, budget_flops=budget_flops, groups=groups,
+        example_inputs=example_inputs, S=how.S, leaf_modules=how.leaf_modules,
+    )  # fmt: skip
+    how.layers = how.plan.layer_spec()
+    return how
+
+
+def _top(ranked: list[str], k: int | None, where: str) -> list[str]:
+    # the root module's own parameters ("") cannot be branched: they have no path of their own
+    candidates = [name for name in ranked if name]
+    if k is None or k > len(candidates):
+        raise ReconError(
+            f"--top-k {k} exceeds the {len(candidates)} shared layers in {where}; choose K <= {len(candidates)} "
+            f"(shared layers: {', '.join(candidates)})"
+        )
+    return candidates[:k]
