@@ -151,15 +151,17 @@ def _comm_device() -> torch.device:
 
 
 _BUCKET_BYTES = 25 << 20  # DDP's default bucket (bucket_cap_mb=25)
-_IN_PLACE_BYTES = 1 << 20  # from this size a tensor is reduced where it lies: a copy would cost more than a call
+_IN_PLACE_BYTES = _BUCKET_BYTES  # from a bucket's size a tensor is reduced where it lies (no copy of it)
 
 
 def average_(tensors: Sequence[torch.Tensor], weight: float = 1.0) -> None:
     """In place: ``t <- mean over processes of (weight * t)``.
 
-    A contiguous tensor of 1 MiB or more (J, the ``(K, P)`` task gradients) is all-reduced in place, with no
-    concatenated copy; smaller ones are packed into flat buckets of up to 25 MiB per dtype and device (one
-    all-reduce per bucket, as DDP does), then copied back.
+    A contiguous tensor of a bucket's size (25 MiB) or more (J, the ``(K, P)`` task gradients, on real models)
+    is all-reduced in place, with no concatenated copy; smaller ones are packed into flat buckets of up to
+    25 MiB per dtype and device (one all-reduce per bucket, as DDP does), then copied back. Below a bucket a
+    small J goes into the bucket too: one call is faster than two there (1.8x on gloo at J = 1.3 MiB, measured
+    with ``benchmarks/distributed.py``), and the copy is at most a bucket.
     """
     if not active() or not tensors:
         return

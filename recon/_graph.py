@@ -155,6 +155,7 @@ def _trace_error(model: nn.Module, tracer: _Tracer, exc: BaseException) -> Trace
             "move the data-dependent code into a submodule and pass it as leaf_modules= (CLI: --leaf NAME), "
             "or fix the input that drives it with concrete_args="
         )
+    fix += "; or pass example_inputs= (a batch) so that recon captures the model with torch.export"
     error = TraceError(
         f"cannot trace {type(model).__name__} with torch.fx: {what}{loc}: {type(exc).__name__}: {first_line}; {fix}"
     )

@@ -1056,17 +1056,22 @@ def load_split(
         raise ReconError(
             "this split plan was captured with torch.export; pass example_inputs= (a batch of inputs, as a tuple)"
         )
-    net = split(
-        model,
-        plan.layer_spec(),
-        tasks=plan.tasks,
-        init=plan.init,
-        leaf_modules=plan.leaf_modules,
-        concrete_args=concrete_args if concrete_args is not None else plan.concrete_args,
-        example_inputs=example_inputs,
-        capture="export" if how == "export" else "fx",
-    )
     recorded = plan.extra.get("branches")
+    try:
+        net = split(
+            model,
+            plan.layer_spec(),
+            tasks=plan.tasks,
+            init=plan.init,
+            leaf_modules=plan.leaf_modules,
+            concrete_args=concrete_args if concrete_args is not None else plan.concrete_args,
+            example_inputs=example_inputs,
+            capture="export" if how == "export" else "fx",
+        )
+    except ReconError as exc:  # without a batch, every task seems to reach the layers inside a leaf
+        if example_inputs is None and plan.leaf_modules and recorded:
+            raise ReconError(f"{exc}; this plan branches inside leaf modules: pass example_inputs= (a batch)") from None
+        raise
     if recorded and recorded != net.meta[META_KEY]["branches"]:  # leaves: routing inside them needs the batch
         raise ReconError(
             f"the rebuilt model branches {net.meta[META_KEY]['branches']} but the plan recorded {recorded}; "

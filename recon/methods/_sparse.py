@@ -138,13 +138,6 @@ class SparseTraining:
             return self
         return self.attach(target, optimizer)
 
-    def mask_gradients(self) -> None:
-        """Zero the frozen entries of the parameters' current ``.grad`` (for gradients set by hand)."""
-        with torch.no_grad():
-            for p, mask in self.masks.items():
-                if p.grad is not None:
-                    p.grad.mul_(mask.to(p.grad.device))
-
     def restore(self) -> None:
         """Write the frozen entries back to their values at :meth:`attach` time."""
         with torch.no_grad():
@@ -184,12 +177,6 @@ class SparseTraining:
             self.masks[p] = m
             self._frozen[p] = v.to(p.device, p.dtype)
             self._hooks[p].mask = m
-
-    @property
-    def trainable_fraction(self) -> float:
-        """Fraction of the masked parameters' entries that stay trainable."""
-        total = sum(m.numel() for m in self.masks.values())
-        return sum(int(m.sum()) for m in self.masks.values()) / total if total else 1.0
 
 
 class _MaskHook:
