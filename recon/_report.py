@@ -184,14 +184,15 @@ def _scores_table(profile: ConflictProfile, S: float, branched: list[str]) -> pd
 
 
 def _plan_table(plan: Mapping[str, Any], profile: ConflictProfile | None, S: float, tasks: list[str]) -> pd.DataFrame:
-    """The branched layers in plan order, with their score and the parameters the per-task copies add."""
+    """The branched layers in plan order, with their score and the parameters the copies (per task or group) add."""
     layers = list(plan.get("layers", []))
     scores = profile.scores(S) if profile is not None else None
     info = profile.layer_info if profile is not None else {}
     rows = []
     for i, name in enumerate(layers, 1):
         known = scores is not None and name in scores.index
-        copies = len(info.get(name, {}).get("tasks", tasks)) or len(tasks)
+        groups = (plan.get("groups") or {}).get(name)  # a task-group plan: one copy per group
+        copies = len(groups) if groups else len(info.get(name, {}).get("tasks", tasks)) or len(tasks)
         params = int(scores.loc[name, "params"]) if known else None
         rows.append(
             {

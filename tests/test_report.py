@@ -122,6 +122,16 @@ def test_branched_table_in_plan_order(tmp_path):
     assert "top_k = `2`" in rep.plan_summary
 
 
+def test_branched_table_counts_one_copy_per_task_group(tmp_path):
+    run = build_run(tmp_path)
+    plan = json.loads((run / "split" / "plan.json").read_text())
+    plan["groups"] = {"enc.1": [["seg", "depth"]], "enc.0": [["seg"], ["depth"]]}  # enc.1: one group, no copy
+    write_json(run / "split" / "plan.json", plan)
+    table = recon.report(run, write=False).branched
+    assert table["copies"].tolist() == [1, 2]
+    assert table["added params"].tolist() == [0, 100]
+
+
 def test_variants_table_delta_m_against_hand_computation(tmp_path):
     rep = recon.report(build_run(tmp_path), write=False)
     v = rep.variants
