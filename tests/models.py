@@ -446,3 +446,22 @@ def task_losses(output: Any, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
     """A simple loss per task (mean square of its output), for dict or tuple outputs."""
     values = output if isinstance(output, dict) else dict(zip(tasks, output, strict=True))
     return {t: values[t].pow(2).mean() + values[t].mean() for t in tasks}
+
+
+def assert_gradients_match(model: nn.Module, net: nn.Module, branched, *, tol: float) -> None:
+    """After one backward through each: each original parameter's gradient is the sum over its copies' in ``net``."""
+    from recon._split import TaskBranches
+
+    for pname, p in model.named_parameters():
+        owner, _, attr = pname.rpartition(".")
+        if owner in branched:
+            container = net.get_submodule(owner)
+            assert isinstance(container, TaskBranches)
+            grads = [getattr(container._modules[c], attr).grad for c in container.tasks]
+            grad = sum(g for g in grads if g is not None)
+        else:
+            grad = net.get_parameter(pname).grad
+        if p.grad is None:
+            assert grad is None or not torch.is_tensor(grad) or not grad.abs().max() > 0
+            continue
+        torch.testing.assert_close(grad, p.grad, atol=tol, rtol=tol, msg=f"gradient of {pname}")

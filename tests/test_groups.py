@@ -25,7 +25,7 @@ from recon._split import (
     split,
     task_parameters,
 )
-from tests.models import FAMILIES, TASKS3, task_losses
+from tests.models import FAMILIES, TASKS3, assert_gradients_match, task_losses
 
 TASKS4 = ("seg", "depth", "normal", "edge")
 FEW = settings(max_examples=4, deadline=None, derandomize=True)
@@ -98,18 +98,7 @@ def check_group_split(name: str, plan: dict[str, list[list[str]]]) -> None:
         assert sorted(container.tasks) == sorted(min(g, key=fam.tasks.index) for g in groups)
         extra += (len(groups) - 1) * own_numel(model.get_submodule(layer))
     assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in model.parameters()) + extra
-    for pname, p in model.named_parameters():
-        owner, _, attr = pname.rpartition(".")
-        if owner in plan:
-            container = net.get_submodule(owner)
-            grads = [getattr(container._modules[c], attr).grad for c in container.tasks]
-            grad = sum(g for g in grads if g is not None)
-        else:
-            grad = net.get_parameter(pname).grad
-        if p.grad is None:
-            assert grad is None or not torch.is_tensor(grad) or not grad.abs().max() > 0
-            continue
-        torch.testing.assert_close(grad, p.grad, atol=1e-6, rtol=1e-6, msg=f"gradient of {pname}")
+    assert_gradients_match(model, net, plan, tol=1e-6)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -18,7 +18,6 @@ from recon._errors import ReconError
 from recon._graph import TraceError, layer_tasks, shared_layers
 from recon._split import (
     SplitPlan,
-    TaskBranches,
     TaskStatsBatchNorm,
     load_split,
     plan_of,
@@ -27,7 +26,7 @@ from recon._split import (
     task_parameters,
     task_scope,
 )
-from tests.models import FAMILIES, TASKS, Gated, WithNoReset, task_losses
+from tests.models import FAMILIES, TASKS, Gated, WithNoReset, assert_gradients_match, task_losses
 
 NAMES = sorted(FAMILIES)
 FEW = settings(max_examples=5, deadline=None, derandomize=True)
@@ -79,20 +78,7 @@ def check_same_function(name: str, layers: list[str]) -> None:
     net.train()
     sum(task_losses(model(x), fam.tasks).values()).backward()
     sum(task_losses(net(x), fam.tasks).values()).backward()
-    branched = set(layers)
-    for pname, p in model.named_parameters():
-        owner, _, attr = pname.rpartition(".")
-        if owner in branched:
-            container = net.get_submodule(owner)
-            assert isinstance(container, TaskBranches)
-            grads = [getattr(container[t], attr).grad for t in container.tasks]
-            grad = sum(g for g in grads if g is not None)
-        else:
-            grad = net.get_parameter(pname).grad
-        if p.grad is None:
-            assert grad is None or not torch.is_tensor(grad) or not grad.abs().max() > 0
-            continue
-        torch.testing.assert_close(grad, p.grad, atol=1e-5, rtol=1e-5, msg=f"gradient of {pname}")
+    assert_gradients_match(model, net, set(layers), tol=1e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)
