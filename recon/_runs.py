@@ -120,11 +120,8 @@ class Run:
         """``out`` if given, else the latest run under ``root`` made from the same recipe, else a new run."""
         if out is not None:
             return cls.create(recipe=recipe, tasks=tasks, seed=seed, out=out)
-        root, mine = Path(root), []
-        for file in root.glob(f"*/{RUN_FILE}") if root.is_dir() else []:
-            info = json.loads(file.read_text())
-            if Path(info.get("recipe", "")) == Path(recipe).resolve():
-                mine.append((info.get("created_unix", 0.0), file.parent))
+        target = Path(recipe).resolve()
+        mine = [(key, d) for key, d, info in _runs_under(root) if Path(info.get("recipe", "")) == target]
         if mine:
             return cls.open(max(mine)[1])
         return cls.create(recipe=recipe, tasks=tasks, seed=seed, root=root)
@@ -187,19 +184,25 @@ class Run:
         return {file.parent.name: json.loads(file.read_text()) for file in files}
 
 
+def _runs_under(root: str | Path) -> list[tuple[tuple[float, str], Path, dict[str, Any]]]:
+    """Every run folder under ``root``: ((creation time, name), folder, run.json); unreadable run.json reads as {}."""
+    root = Path(root)
+    found = []
+    for file in root.glob(f"*/{RUN_FILE}") if root.is_dir() else []:
+        try:
+            info = json.loads(file.read_text())
+            created = float(info.get("created_unix", 0.0))
+        except (json.JSONDecodeError, OSError, ValueError, AttributeError):
+            info, created = {}, 0.0
+        found.append(((created, file.parent.name), file.parent, info))
+    return found
+
+
 def latest_run(root: str | Path = RUNS_ROOT) -> Path:
     """The most recently created run under ``root`` (by the creation time recorded in ``run.json``)."""
-    root = Path(root)
-    runs = [p.parent for p in root.glob(f"*/{RUN_FILE}")] if root.is_dir() else []
+    runs = _runs_under(root)
     if not runs:
         raise ReconError(
-            f"no run found in {root}/; run `recon profile MODEL_PY` first, or pass the run folder explicitly"
+            f"no run found in {Path(root)}/; run `recon profile MODEL_PY` first, or pass the run folder explicitly"
         )
-
-    def created(run_dir: Path) -> tuple[float, str]:
-        try:
-            return float(json.loads((run_dir / RUN_FILE).read_text()).get("created_unix", 0.0)), run_dir.name
-        except (json.JSONDecodeError, OSError, ValueError):
-            return 0.0, run_dir.name
-
-    return max(runs, key=created)
+    return max(runs, key=lambda run: run[0])[1]
