@@ -448,6 +448,19 @@ def task_losses(output: Any, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
     return {t: values[t].pow(2).mean() + values[t].mean() for t in tasks}
 
 
+class TwoHeads(nn.Module):
+    """The smallest multi-task net: a tanh trunk and two linear heads, tasks "a" and "b"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(5, 8)
+        self.heads = nn.ModuleDict({t: nn.Linear(8, 3) for t in ("a", "b")})
+
+    def forward(self, x):
+        z = torch.tanh(self.trunk(x))
+        return {t: h(z) for t, h in self.heads.items()}
+
+
 def assert_gradients_match(model: nn.Module, net: nn.Module, branched, *, tol: float) -> None:
     """After one backward through each: each original parameter's gradient is the sum over its copies' in ``net``."""
     from recon._split import TaskBranches

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import recon
 from tests.conftest import ROOT
+from tests.models import TwoHeads as Net
 
 L = pytest.importorskip("lightning")
 from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
@@ -24,17 +25,6 @@ from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
 from recon.lightning import ReconMixin  # noqa: E402
 
 TASKS = ("a", "b")
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Linear(5, 8)
-        self.heads = nn.ModuleDict({t: nn.Linear(8, 3) for t in TASKS})
-
-    def forward(self, x):
-        z = torch.tanh(self.trunk(x))
-        return {t: h(z) for t, h in self.heads.items()}
 
 
 class Batches(Dataset):

@@ -16,20 +16,10 @@ from recon import _distributed
 from recon._errors import NonFiniteLossError
 from recon._loop import FullPrecision, Observer, StepEngine
 from recon.methods import resolve
+from tests.models import TwoHeads as Net
 
 TASKS = ("a", "b")
 LOSSES = {t: F.cross_entropy for t in TASKS}
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = nn.Linear(5, 8)
-        self.heads = nn.ModuleDict({t: nn.Linear(8, 3) for t in TASKS})
-
-    def forward(self, x):
-        z = torch.tanh(self.trunk(x))
-        return {t: h(z) for t, h in self.heads.items()}
 
 
 def batches(n: int, seed: int = 0, size: int = 6):
