@@ -580,7 +580,10 @@ def apply_task_gradients(
     with torch.no_grad():
         if J is not None:
             n_global = classes[0].first if classes else len(shared_params)
-            if n_global:  # the parameters in no group copy: the method over all K tasks, on their columns
+            if m.kind == "representation" and classes:  # gradnorm: its task weights from all shared columns
+                weights = m(loss_values, J).to(J.dtype)
+                _write_update(weights @ J[:, : classes[0].start], shared_params[:n_global])
+            elif n_global:  # the parameters in no group copy: the method over all K tasks, on their columns
                 update, weights = solve(m, J[:, : classes[0].start] if classes else J, loss_values)
                 _write_update(update.detach(), shared_params[:n_global])
                 del update

@@ -25,7 +25,7 @@ from recon._split import (
     split,
     task_parameters,
 )
-from tests.models import FAMILIES, TASKS3, assert_gradients_match, task_losses
+from tests.models import FAMILIES, TASKS3, assert_gradients_match, task_losses, task_matrix
 
 TASKS4 = ("seg", "depth", "normal", "edge")
 FEW = settings(max_examples=4, deadline=None, derandomize=True)
@@ -167,20 +167,9 @@ def test_backward_gives_a_group_copy_its_group_s_aggregate(method: str) -> None:
     assert {id(p) for p in copy_params} <= {id(p) for p in shared}
     plain = [p for p in shared if not any(p is c for c in copy_params)]
 
-    def matrix(params, tasks):
-        rows = []
-        for t in tasks:
-            grads = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
-            rows.append(
-                torch.cat(
-                    [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params, strict=True)]
-                )
-            )
-        return torch.stack(rows)
-
     torch.manual_seed(1)
-    expected_plain = recon.methods.get(method)(matrix(plain, TASKS4))
-    expected_copy = recon.methods.get(method)(matrix(copy_params, ("seg", "depth", "edge")))
+    expected_plain = recon.methods.get(method)(task_matrix(losses, plain, TASKS4))
+    expected_copy = recon.methods.get(method)(task_matrix(losses, copy_params, ("seg", "depth", "edge")))
     torch.manual_seed(1)
     recon.backward(losses, net, method, retain_graph=True)
     for params, expected in ((plain, expected_plain), (copy_params, expected_copy)):
