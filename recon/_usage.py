@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from recon._branches import TaskBranches
 from recon._errors import ReconError
 from recon.methods._base import GramMethod, host_gram, weights_like
 
@@ -60,8 +61,6 @@ _BY_MODEL: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, ...], dict[int,
 
 def _copy_groups(net: nn.Module, tasks: Sequence[str]) -> dict[int, tuple[int, ...]]:
     """``{id(parameter): task indices}`` for the parameters of every copy serving 2+ of ``tasks``."""
-    from recon._split import TaskBranches  # late: recon._split imports the backward machinery indirectly
-
     index = {t: k for k, t in enumerate(tasks)}
     out: dict[int, tuple[int, ...]] = {}
     for module in net.modules():
