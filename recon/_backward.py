@@ -446,6 +446,9 @@ def backward(
     * Parameters used by exactly one task (heads, per-task branches of a split model) get that task's own
       gradient, untouched by the method.
     * Parameters used by no task are left alone.
+    * A copy of a layer split by a task partition, used by the tasks of group G, gets the method applied to G's
+      tasks alone (``mean``: G's mean gradient), one solve per usage class (:mod:`recon._usage`); parameters
+      in no copy keep the global solve over all K tasks. Copies are found in ``net``'s modules.
 
     The partition is found with autograd, one backward per task over all parameters
     (``torch.autograd.grad(L_k, params, allow_unused=True)``), so it works on any module, including the
@@ -499,9 +502,8 @@ def backward(
         shared_idx = [i for i, p in enumerate(params) if id(p) in ids]
     scaled = precision.scale(values) if precision is not None else values
     copies = group_copies(net, tasks, params)
-    grads = task_gradients(
-        scaled, params, shared_idx=shared_idx, retain_graph=retain_graph, batched=batched, copies=copies
-    )
+    grads = task_gradients(scaled, params, shared_idx=shared_idx, retain_graph=retain_graph, batched=batched,
+                           copies=copies)  # fmt: skip
     return reduce_and_apply(grads, params, m, loss_values, precision=precision)
 
 

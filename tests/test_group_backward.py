@@ -211,6 +211,24 @@ def test_loss_weightings_and_gradnorm_weight_a_group_s_tasks_with_their_global_w
             assert_update(params, torch.cat([gr.reshape(-1) for gr in grads]), 1e-6)
 
 
+def test_sparse_training_masks_a_group_copy_before_its_group_s_solve() -> None:
+    case = CASES["mlp-4"]
+    net, x = build(case)
+    groups = groups_of(net, case)
+    sparse = recon.methods.SparseTraining(ratio=0.5).attach(shared_parameters(net))
+    try:
+        losses = task_losses(net(x), case.tasks)
+        expected = {g: recon.methods.get("mgda")(task_matrix(losses, ps, g)) for g, ps in groups.items()}
+        recon.backward(losses, net, "mgda", retain_graph=True)
+        for g, params in groups.items():
+            assert_update(params, expected[g], 1e-9)  # the oracle's autograd passes are masked by the same hooks
+            for p in (p for p in params if p.dim() >= 2):
+                frozen = ~sparse.masks[p]
+                assert frozen.any() and not p.grad[frozen].any() and p.grad[~frozen].any()
+    finally:
+        sparse.remove()
+
+
 def test_the_training_engine_trains_group_copies_as_groups() -> None:
     """recon.train's step engine gives the same steps as recon.backward by hand (checked against oracles above)."""
     case = CASES["mlp-3"]
