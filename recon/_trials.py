@@ -280,7 +280,7 @@ class CostModel:
         self.own = {n: sum(p.numel() for p in work.get_submodule(n).parameters(recurse=False)) for n in self.layers}
         self.base_params = sum(p.numel() for p in work.parameters())
         self.flop_model = FlopModel(gm, self.tasks, self.layers, example_inputs)
-        self.base_flops = self.flop_model.base
+        self.base_flops = float(self.flop_model.base)
 
     def groups(self, spec: Spec | Sequence[str]) -> dict[str, list[list[str]]]:
         """``spec`` with every per-task layer (a list entry, or ``None``) written as its groups."""
@@ -296,7 +296,7 @@ class CostModel:
 
     def flops(self, spec: Spec | Sequence[str]) -> float:
         """Forward FLOPs of the model split with ``spec``."""
-        return self.flop_model.count(self.groups(spec))
+        return float(self.flop_model.count(self.groups(spec)))
 
 
 def random_layers(
