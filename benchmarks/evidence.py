@@ -93,17 +93,13 @@ def commit() -> str:
 
 def features() -> dict[str, Any]:
     """What the recon in use can do: the interference score, group copies trained as groups."""
+    import importlib.util
+
     import recon
 
-    group_solve = "global"
-    try:
-        from recon import _backward
-
-        if any(n for n in dir(_backward) if "group" in n.lower() and "solve" in n.lower()):
-            group_solve = "per-group"
-    except ImportError:  # pragma: no cover
-        pass
-    return {"interference": "score" in inspect.signature(recon.plan_split).parameters, "group_copies": group_solve}
+    group_solve = "per-group" if importlib.util.find_spec("recon._usage") else "global"
+    score = "score" in inspect.signature(recon.plan_split).parameters
+    return {"interference": score, "group_copies": group_solve}
 
 
 def load_json(path: Path) -> Any:
