@@ -33,8 +33,16 @@ from recon._backward import TaskGradients, apply_task_gradients, backward, task_
 from recon._errors import check_finite
 from recon._outputs import call_model, move_to, task_outputs
 from recon._recipe import batches, check_batch, compute_losses
+from recon.methods._base import LossWeighting
 
-__all__ = ["FullPrecision", "Observer", "Precision", "StepEngine"]
+__all__ = ["FullPrecision", "MeanLoss", "Observer", "Precision", "StepEngine"]
+
+
+class MeanLoss(LossWeighting):
+    """Equal loss weights ``1/K``: the cheap step of a sampled profile, one backward of the mean loss."""
+
+    def forward(self, losses: Tensor, /) -> Tensor:
+        return torch.full_like(losses.detach(), 1.0 / losses.numel())
 
 
 class Precision(Protocol):
@@ -109,6 +117,9 @@ class StepEngine:
         batched: how the K task gradients are computed (:func:`recon._backward.task_gradients`).
         observers: see :class:`Observer`.
         step: the number of steps already done (a resumed run's).
+        every: sampled task gradients (issue "forty tasks"): the K task gradients, and the observers that read
+            them, only on steps ``step % every == 0``; a gradient method's other steps run one backward of the
+            mean loss (:class:`MeanLoss`), the other methods' their own backward without the observers' K passes.
     """
 
     def __init__(
@@ -126,6 +137,7 @@ class StepEngine:
         observers: Iterable[Observer] = (),
         step: int = 0,
         batched: Any = "auto",
+        every: int = 1,
     ) -> None:
         self.model = model
         self.tasks = list(tasks)
@@ -139,6 +151,8 @@ class StepEngine:
         self.observers = list(observers)
         self.step = step
         self.batched = batched
+        self.every = every
+        self._mean_loss = MeanLoss().bind(self.tasks)
         self.names, self.params = [], []
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -191,12 +205,21 @@ class StepEngine:
         check_finite(self.tasks, row, self.step)
         return loss_vector, row
 
+    def records(self) -> bool:
+        """Whether this step computes the K task gradients for the observers (always before the shared set is
+        known: the first step of a run)."""
+        return self.every == 1 or self.shared_idx is None or self.step % self.every == 0
+
     def update(self, values: Mapping[str, Tensor], loss_vector: Tensor) -> None:
         """Fill ``.grad`` with the method's update (observers see the task gradients first) and step, unless the
-        precision hook found overflowing gradients (``step_ok`` False)."""
-        observing = [o for o in self.observers if o.wants_gradients]
+        precision hook found overflowing gradients (``step_ok`` False). On a step that does not record
+        (:meth:`records`) the observers are skipped and a gradient method takes the cheap path."""
+        recording = self.records()
+        observing = [o for o in self.observers if o.wants_gradients] if recording else []
         self.step_ok = True
-        if self._through_j:
+        if self._through_j and not recording:
+            self._mean_loss_step(values)
+        elif self._through_j:
             grads = self.task_gradients(values)
             if self.step_ok:  # an overflowing fp16 step is skipped whole: no cosines, no update
                 for o in observing:
@@ -221,6 +244,21 @@ class StepEngine:
                 self.precision.update(False)  # type: ignore[attr-defined]  # only a scaling precision overflows
         if self.step_ok:
             self.precision.step(self.optimizer)
+
+    def _mean_loss_step(self, values: Mapping[str, Tensor]) -> None:
+        """One backward of the mean loss, then the parameters outside J (heads, branches) scaled by K: the same
+        ``.grad`` a gradient method's mean update gives (the mean of the task gradients on the shared
+        parameters, each task's own gradient on the others) at the cost of one backward, not K."""
+        scaling = getattr(self.precision, "scaling", False)
+        result = backward(
+            dict(values), self.model, self._mean_loss, step=self.step, precision=self.precision if scaling else None
+        )
+        self.step_ok = result.finite
+        shared = set(self.shared_idx or ())
+        K = float(len(self.tasks))
+        for i, p in enumerate(self.params):
+            if i not in shared and p.grad is not None:
+                p.grad.mul_(K)
 
     def run_step(self, batch: Any) -> list[float]:
         """One whole step on one global batch; returns the K loss values."""

@@ -110,14 +110,31 @@ class ConflictProfile:
         return self._n_steps
 
     @property
+    def total_steps(self) -> int:
+        """Training steps the profile ran; :attr:`steps` of them recorded cosines (all unless sampled)."""
+        return int(self.meta.get("total_steps", self.steps))
+
+    @property
+    def every(self) -> int:
+        """The sampling period: cosines were recorded on every ``every``-th step (1: every step)."""
+        return int(self.meta.get("every", 1))
+
+    def steps_text(self) -> str:
+        """``"40 steps"``, or ``"2 recorded of 40 steps (1 in 39)"`` for a sampled profile."""
+        if self.every == 1 and self.total_steps == self.steps:
+            return f"{self.steps} steps"
+        return f"{self.steps} recorded of {self.total_steps} steps (1 in {self.every})"
+
+    @property
     def cosines(self) -> pd.DataFrame:
         """Every record: columns ``step, layer, task_a, task_b, cos`` (NaN = skipped, zero gradient)."""
         arr = np.asarray(self.cosine_array)
         T, L, P = arr.shape
         pairs = self.pairs
+        steps = np.asarray(self.meta.get("recorded", np.arange(T)))[:T]  # training steps of a sampled profile
         return pd.DataFrame(
             {
-                "step": np.repeat(np.arange(T), L * P),
+                "step": np.repeat(steps, L * P),
                 "layer": pd.Categorical(np.tile(np.repeat(np.array(self.layers, dtype=object), P), T)),
                 "task_a": np.tile(np.array([a for a, _ in pairs], dtype=object), T * L),
                 "task_b": np.tile(np.array([b for _, b in pairs], dtype=object), T * L),
@@ -354,6 +371,7 @@ class _Profiler(Observer):
         self.cosines: LayerCosines | None = None
         self.recorder: CosineRecorder | None = None
         self.loss_log: list[list[float]] = []
+        self.recorded: list[int] = []  # the engine steps whose cosines were recorded
 
     @property
     def n_pairs(self) -> int:
@@ -375,6 +393,7 @@ class _Profiler(Observer):
         if self.recorder is None:  # autograd discovery, on the first step
             self.setup(engine, layer_usage_autograd(engine.names, [[self.tasks[k] for k in u] for u in grads.users]))
         self.recorder.append(self.cosines(grads, engine.device))
+        self.recorded.append(engine.step)
 
     def on_step(self, engine: StepEngine, losses: list[float]) -> None:
         self.loss_log.append(losses)
@@ -420,6 +439,9 @@ class _Profiler(Observer):
             for ln in self.layers
         }
         meta = dict(self.meta)
+        meta["total_steps"] = len(self.loss_log)
+        if meta.get("every", 1) > 1:
+            meta["recorded"] = self.recorded[: self.recorder.steps]
         if getattr(engine.precision, "scaling", False):
             meta["skipped_steps"] = engine.precision.skipped  # fp16 steps skipped for overflowing gradients
         prof = ConflictProfile(
@@ -465,6 +487,7 @@ def profile(
     chunk: int = 256,
     precision: str | int | Precision = "32",
     batched: bool | str = "auto",
+    every: int | str = 1,
 ) -> ConflictProfile:
     """Warm-up training that records every shared layer's pairwise layer-wise cosines (Recon, stage 1).
 
@@ -484,6 +507,10 @@ def profile(
             for the K task passes; a step whose gradients overflow is skipped and records no cosines).
         batched: the K task gradients in one vectorised backward (``True``), K passes (``False``) or batched on
             CUDA only (``"auto"``); see README, "Mixed precision, batched task gradients, sharded data".
+        every: sampled profiling: record the task gradients and cosines on every ``every``-th step (the first
+            always); the other steps train with one backward of the mean loss (the warm-up method's cheap path).
+            ``"auto"``: :func:`auto_every` of K, so that profiling costs about twice a plain training epoch.
+            The scores then count the recorded steps only (``prof.steps`` of ``prof.total_steps``).
 
     On Ctrl-C or a non-finite loss, what was recorded is kept: the exception is re-raised with the partial
     profile attached as ``exc.profile``.
@@ -492,6 +519,7 @@ def profile(
         losses = losses()
     loss_fns = dict(losses)
     task_names, S = _check_profile_args(loss_fns, tasks, S, steps, epochs)
+    n_every = sampling_period(every, len(task_names))
 
     torch.manual_seed(seed)
     if device is not None:
@@ -504,7 +532,7 @@ def profile(
     opt = optimizer if optimizer is not None else torch.optim.Adam(params, lr=1e-3)
     engine = StepEngine(
         model, loss_fns, task_names, method=_warmup_method(method, task_names), optimizer=opt, device=dev,
-        precision=Precision.of(precision, dev), batched=batched,
+        precision=Precision.of(precision, dev), batched=batched, every=n_every,
     )  # fmt: skip
     data = _distributed.shard_data(data, "data")
     try:
@@ -515,6 +543,7 @@ def profile(
     tmp, folder = _home(out) if main else (None, None)
     meta = {"method": spec_of(method), "seed": seed, "leaf_modules": list(leaf_modules), "discovery": discovery}
     meta["precision"] = engine.precision.mode
+    meta["every"], meta["every_auto"] = n_every, every == "auto"
     profiler = _Profiler(model, task_names, S=S, folder=folder, chunk=chunk, meta=meta, tmp=tmp, save=out is not None)
     if usage is not None:
         profiler.setup(engine, usage)
@@ -524,6 +553,24 @@ def profile(
     with progress_bar(total, "profiling", enabled=progress and main) as bar:
         engine.observers.append(ProgressObserver(bar))
         return profiler.run(engine, data, epochs=epochs if steps is None else None, max_steps=steps)
+
+
+def auto_every(n_tasks: int) -> int:
+    """The sampling period of ``every="auto"``: ``K - 1``. A recorded step costs one forward and K backward
+    passes, another step one of each, so a period N costs ``1 + (K - 1) / N`` plain backward passes per step on
+    average: at most twice a plain training step (less, counting the forward pass)."""
+    return max(1, n_tasks - 1)
+
+
+def sampling_period(every: int | str, n_tasks: int) -> int:
+    """``every`` as a period: a positive integer, or ``"auto"`` (:func:`auto_every`)."""
+    if every == "auto":
+        return auto_every(n_tasks)
+    if isinstance(every, str) and every.isdigit():
+        every = int(every)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ReconError(f"every = {every!r} must be a positive integer or 'auto' (record every N-th step)")
+    return every
 
 
 def _home(out: str | os.PathLike | None) -> tuple[tempfile.TemporaryDirectory | None, Path]:
