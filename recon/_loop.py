@@ -30,6 +30,15 @@ from torch import Tensor, nn
 
 from recon import _distributed
 from recon._backward import TaskGradients, apply_task_gradients, backward, task_gradients
+from recon._chunks import (
+    TaskChunks,
+    apply_chunked,
+    constant_weights,
+    default_task_chunk,
+    gram_only,
+    resolve_task_chunk,
+    warn_needs_matrix,
+)
 from recon._errors import check_finite
 from recon._outputs import call_model, move_to, task_outputs
 from recon._recipe import batches, check_batch, compute_losses
@@ -120,6 +129,8 @@ class StepEngine:
         every: sampled task gradients (issue "forty tasks"): the K task gradients, and the observers that read
             them, only on steps ``step % every == 0``; a gradient method's other steps run one backward of the
             mean loss (:class:`MeanLoss`), the other methods' their own backward without the observers' K passes.
+        task_chunk: the task gradients made this many tasks at a time (:mod:`recon._chunks`; ``None`` or
+            ``"auto"``: from the free memory of the device, the whole K when it fits).
     """
 
     def __init__(
@@ -138,6 +149,7 @@ class StepEngine:
         step: int = 0,
         batched: Any = "auto",
         every: int = 1,
+        task_chunk: int | str | None = None,
     ) -> None:
         self.model = model
         self.tasks = list(tasks)
@@ -152,6 +164,8 @@ class StepEngine:
         self.step = step
         self.batched = batched
         self.every = every
+        self.task_chunk = resolve_task_chunk(task_chunk, len(self.tasks))
+        self._chunk: int | None = None  # the chunk size in use, once the shared set is known
         self._mean_loss = MeanLoss().bind(self.tasks)
         self.names, self.params = [], []
         for name, p in model.named_parameters():
@@ -186,9 +200,14 @@ class StepEngine:
         """The K tasks' gradients (one backward each; straight into J once the shared set is known), averaged
         across processes and unscaled."""
         scaled = self.precision.scale([values[t] for t in self.tasks])
-        grads = task_gradients(
-            scaled, self.params, shared_idx=self.shared_idx, retain_graph=keep_graph, batched=self.batched
-        )
+        size = self.chunk_size()
+        if size is not None:  # a method that needs J itself: made in chunks, held whole
+            warn_needs_matrix(self.method, size)
+            grads = TaskChunks(scaled, self.params, self.shared_idx, size=size, batched=self.batched).whole()
+        else:
+            grads = task_gradients(
+                scaled, self.params, shared_idx=self.shared_idx, retain_graph=keep_graph, batched=self.batched
+            )
         if self.shared_idx is None:
             self.shared_idx = grads.shared_idx
         _distributed.average_(grads.tensors())
@@ -205,6 +224,18 @@ class StepEngine:
         check_finite(self.tasks, row, self.step)
         return loss_vector, row
 
+    def chunk_size(self) -> int | None:
+        """Tasks per chunk of task gradients, or None for all K at once: before the shared set is known, under
+        torchrun or fp16 loss scaling (their per-pass averaging and unscaling expect one J), or when the whole
+        K fits (:func:`recon._chunks.default_task_chunk`)."""
+        if self.shared_idx is None or _distributed.active() or getattr(self.precision, "scaling", False):
+            return None
+        if self._chunk is None:
+            n_params = sum(self.params[i].numel() for i in self.shared_idx)
+            K = len(self.tasks)
+            self._chunk = self.task_chunk or default_task_chunk(K, n_params, self.device)
+        return self._chunk if self._chunk < len(self.tasks) else None
+
     def records(self) -> bool:
         """Whether this step computes the K task gradients for the observers (always before the shared set is
         known: the first step of a run)."""
@@ -217,8 +248,17 @@ class StepEngine:
         recording = self.records()
         observing = [o for o in self.observers if o.wants_gradients] if recording else []
         self.step_ok = True
+        size = self.chunk_size()
         if self._through_j and not recording:
             self._mean_loss_step(values)
+        elif self._through_j and size is not None and gram_only(self.method):
+            chunks = TaskChunks(
+                [values[t] for t in self.tasks], self.params, self.shared_idx, size=size, batched=self.batched,
+                weights=constant_weights(self.method, len(self.tasks), loss_vector),
+            )  # fmt: skip
+            for o in observing:
+                o.on_gradients(self, chunks)
+            apply_chunked(chunks, self.method, loss_vector)
         elif self._through_j:
             grads = self.task_gradients(values)
             if self.step_ok:  # an overflowing fp16 step is skipped whole: no cosines, no update

@@ -454,7 +454,17 @@ class _Profiler(Observer):
         return prof
 
 
-def _check_profile_args(loss_fns: dict, tasks: Sequence[str] | None, S: float, steps: int | None, epochs: int):
+def _discover(model: nn.Module, tasks: list[str], leaf_modules: Sequence[str]) -> tuple[Mapping | None, str]:
+    """The shared layers from the torch.fx graph, or None to find them with autograd on the first step."""
+    try:
+        return layer_usage_fx(model, tasks, leaf_modules), "fx"
+    except (ReconError, ImportError):  # TraceError is a ReconError
+        return None, "autograd"
+
+
+def _check_profile_args(
+    loss_fns: dict, tasks: Sequence[str] | None, S: float, steps: int | None, epochs: int, every: int | str
+):
     task_names = validate_tasks(tasks if tasks is not None else list(loss_fns), "profile")
     missing = [t for t in task_names if t not in loss_fns]
     if missing:
@@ -465,7 +475,7 @@ def _check_profile_args(loss_fns: dict, tasks: Sequence[str] | None, S: float, s
         raise ReconError(f"steps = {steps} must be at least 1")
     if epochs < 1:
         raise ReconError(f"epochs = {epochs} must be at least 1")
-    return task_names, check_threshold(S)
+    return task_names, check_threshold(S), sampling_period(every, len(task_names))
 
 
 def profile(
@@ -488,6 +498,7 @@ def profile(
     precision: str | int | Precision = "32",
     batched: bool | str = "auto",
     every: int | str = 1,
+    task_chunk: int | str = "auto",
 ) -> ConflictProfile:
     """Warm-up training that records every shared layer's pairwise layer-wise cosines (Recon, stage 1).
 
@@ -507,10 +518,9 @@ def profile(
             for the K task passes; a step whose gradients overflow is skipped and records no cosines).
         batched: the K task gradients in one vectorised backward (``True``), K passes (``False``) or batched on
             CUDA only (``"auto"``); see README, "Mixed precision, batched task gradients, sharded data".
-        every: sampled profiling: record the task gradients and cosines on every ``every``-th step (the first
-            always); the other steps train with one backward of the mean loss (the warm-up method's cheap path).
-            ``"auto"``: :func:`auto_every` of K, so that profiling costs about twice a plain training epoch.
-            The scores then count the recorded steps only (``prof.steps`` of ``prof.total_steps``).
+        every: record task gradients and cosines on every N-th step only (the first always; the others train
+            with one backward of the mean loss); ``"auto"``: :func:`auto_every`. Scores count recorded steps.
+        task_chunk: tasks per chunk of task gradients (:mod:`recon._chunks`); ``"auto"``: all K when they fit.
 
     On Ctrl-C or a non-finite loss, what was recorded is kept: the exception is re-raised with the partial
     profile attached as ``exc.profile``.
@@ -518,8 +528,7 @@ def profile(
     if callable(losses) and not isinstance(losses, Mapping):
         losses = losses()
     loss_fns = dict(losses)
-    task_names, S = _check_profile_args(loss_fns, tasks, S, steps, epochs)
-    n_every = sampling_period(every, len(task_names))
+    task_names, S, n_every = _check_profile_args(loss_fns, tasks, S, steps, epochs, every)
 
     torch.manual_seed(seed)
     if device is not None:
@@ -532,18 +541,13 @@ def profile(
     opt = optimizer if optimizer is not None else torch.optim.Adam(params, lr=1e-3)
     engine = StepEngine(
         model, loss_fns, task_names, method=_warmup_method(method, task_names), optimizer=opt, device=dev,
-        precision=Precision.of(precision, dev), batched=batched, every=n_every,
+        precision=Precision.of(precision, dev), batched=batched, every=n_every, task_chunk=task_chunk,
     )  # fmt: skip
     data = _distributed.shard_data(data, "data")
-    try:
-        usage, discovery = layer_usage_fx(model, task_names, leaf_modules), "fx"
-    except (ReconError, ImportError):  # TraceError is a ReconError: fall back to autograd on the first step
-        usage, discovery = None, "autograd"
-
+    usage, discovery = _discover(model, task_names, leaf_modules)
     tmp, folder = _home(out) if main else (None, None)
     meta = {"method": spec_of(method), "seed": seed, "leaf_modules": list(leaf_modules), "discovery": discovery}
-    meta["precision"] = engine.precision.mode
-    meta["every"], meta["every_auto"] = n_every, every == "auto"
+    meta.update(precision=engine.precision.mode, every=n_every, every_auto=every == "auto")
     profiler = _Profiler(model, task_names, S=S, folder=folder, chunk=chunk, meta=meta, tmp=tmp, save=out is not None)
     if usage is not None:
         profiler.setup(engine, usage)

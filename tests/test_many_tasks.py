@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -87,3 +88,124 @@ def test_cli_every_says_what_it_recorded(cli, tmp_path):
     assert (meta["every"], meta["recorded"], meta["total_steps"]) == (3, [0, 3], 4)
     bad = cli("profile", str(path), "--every", "0", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "every" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+# --- task gradients in chunks --------------------------------------------------------------------------------
+K5 = tuple(f"t{k}" for k in range(5))
+
+
+class FiveTasks(torch.nn.Module):
+    """A shared trunk, a layer two of the five tasks share, one layer only t4 uses, a head per task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 12))
+        self.pair = torch.nn.Linear(12, 12)  # t0 and t1 only
+        self.solo = torch.nn.Linear(12, 12)  # t4 only
+        self.heads = torch.nn.ModuleDict({t: torch.nn.Linear(12, 2) for t in K5})
+
+    def forward(self, x):
+        z = torch.tanh(self.trunk(x))
+        p = torch.tanh(self.pair(z))
+        inputs = {"t0": p, "t1": p, "t4": torch.tanh(self.solo(z))}
+        return {t: self.heads[t](inputs.get(t, z)) for t in K5}
+
+
+def _five_losses(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = model(torch.randn(16, 6, generator=g))
+    return {t: torch.nn.functional.cross_entropy(out[t], torch.randint(0, 2, (16,), generator=g)) for t in K5}
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_chunked_gram_and_whole_j_equal_the_unchunked_ones(size, batched):
+    from recon._backward import task_gradients
+    from recon._chunks import TaskChunks
+
+    torch.manual_seed(0)
+    model = FiveTasks()
+    params = list(model.parameters())
+    full = task_gradients(list(_five_losses(model).values()), params, retain_graph=True)  # discovers the set
+    shared = full.shared_idx
+    J = full.J.double()
+    for _ in range(2):  # the batched path learns each chunk's partition on its first step
+        chunks = TaskChunks(list(_five_losses(model).values()), params, shared, size=size, batched=batched)
+        grams = chunks.param_grams()
+    m = -(-5 // size)
+    assert chunks.passes == m + (m - 1) * (m - 2) // 2
+    offset = 0
+    for j, i in enumerate(shared):  # per parameter, against float64 products of the unchunked J
+        n = params[i].numel()
+        expect = J[:, offset : offset + n] @ J[:, offset : offset + n].T
+        torch.testing.assert_close(grams[j].double(), expect, atol=1e-5, rtol=1e-5)
+        offset += n
+    torch.testing.assert_close(chunks.gram().double(), J @ J.T, atol=1e-5, rtol=1e-5)
+    whole = TaskChunks(list(_five_losses(model).values()), params, shared, size=size, batched=batched).whole()
+    torch.testing.assert_close(whole.J, full.J, atol=1e-6, rtol=1e-6)
+    assert sorted(whole.own) == sorted(full.own)
+    for i, k in full.own:
+        torch.testing.assert_close(whole.rows[k][i], full.rows[k][i], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["mean", "sum", "pcgrad", "cagrad", "mgda", "imtl_g", "upgrad", "nashmtl"])
+def test_backward_in_chunks_equals_the_unchunked_backward(method):
+    torch.manual_seed(1)
+    model = FiveTasks()
+    torch.manual_seed(2)  # PCGrad's random order comes from the global RNG
+    first = recon.backward(_five_losses(model), model, method)
+    expect = {n: p.grad.clone() for n, p in model.named_parameters()}
+    weights = first.weights
+    for size in (2, 3):
+        model.zero_grad(set_to_none=True)
+        m = recon.methods.get(method)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.manual_seed(2)
+            result = recon.backward(_five_losses(model), model, m, shared=first.shared, task_chunk=size)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expect[n], atol=1e-5, rtol=1e-4, msg=f"{method} {size} {n}")
+        torch.testing.assert_close(result.weights, weights, atol=1e-5, rtol=1e-4)
+        needs_j = method == "nashmtl"
+        assert any("needs the whole task-gradient matrix" in str(w.message) for w in caught) == needs_j or size > 2
+
+
+@pytest.mark.parametrize("method", ["joint", "cagrad"])
+def test_profile_in_chunks_equals_the_unchunked_profile(method):
+    torch.manual_seed(0)
+    model = FiveTasks()
+    data = [(x, {t: torch.randint(0, 2, (8,)) for t in K5}) for x in torch.randn(4, 8, 6)]
+    losses = dict.fromkeys(K5, torch.nn.functional.cross_entropy)
+    whole = recon.profile(copy.deepcopy(model), data, losses, method=method)
+    for size in (2, 3):
+        chunked_model = copy.deepcopy(model)
+        chunked = recon.profile(chunked_model, data, losses, method=method, task_chunk=size)
+        np.testing.assert_allclose(chunked.cosine_array, whole.cosine_array, atol=1e-5)
+        assert chunked.layers == whole.layers and "pair" in whole.layers and "solo" not in whole.layers
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("size", [2, 3])
+def test_chunked_batched_gram_on_cuda_equals_the_unchunked_one(size):
+    from recon._backward import task_gradients
+    from recon._chunks import TaskChunks
+
+    torch.manual_seed(0)
+    model = FiveTasks().cuda()
+    params = list(model.parameters())
+    _five_losses_cuda = lambda: {k: v for k, v in _five_losses_on(model, "cuda").items()}  # noqa: E731
+    full = task_gradients(list(_five_losses_cuda().values()), params, batched=True)
+    full = task_gradients(list(_five_losses_cuda().values()), params, shared_idx=full.shared_idx, batched=True)
+    for _ in range(2):
+        chunks = TaskChunks(list(_five_losses_cuda().values()), params, full.shared_idx, size=size, batched=True)
+        gram = chunks.gram()
+    J = full.J.double()
+    torch.testing.assert_close(gram.double(), J @ J.T, atol=1e-5, rtol=1e-5)
+
+
+def _five_losses_on(model, device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 6, generator=g).to(device)
+    out = model(x)
+    y = {t: torch.randint(0, 2, (16,), generator=g).to(device) for t in K5}
+    return {t: torch.nn.functional.cross_entropy(out[t], y[t]) for t in K5}
