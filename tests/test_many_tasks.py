@@ -209,3 +209,83 @@ def _five_losses_on(model, device):
     out = model(x)
     y = {t: torch.randint(0, 2, (16,), generator=g).to(device) for t in K5}
     return {t: torch.nn.functional.cross_entropy(out[t], y[t]) for t in K5}
+
+
+# --- planning for many tasks ---------------------------------------------------------------------------------
+def _planted_counts(n, rng, n_groups=3):
+    label = rng.integers(0, n_groups, n)
+    base = rng.integers(0, 5, (n, n))
+    counts = np.triu(np.where(label[:, None] != label[None, :], base + 20, base), 1)
+    return counts + counts.T
+
+
+@pytest.mark.parametrize("n", [7, 8])
+def test_groups_above_exact_size_against_every_partition(n):
+    from recon._plan import _grouped, _partitions, removed_score
+
+    rng = np.random.default_rng(n)
+    tasks = [f"t{i}" for i in range(n)]
+    found = total = 0
+    for trial in range(6):
+        counts = _planted_counts(n, rng) if trial % 2 == 0 else np.triu(rng.integers(0, 30, (n, n)), 1)
+        counts = counts if trial % 2 == 0 else counts + counts.T
+        best: dict[int, int] = {}
+        for part in _partitions(tasks):  # brute force: every set partition
+            best[len(part)] = max(best.get(len(part), -1), removed_score(counts, part, tasks))
+        for part in _grouped(tasks, counts, tasks):
+            assert sorted(t for g in part for t in g) == tasks  # a partition of the tasks
+            score = removed_score(counts, part, tasks)
+            assert score >= 0.9 * best[len(part)]
+            found += score == best[len(part)]
+            total += 1
+            if trial % 2 == 0 and len(part) == 3:  # planted groups: found exactly
+                assert score == best[3]
+    assert found >= 0.85 * total
+
+
+def test_plan_split_auto_groups_at_forty_tasks_is_valid_and_within_budget(tmp_path):
+    from recon._profile import CosineRecorder
+
+    tasks = [f"t{k}" for k in range(40)]
+    model = Forty(tasks)
+    layers = ["trunk.0", "trunk.2", "fc"]
+    rng = np.random.default_rng(0)
+    recorder = CosineRecorder(tmp_path / "cosines.npy", len(layers), 40 * 39 // 2, device=torch.device("cpu"))
+    for _ in range(12):
+        recorder.append(torch.from_numpy(rng.uniform(-1, 1, (len(layers), 780)).astype(np.float32)))
+    recorder.close()
+    info = {n: {"params": sum(p.numel() for p in model.get_submodule(n).parameters()), "tasks": tasks} for n in layers}
+    prof = recon.ConflictProfile(tasks=tasks, layers=layers, folder=tmp_path, layer_info=info)
+    base = sum(p.numel() for p in model.parameters())
+    plan = recon.plan_split(prof, model, budget_params=0.3, groups="auto")
+    assert plan.layers and plan.extra["params_after"] - base <= 0.3 * base
+    for layer, parts in plan.groups.items():
+        assert sorted(t for g in parts for t in g) == sorted(tasks) and len(parts) >= 2
+        own = sum(p.numel() for p in model.get_submodule(layer).parameters(recurse=False))
+        assert plan.extra["params_added"][layer] == (len(parts) - 1) * own
+    net = recon.split(model, plan.layer_spec(), init="copy")
+    out = net(torch.randn(3, 6))
+    assert set(out) == set(tasks)
+    from recon import plots
+
+    usage = {n: frozenset(tasks) for n in ["trunk.0", "trunk.2", "fc"]}
+    fig = plots.network_figure(usage, tasks, {k: tasks for k in plan.groups}, {}, groups=plan.groups)
+    assert fig.get_size_inches()[0] <= 10.0  # bars, not 40 columns
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert any(text.endswith("copies") for text in texts)
+    from cli.split import _copies
+
+    line = _copies([tasks[:30], tasks[30:39], tasks[39:]], len(tasks))
+    assert line == "3 copies: t0+29 | t30+8 | t39"
+
+
+class Forty(torch.nn.Module):
+    def __init__(self, tasks):
+        super().__init__()
+        self.trunk = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))
+        self.fc = torch.nn.Linear(16, 16)
+        self.heads = torch.nn.ModuleDict({t: torch.nn.Linear(16, 2) for t in tasks})
+
+    def forward(self, x):
+        z = torch.relu(self.fc(torch.relu(self.trunk(x))))
+        return {t: h(z) for t, h in self.heads.items()}
