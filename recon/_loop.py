@@ -42,6 +42,7 @@ from recon._chunks import (
 from recon._errors import check_finite
 from recon._outputs import call_model, move_to, task_outputs
 from recon._recipe import batches, check_batch, compute_losses
+from recon._usage import group_copies
 from recon.methods._base import LossWeighting
 
 __all__ = ["FullPrecision", "MeanLoss", "Observer", "Precision", "StepEngine"]
@@ -175,6 +176,8 @@ class StepEngine:
         #: indices (into ``params``) of the parameters whose task gradients go into J; found on the first step
         #: unless set before it (the profiler sets it from the torch.fx graph)
         self.shared_idx: list[int] | None = None
+        #: the group copies of a split model (parameter index -> its group's task indices): trained as groups
+        self.copies = group_copies(model, self.tasks, self.params)
         # gradient methods read J; loss-weighting, representation and custom methods run recon.backward
         kind, custom = getattr(method, "kind", "gradient"), getattr(method, "custom_backward", None)
         self._through_j = kind == "gradient" and custom is None
@@ -206,8 +209,9 @@ class StepEngine:
             grads = TaskChunks(scaled, self.params, self.shared_idx, size=size, batched=self.batched).whole()
         else:
             grads = task_gradients(
-                scaled, self.params, shared_idx=self.shared_idx, retain_graph=keep_graph, batched=self.batched
-            )
+                scaled, self.params, shared_idx=self.shared_idx, retain_graph=keep_graph, batched=self.batched,
+                copies=self.copies,
+            )  # fmt: skip
         if self.shared_idx is None:
             self.shared_idx = grads.shared_idx
         _distributed.average_(grads.tensors())
@@ -226,9 +230,11 @@ class StepEngine:
 
     def chunk_size(self) -> int | None:
         """Tasks per chunk of task gradients, or None for all K at once: before the shared set is known, under
-        torchrun or fp16 loss scaling (their per-pass averaging and unscaling expect one J), or when the whole
-        K fits (:func:`recon._chunks.default_task_chunk`)."""
+        torchrun, fp16 loss scaling or with group copies (their averaging, unscaling and per-class solves expect
+        one J), or when the whole K fits (:func:`recon._chunks.default_task_chunk`)."""
         if self.shared_idx is None or _distributed.active() or getattr(self.precision, "scaling", False):
+            return None
+        if self.copies:
             return None
         if self._chunk is None:
             n_params = sum(self.params[i].numel() for i in self.shared_idx)

@@ -289,3 +289,16 @@ class Forty(torch.nn.Module):
     def forward(self, x):
         z = torch.relu(self.fc(torch.relu(self.trunk(x))))
         return {t: h(z) for t, h in self.heads.items()}
+
+
+def test_a_sampled_profile_bootstraps_over_its_recorded_steps_only(tmp_path):
+    torch.manual_seed(0)
+    model = BranchyNet()
+    data = batches(9)
+    sampled = recon.profile(copy.deepcopy(model), data, LOSSES, out=tmp_path / "s", every=4)
+    full = recon.profile(copy.deepcopy(model), data, LOSSES, out=tmp_path / "f")
+    assert sampled.per_step_scores().shape == (3, len(sampled.layers))  # steps 0, 4, 8
+    assert full.per_step_scores().shape == (9, len(full.layers))
+    assert sampled.has_gram and np.load(tmp_path / "s" / "gram.npy").shape[0] == 3
+    p = sampled.confidence(k=1)
+    assert ((p >= 0) & (p <= 1)).all()
