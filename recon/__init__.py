@@ -17,7 +17,7 @@ from recon._distributed import broadcast_object, init_distributed, is_main_proce
 from recon._errors import NonFiniteLossError, ReconError
 from recon._graph import TraceError, layer_tasks
 from recon._plan import plan_split
-from recon._profile import ConflictProfile, profile, read_scores_json
+from recon._profile import ConflictProfile, profile, read_scores_json, sampling_period
 from recon._recipe import Recipe, load_recipe
 from recon._report import Report, report
 from recon._runs import Run
@@ -51,6 +51,7 @@ __all__ = [
     "plan_split",
     "profile",
     "read_scores_json",
+    "sampling_period",
     "report",
     "seed_everything",
     "shared_parameters",
