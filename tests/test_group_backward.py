@@ -338,3 +338,24 @@ def test_torchrun_trains_group_copies_as_one_process_does(tmp_path) -> None:
     expected = PCGrad()(task_matrix(losses, copy_params, ("b", "c")))  # (two tasks: no dependence on the order)
     recon.backward(losses, net, "pcgrad", retain_graph=True)
     assert_update(copy_params, expected, 1e-5)
+
+
+def test_the_split_step_benchmark_runs_and_prints_its_table() -> None:
+    """Smoke test of ``benchmarks/methods.py --splits`` (no timing asserted)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run(
+        [sys.executable, "benchmarks/methods.py", "--splits", "--reps", "1", "--threads", "1", "--methods", "mean"]
+        + ["--markdown"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| mean |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["16", "256"]
+    assert "groups/per-task" in out
