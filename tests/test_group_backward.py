@@ -365,15 +365,8 @@ def test_the_split_step_benchmark_runs_and_prints_its_table() -> None:
 
     from tests.conftest import ROOT
 
-    out = subprocess.run(
-        [sys.executable, "benchmarks/methods.py", "--splits", "--reps", "1", "--threads", "1", "--methods", "mean"]
-        + ["--markdown"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout
+    argv = ["--splits", "--reps", "1", "--threads", "1", "--methods", "mean", "--markdown"]
+    out = subprocess.check_output([sys.executable, "benchmarks/methods.py", *argv], cwd=ROOT, text=True, timeout=300)
     rows = [line for line in out.splitlines() if line.startswith("| mean |")]
     assert [row.split("|")[2].strip() for row in rows] == ["16", "256"]
     assert "groups/per-task" in out
