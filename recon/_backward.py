@@ -494,18 +494,11 @@ def backward(
     custom = getattr(m, "custom_backward", None) is not None
     if custom or m.kind == "loss" or (m.kind == "representation" and features is not None):
         return _combined_backward(m, tasks, values, loss_values, net, features, step, retain_graph, precision)
-    if m.kind == "representation" and m.requires_features:
-        raise ReconError(
-            f"method {type(m).__name__} needs the shared representation: pass features=z "
-            "(the encoder's output) to recon.backward, or use 'mgda' on the shared parameters"
-        )
+    _check_features(m)
     params = _params_of(net)
     if not params:
         raise ReconError("recon.backward: the model has no parameter that requires grad")
-    shared_idx = None
-    if shared is not None:
-        ids = {id(p) for p in shared}
-        shared_idx = [i for i, p in enumerate(params) if id(p) in ids]
+    shared_idx = None if shared is None else _indices_among(params, shared)
     copies = group_copies(net, tasks, params)
     chunked = _chunked(values, params, shared_idx, m, loss_values, task_chunk, batched, precision, copies)
     if chunked is not None:
@@ -514,6 +507,21 @@ def backward(
     grads = task_gradients(scaled, params, shared_idx=shared_idx, retain_graph=retain_graph, batched=batched,
                            copies=copies)  # fmt: skip
     return reduce_and_apply(grads, params, m, loss_values, precision=precision)
+
+
+def _check_features(m: Any) -> None:
+    """A representation method that needs ``features=`` and got none: say how to call it."""
+    if m.kind == "representation" and m.requires_features:
+        raise ReconError(
+            f"method {type(m).__name__} needs the shared representation: pass features=z "
+            "(the encoder's output) to recon.backward, or use 'mgda' on the shared parameters"
+        )
+
+
+def _indices_among(params: Sequence[Tensor], chosen: Sequence[Tensor]) -> list[int]:
+    """Positions in ``params`` of the tensors in ``chosen`` (by identity)."""
+    ids = {id(p) for p in chosen}
+    return [i for i, p in enumerate(params) if id(p) in ids]
 
 
 def _chunked(
