@@ -501,11 +501,7 @@ def backward(
     custom = getattr(m, "custom_backward", None) is not None
     if custom or m.kind == "loss" or (m.kind == "representation" and features is not None):
         return _combined_backward(m, tasks, values, loss_values, net, features, step, retain_graph, precision)
-    if m.kind == "representation" and m.requires_features:
-        raise ReconError(
-            f"method {type(m).__name__} needs the shared representation: pass features=z "
-            "(the encoder's output) to recon.backward, or use 'mgda' on the shared parameters"
-        )
+    _check_features(m)
     params = _params_of(net)
     if not params:
         raise ReconError("recon.backward: the model has no parameter that requires grad")
@@ -518,6 +514,15 @@ def backward(
     grads = task_gradients(scaled, params, shared_idx=shared_idx, retain_graph=retain_graph, batched=batched,
                            copies=copies)  # fmt: skip
     return reduce_and_apply(grads, params, m, loss_values, precision=precision)
+
+
+def _check_features(m: Any) -> None:
+    """A representation method that needs ``features=`` and got none: say how to call it."""
+    if m.kind == "representation" and m.requires_features:
+        raise ReconError(
+            f"method {type(m).__name__} needs the shared representation: pass features=z "
+            "(the encoder's output) to recon.backward, or use 'mgda' on the shared parameters"
+        )
 
 
 def _indices_of(params: Sequence[Tensor], shared: Sequence[Tensor] | None) -> list[int] | None:
