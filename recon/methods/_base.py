@@ -111,7 +111,8 @@ class Method(nn.Module):
         instance, a fresh copy of this one (same hyperparameters, state of its own, bound to G's tasks): the
         state of a stateful method (GradVac's EMA targets of G's pairs, Nash-MTL's weights and step counter)
         then follows G's gradients only. The instances live in the submodule ``group_methods`` (keyed
-        ``"seg+depth"``), so ``state_dict()`` carries them and a resumed run continues exactly.
+        ``"seg+depth"``), so ``state_dict()`` carries them and a resumed run continues exactly. :meth:`reset`
+        clears this instance's own state; :meth:`bind` to another number of tasks drops the group instances.
         """
         key = "+".join(tasks)
         groups = self._modules.get("group_methods")
