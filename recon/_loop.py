@@ -305,6 +305,8 @@ class StepEngine:
         for i, p in enumerate(self.params):
             if i not in shared and p.grad is not None:
                 p.grad.mul_(K)
+            elif i in self.copies and p.grad is not None:  # a group copy: its group's mean, as mean gives it
+                p.grad.mul_(K / len(self.copies[i]))
 
     def run_step(self, batch: Any) -> list[float]:
         """One whole step on one global batch; returns the K loss values."""

@@ -270,6 +270,26 @@ def test_the_training_engine_trains_group_copies_as_groups() -> None:
         torch.testing.assert_close(p, q, msg=n)
 
 
+def test_a_sampled_profile_s_cheap_step_gives_a_group_copy_its_group_s_mean() -> None:
+    """The engine's one-backward step between recorded ones (``every > 1``) equals mean's update: on a group
+    copy, the group's mean."""
+    from recon._loop import StepEngine
+
+    case = CASES["mlp-3"]
+    net, x = build(case)
+    losses_fns = {t: (lambda out, y: out.pow(2).mean() + out.mean()) for t in TASKS3}
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    engine = StepEngine(net, losses_fns, TASKS3, method=recon.methods.get("mean"), optimizer=opt,
+                        device=torch.device("cpu"), every=2)  # fmt: skip
+    engine.shared_idx = [i for i, p in enumerate(engine.params) if any(p is q for q in shared_parameters(net))]
+    losses = task_losses(net(x), TASKS3)
+    groups = groups_of(net, case)
+    expected = {g: expected_update("mean", losses, ps, g) for g, ps in groups.items()}
+    engine._mean_loss_step(losses)
+    for g, ps in groups.items():
+        assert_update(ps, expected[g], 1e-12)
+
+
 def test_lightning_trains_a_group_copy_with_its_group_s_mean() -> None:
     L = pytest.importorskip("lightning")
     from torch.utils.data import DataLoader
