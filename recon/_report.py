@@ -491,7 +491,7 @@ def _profile_section(w: _Writer, rep: Report, cosines: Mapping[str, Any], from_p
         return
     K = len(prof.pairs)
     w.md += [
-        f"{prof.steps} profiled steps" + (" (**partial**: interrupted)" if prof.partial else "")
+        f"{prof.steps_text()} profiled" + (" (**partial**: interrupted)" if prof.partial else "")
         + f", warm-up method `{prof.meta.get('method', 'joint')}`, {len(prof.layers)} shared layers, "
         f"{len(prof.tasks)} tasks ({K} pairs), S = {S:g}: a layer's S-conflict score counts its cosines below S, "
         f"at most {prof.steps * K}.",

@@ -626,11 +626,15 @@ def network_figure(
     One grey bar across the tasks that share a layer, one orange cell per task for a branched layer, a blue
     cell for a layer only one task uses. A layer branched into task groups (``groups``, as in
     ``net.meta["recon"]["groups"]``) shows each group's cells in its own shade, labelled with the copy's name.
+    Above :data:`MANY_TASKS` tasks a column per task is unreadable: each layer is then one bar of its users,
+    cut into its copies (:func:`_network_summary`).
     """
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch, Rectangle
 
     layers = [name for name, used in usage.items() if used][:max_layers]
+    if len(tasks) > MANY_TASKS:
+        return _network_summary(usage, tasks, branches, modules, layers, groups or {})
     height = min(0.22 * len(layers) + 1.4, 40.0)
     fig = Figure(figsize=(2.6 + 1.1 * len(tasks), height))
     ax = fig.add_subplot()
@@ -682,6 +686,59 @@ def network_figure(
 
 
 _GROUP_SHADES = ("#E69F00", "#B5651D", "#F0C05A", "#8C4A0B", "#D55E00")
+MANY_TASKS = 12  # above this many tasks the network figure summarises groups instead of a column per task
+
+
+def group_label(group: Sequence[str]) -> str:
+    """A task group in a few characters: ``left_odd`` or ``left_odd+3`` (its first task and how many more)."""
+    return group[0] if len(group) == 1 else f"{group[0]}+{len(group) - 1}"
+
+
+def _network_summary(
+    usage: dict[str, frozenset[str]], tasks: list[str], branches: dict[str, list[str]], modules: dict[str, Any],
+    layers: list[str], groups: Mapping[str, Sequence[Sequence[str]]],
+) -> Figure:  # fmt: skip
+    """The network figure for many tasks: per layer one bar as long as the number of tasks using it, cut into
+    one segment per copy (a task group's segment as wide as the group, labelled with :func:`group_label`)."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    fig = Figure(figsize=(10.0, min(0.22 * len(layers) + 1.6, 40.0)))
+    ax = fig.add_subplot()
+    order = {t: i for i, t in enumerate(tasks)}
+    for row, name in enumerate(layers):
+        users = sorted((t for t in usage[name] if t in order), key=order.get)
+        if name in branches:
+            parts = groups.get(name) or [[t] for t in branches[name]]
+        else:
+            parts = [users]
+        x = 0.0
+        for g, group in enumerate(parts):
+            shade = "#bbbbbb" if name not in branches else _GROUP_SHADES[g % len(_GROUP_SHADES)]
+            shade = "#56B4E9" if len(users) == 1 else shade
+            ax.add_patch(Rectangle((x + 0.05, row + 0.1), len(group) - 0.1, 0.8, color=shade, linewidth=0))
+            if len(group) >= 3:
+                ax.text(x + len(group) / 2, row + 0.55, group_label(group), ha="center", va="center", fontsize=5)
+            x += len(group)
+        copies = f"{len(parts)} copies" if name in branches else ("shared" if len(users) > 1 else users[0])
+        ax.text(len(tasks) + 0.5, row + 0.55, copies, va="center", fontsize=6)
+    ax.set_xlim(0, len(tasks) + 6)
+    ax.set_ylim(len(layers), 0)
+    ax.set_xticks([0, len(tasks)], ["0", f"{len(tasks)} tasks"], fontsize=7)
+    labels = [f"{name}  ({type(modules[name]).__name__})" if name in modules else name for name in layers]
+    ax.set_yticks([i + 0.5 for i in range(len(layers))], labels, fontsize=7)
+    ax.tick_params(length=0)
+    for side in ("right", "top", "left"):
+        ax.spines[side].set_visible(False)
+    handles = [
+        Patch(color="#bbbbbb", label="shared by the tasks that use it (one copy)"),
+        Patch(color=_GROUP_SHADES[0], label="branched: one segment per copy, as wide as its task group"),
+        Patch(color="#56B4E9", label="used by one task"),
+    ]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.04), ncol=1, fontsize=7, frameon=False)
+    ax.set_title(f"layers with parameters, in model order ({len(tasks)} tasks: bars, not columns)", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def budget_curve_figure(
