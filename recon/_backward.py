@@ -502,18 +502,22 @@ def backward(
     params = _params_of(net)
     if not params:
         raise ReconError("recon.backward: the model has no parameter that requires grad")
-    shared_idx = None
-    if shared is not None:
-        ids = {id(p) for p in shared}
-        shared_idx = [i for i, p in enumerate(params) if id(p) in ids]
+    shared_idx = _indices_of(params, shared)
     copies = group_copies(net, tasks, params)
-    chunked = _chunked(values, params, shared_idx, m, loss_values, task_chunk, batched, precision, copies)
-    if chunked is not None:
+    if chunked := _chunked(values, params, shared_idx, m, loss_values, task_chunk, batched, precision, copies):
         return chunked
     scaled = precision.scale(values) if precision is not None else values
     grads = task_gradients(scaled, params, shared_idx=shared_idx, retain_graph=retain_graph, batched=batched,
                            copies=copies)  # fmt: skip
     return reduce_and_apply(grads, params, m, loss_values, precision=precision)
+
+
+def _indices_of(params: Sequence[Tensor], shared: Sequence[Tensor] | None) -> list[int] | None:
+    """The indices in ``params`` of the ``shared=`` parameters (None: to be discovered)."""
+    if shared is None:
+        return None
+    ids = {id(p) for p in shared}
+    return [i for i, p in enumerate(params) if id(p) in ids]
 
 
 def _chunked(
