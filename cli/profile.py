@@ -92,14 +92,10 @@ def _finish(prof: recon.ConflictProfile, folder: Path, show: int) -> None:
         f"(S = {prof.S:g}, {prof.steps_text()} x {len(prof.pairs)} pairs = max {pairs}"
         f"{', partial' if prof.partial else ''}, discovery: {prof.discovery})"
     )
-    view = top[["score", "conflict_rate", "mean_cos", "params", "type"]].rename(
-        columns={"conflict_rate": "in conflict", "mean_cos": "mean cos"}
+    k = top.attrs["k"]
+    shown = ["score", "conflict_rate", "mean_cos", *(["interference"] if "interference" in top else []), "p_top_k"]
+    view = top[[*shown, "params", "type"]].rename(
+        columns={"conflict_rate": "in conflict", "mean_cos": "mean cos", "p_top_k": f"p(top-{k})"}
     )
-    console.print(
-        frame_table(
-            view,
-            title=title,
-            index="layer",
-            fmt={"in conflict": lambda v: f"{v:.1%}", "mean cos": "+.3f", "params": ","},
-        )
-    )
+    fmt = {"in conflict": lambda v: f"{v:.1%}", "mean cos": "+.3f", "interference": ".3g", f"p(top-{k})": ".2f"}
+    console.print(frame_table(view, title=title, index="layer", fmt={**fmt, "params": ","}))

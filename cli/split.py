@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 import recon
 from cli._common import console, resolve_device
@@ -47,7 +48,7 @@ def split_command(
     _print_summary(plan, plan.extra["time_ratio"])
     warning = plan.extra.get("unstable")
     if warning:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     console.print(
         f"plan and code written to [bold]{run.dir / 'split'}[/]  ·  "
         f"next: [bold]recon train {run.recipe.name} --split latest[/]"

@@ -21,6 +21,7 @@ from recon._profile import ConflictProfile, profile, read_scores_json, sampling_
 from recon._recipe import Recipe, load_recipe
 from recon._report import Report, report
 from recon._runs import Run
+from recon._search import SearchResult, search
 from recon._split import SplitPlan, load_split, shared_parameters, split, task_parameters
 from recon._split_run import split_run
 from recon._train import TrainResult, delta_m, evaluate, seed_everything, train
@@ -35,6 +36,7 @@ __all__ = [
     "ReconError",
     "Report",
     "Run",
+    "SearchResult",
     "SplitPlan",
     "TraceError",
     "TrainResult",
@@ -53,6 +55,7 @@ __all__ = [
     "read_scores_json",
     "sampling_period",
     "report",
+    "search",
     "seed_everything",
     "shared_parameters",
     "split",

@@ -494,15 +494,11 @@ def backward(
     custom = getattr(m, "custom_backward", None) is not None
     if custom or m.kind == "loss" or (m.kind == "representation" and features is not None):
         return _combined_backward(m, tasks, values, loss_values, net, features, step, retain_graph, precision)
-    if m.kind == "representation" and m.requires_features:
-        raise ReconError(
-            f"method {type(m).__name__} needs the shared representation: pass features=z "
-            "(the encoder's output) to recon.backward, or use 'mgda' on the shared parameters"
-        )
+    _check_features(m)
     params = _params_of(net)
     if not params:
         raise ReconError("recon.backward: the model has no parameter that requires grad")
-    shared_idx = _indices_of(params, shared)
+    shared_idx = None if shared is None else _indices_among(params, shared)
     copies = group_copies(net, tasks, params)
     if chunked := _chunked(values, params, shared_idx, m, loss_values, task_chunk, batched, precision, copies):
         return chunked
@@ -512,11 +508,18 @@ def backward(
     return reduce_and_apply(grads, params, m, loss_values, precision=precision)
 
 
-def _indices_of(params: Sequence[Tensor], shared: Sequence[Tensor] | None) -> list[int] | None:
-    """The indices in ``params`` of the ``shared=`` parameters (None: to be discovered)."""
-    if shared is None:
-        return None
-    ids = {id(p) for p in shared}
+def _check_features(m: Any) -> None:
+    """A representation method that needs ``features=`` and got none: say how to call it."""
+    if m.kind == "representation" and m.requires_features:
+        raise ReconError(
+            f"method {type(m).__name__} needs the shared representation: pass features=z "
+            "(the encoder's output) to recon.backward, or use 'mgda' on the shared parameters"
+        )
+
+
+def _indices_among(params: Sequence[Tensor], chosen: Sequence[Tensor]) -> list[int]:
+    """Positions in ``params`` of the tensors in ``chosen`` (by identity)."""
+    ids = {id(p) for p in chosen}
     return [i for i, p in enumerate(params) if id(p) in ids]
 
 

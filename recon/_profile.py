@@ -237,10 +237,11 @@ class ConflictProfile:
         raise the summed task losses and per-task copies of the layer remove (positive: splitting lowers the
         summed losses to first order; negative: the layer carries positive transfer a split would lose).
 
-        Columns: ``score``; ``interference`` when the profile has Gram matrices; ``conflict_rate`` (share of
-        recorded pairs with cos < S), ``mean_cos``; ``p_top_k``: the bootstrap probability that the layer is
-        among the ``k`` highest by ``score`` (:meth:`confidence`; ``k`` defaults to 4, or the number of layers
-        when fewer; ``frame.attrs["k"]`` says which); ``params``, ``type`` and ``tasks``.
+        Columns: ``score``, ``conflict_rate`` (share of recorded pairs with cos < S), ``mean_cos``, ``params``,
+        ``type``, ``tasks``; ``interference`` when the profile has Gram matrices (and ``s_conflict``, the count,
+        when ranking by interference); ``p_top_k``: the bootstrap probability that the layer is among the ``k``
+        highest by ``score`` (:meth:`confidence`; ``k`` defaults to 4, or the number of layers when fewer;
+        ``frame.attrs["k"]`` says which).
         """
         S = self.S if S is None else check_threshold(S)
         if check_score(score) == "interference" and not self.has_gram:
@@ -249,21 +250,21 @@ class ConflictProfile:
         with np.errstate(invalid="ignore", divide="ignore"):
             rate = np.where(valid > 0, below / np.maximum(valid, 1), np.nan)
             mean = np.where(valid > 0, total / np.maximum(valid, 1), np.nan)
-        columns: dict[str, Any] = {"score": below.astype(int)}
+        info = [self.layer_info.get(n, {}) for n in self.layers]
+        columns: dict[str, Any] = {
+            "score": below.astype(int),
+            "conflict_rate": rate,
+            "mean_cos": mean,
+            "params": [int(i.get("params", 0)) for i in info],
+            "type": [i.get("type", "") for i in info],
+            "tasks": [",".join(i.get("tasks", self.tasks)) for i in info],
+        }
         if self.has_gram:
             columns["interference"] = self.interference().sum(axis=1)
             if score == "interference":
-                columns["score"], columns["s_conflict"] = columns["interference"], columns["score"]
+                columns["s_conflict"], columns["score"] = columns["score"], columns["interference"]
         k = min(CONFIDENCE_K if k is None else k, len(self.layers))
-        info = [self.layer_info.get(n, {}) for n in self.layers]
-        columns.update(
-            conflict_rate=rate,
-            mean_cos=mean,
-            p_top_k=self.confidence(k, S, score=score).to_numpy(),
-            params=[int(i.get("params", 0)) for i in info],
-            type=[i.get("type", "") for i in info],
-            tasks=[",".join(i.get("tasks", self.tasks)) for i in info],
-        )
+        columns["p_top_k"] = self.confidence(k, S, score=score).to_numpy()
         frame = pd.DataFrame(columns, index=pd.Index(self.layers, name="layer"))
         frame = frame.sort_values("score", ascending=False, kind="stable")
         frame.attrs.update(score=score, k=k, S=S)

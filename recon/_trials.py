@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import itertools
 import math
 import random
 import statistics
@@ -39,6 +40,7 @@ __all__ = [
     "CostModel",
     "PairedBatches",
     "PairedDifference",
+    "ShortEpochs",
     "TrialResult",
     "TrialSetup",
     "deeper_heads",
@@ -84,6 +86,8 @@ class TrialSetup:
     losses: Mapping[str, Callable]
     metrics: Mapping[str, Mapping[str, tuple[Callable, str]]]
     example_inputs: Any
+    #: ``optimizer(params)``, e.g. a recipe's; None: Adam (lr 1e-3)
+    make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None
 
     @classmethod
     def from_recipe(cls, recipe: Any) -> TrialSetup:
@@ -163,6 +167,18 @@ class PairedBatches:
             return len(self.data())  # type: ignore[arg-type]
         finally:
             _set_state(outer)
+
+
+class ShortEpochs:
+    """``train_data`` cut to its first ``steps`` batches per call: trials shorter than an epoch. Under
+    :class:`PairedBatches` each call draws a new data order, so a shuffling loader gives each short epoch a new
+    random subset (a loader with a fixed generator gives the same first batches each time)."""
+
+    def __init__(self, data: Callable[[], Iterable], steps: int) -> None:
+        self.data, self.steps = data, steps
+
+    def __call__(self) -> Iterable:
+        return itertools.islice(self.data(), self.steps)
 
 
 class _Epoch:
@@ -435,7 +451,10 @@ def run_trial(
     if time_steps and (candidate.spec or candidate.build):
         batch = next(iter(PairedBatches(setup.train_data, seed)()))  # the first training batch
         ratio = step_time_ratio(paired_model(setup, Candidate("unsplit"), seed), net, batch, setup.losses, method)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    if setup.make_optimizer is not None:
+        optimizer = setup.make_optimizer(net.parameters())
+    else:
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     schedule = _schedule(optimizer, epochs, lr_schedule)
     data = PairedBatches(setup.train_data, seed, record=fingerprints is not None)
     start = time.perf_counter()
