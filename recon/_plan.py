@@ -20,6 +20,7 @@ See :func:`plan_split` for the search and what it guarantees.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,7 +34,7 @@ import torch.fx as fx
 from torch import nn
 
 from recon._errors import ReconError
-from recon._graph import _layer_tasks, layer_names, node_layers, node_tasks, output_tasks, to_digraph, trace
+from recon._graph import layer_names, node_layers, node_tasks, output_tasks, tie_groups, tied_parameters, to_digraph
 from recon._split import SplitPlan
 
 __all__ = ["FlopModel", "LayerOption", "budget_curve", "candidate_options", "plan_split", "removed_score"]
@@ -137,16 +138,17 @@ class FlopModel:
         digraph = to_digraph(gm)
         reach = node_tasks(gm, self.tasks, digraph)
         flops = _node_flops(gm, example_inputs)
-        wanted = frozenset(candidates)
+        ties = tie_groups(gm)  # a tied weight is one layer: any of its names reads it
+        names = {member: layer for layer in candidates for member in ties.get(layer, [layer])}
         self.nodes = [n for n in gm.graph.nodes if flops.get(n, 0) > 0]
         self.flops = np.array([flops[n] for n in self.nodes], dtype=np.float64)
         self.runs = [[i for i, t in enumerate(self.tasks) if t in reach[n]] for n in self.nodes]
         index = {n: i for i, n in enumerate(self.nodes)}
         self.downstream: dict[str, set[int]] = {layer: set() for layer in candidates}
         for n in gm.graph.nodes:
-            for layer in node_layers(gm, n, wanted):
+            for member in node_layers(gm, n, frozenset(names)):
                 hit = {n} | nx.descendants(digraph, n)
-                self.downstream[layer] |= {index[m] for m in hit if m in index}
+                self.downstream[names[member]] |= {index[m] for m in hit if m in index}
         self.base = float(self.flops.sum())
 
     def count(self, groups: Mapping[str, Sequence[Sequence[str]]]) -> float:
@@ -171,20 +173,23 @@ class FlopModel:
 
 
 def _node_flops(gm: fx.GraphModule, example_inputs: Any) -> dict[fx.Node, float]:
+    """FLOPs of every node of ``gm`` on ``example_inputs`` (a tensor, a tuple of the forward's arguments,
+    ``(args, kwargs)`` or a dict of them), run in eval mode so that no BatchNorm statistics move."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if isinstance(example_inputs, torch.Tensor):
-        args: list[Any] = [example_inputs]
-    elif isinstance(example_inputs, Mapping):
-        args = [example_inputs[str(p.target)] for p in placeholders if str(p.target) in example_inputs]
-    elif isinstance(example_inputs, (tuple, list)):
-        args = list(example_inputs)
-    else:
+    from recon._capture import _set_modes, example_args
+
+    if not isinstance(example_inputs, (torch.Tensor, Mapping, tuple, list)):
         raise ReconError(
             f"example_inputs must be a tensor, a tuple of the forward's arguments or a dict of them, "
             f"got {type(example_inputs).__name__}"
         )
+    args, kwargs = example_args(example_inputs)
+    try:
+        bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise ReconError(f"example_inputs do not fit the captured forward: {exc}") from exc
+    bound.apply_defaults()
     counts: dict[fx.Node, float] = {}
 
     class Counter(fx.Interpreter):
@@ -194,8 +199,12 @@ def _node_flops(gm: fx.GraphModule, example_inputs: Any) -> dict[fx.Node, float]
             counts[n] = float(mode.get_total_flops())
             return out
 
-    with torch.no_grad():
-        Counter(gm).run(*args)
+    saved = _set_modes(gm, False)
+    try:
+        with torch.no_grad():
+            Counter(gm).run(*bound.arguments.values())
+    finally:
+        _set_modes(gm, saved)
     return counts
 
 
@@ -296,21 +305,32 @@ def _check_budget(value: Any, flag: str, floor: float) -> float | None:
 
 
 def _layer_options(
-    profile: Any, model: nn.Module, groups: str, S: float, leaf_modules: Sequence[Any]
+    profile: Any, captured: Any, groups: str, S: float
 ) -> tuple[fx.GraphModule, list[list[LayerOption]]]:
-    """The traced model and, per profiled shared layer, its candidate options (best partition per group count)."""
-    gm = trace(model, leaf_modules=leaf_modules)
+    """The captured graph and, per profiled shared layer, its candidate options (best partition per group count).
+    A tied weight's layers are one layer (:func:`recon._graph.tie_groups`): its parameters count once."""
+    gm = captured.gm
     tasks = list(output_tasks(gm, profile.tasks))
-    usage = _layer_tasks(gm, tasks, layer_names(model))
+    usage = captured.layer_tasks(tasks, layer_names(gm))
     options = []
     for layer in profile.layers:
         if not layer or len(usage.get(layer, ())) < 2:
             continue
         users = [t for t in tasks if t in usage[layer]]
         counts = profile.conflict_matrix(layer, S, counts=True).loc[tasks, tasks].to_numpy()
-        own = sum(p.numel() for p in model.get_submodule(layer).parameters(recurse=False))
+        own = sum(p.numel() for p in tied_parameters(gm, layer))
         options.append(candidate_options(layer, users, counts, tasks, own, groups))
     return gm, [o for o in options if o]
+
+
+def _capture_for_plan(model: nn.Module, example_inputs: Any, leaves: Sequence[Any]) -> Any:
+    """The command's one capture of ``model`` (with the example batch when there is one: torch.export where fx
+    cannot trace), shared with :func:`recon.split` and the other stages."""
+    from recon._capture import capture
+
+    if not isinstance(model, nn.Module):
+        raise ReconError(f"plan_split needs the model (an nn.Module), got {type(model).__name__}")
+    return capture(model, example_inputs=example_inputs, leaf_modules=leaves)
 
 
 def plan_split(
@@ -360,8 +380,8 @@ def plan_split(
     if budget_flops is not None and example_inputs is None:
         raise ReconError("budget_flops needs example_inputs (the recipe's first batch) to count FLOPs on")
     leaves = list(leaf_modules if leaf_modules is not None else profile.meta.get("leaf_modules", []))
-    work = _frozen_copy(model)
-    gm, options = _layer_options(profile, work, groups, S, leaves)
+    captured = _capture_for_plan(model, example_inputs, leaves)
+    gm, options = _layer_options(profile, captured, groups, S)
     base = sum(p.numel() for p in model.parameters())
     flop_model = None
     if budget_flops is not None:
@@ -387,7 +407,9 @@ def plan_split(
         budget_params=budget_params,
         budget_flops=budget_flops,
         leaf_modules=leaves,
+        concrete_args=captured.concrete_args,
         model_class=type(model).__name__,
+        capture=captured.how,
         extra=extra,
     )
 
@@ -401,15 +423,6 @@ def _top_k_plan(profile: Any, top_k: int, S: float, init: str) -> SplitPlan:
         raise ReconError(f"top-k {top_k} exceeds the {len(ranked)} shared layers; choose k <= {len(ranked)}")
     scores = {str(k): int(v) for k, v in profile.scores(S)["score"].items()}
     return SplitPlan(tasks=list(profile.tasks), layers=ranked[:top_k], init=init, S=S, top_k=top_k, scores=scores)
-
-
-def _frozen_copy(model: nn.Module) -> nn.Module:
-    """A copy in eval mode, so that counting FLOPs moves no BatchNorm statistics of the user's model."""
-    import copy
-
-    if not isinstance(model, nn.Module):
-        raise ReconError(f"plan_split needs the model (an nn.Module), got {type(model).__name__}")
-    return copy.deepcopy(model).eval()
 
 
 def _nothing_fits(options: list[list[LayerOption]], base: int, budget_params: float | None, budget_flops: Any) -> str:
@@ -434,15 +447,17 @@ def budget_curve(
     groups: str = "none",
     S: float | None = None,
     leaf_modules: Sequence[Any] | None = None,
+    example_inputs: Any = None,
 ) -> pd.DataFrame:
     """The most score a split removes for each parameter cost: the exact Pareto front (parameters added,
     score removed) over all plans, one row per point, with the plan's layers. Plot it with
-    :func:`recon.plots.budget_curve_figure` to see where more capacity stops paying."""
+    :func:`recon.plots.budget_curve_figure` to see where more capacity stops paying. ``example_inputs`` (a
+    batch) lets recon capture models fx cannot trace with torch.export, as for :func:`plan_split`."""
     if groups not in GROUPS:
         raise ReconError(f"groups={groups!r} is not one of {list(GROUPS)}")
     S = profile.S if S is None else S
     leaves = list(leaf_modules if leaf_modules is not None else profile.meta.get("leaf_modules", []))
-    _, options = _layer_options(profile, _frozen_copy(model), groups, S, leaves)
+    _, options = _layer_options(profile, _capture_for_plan(model, example_inputs, leaves), groups, S)
     base = sum(p.numel() for p in model.parameters())
     rows = [
         {

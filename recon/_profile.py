@@ -297,6 +297,39 @@ def layer_usage_fx(model: nn.Module, tasks: Sequence[str], leaf_modules: Sequenc
     return captured.layer_tasks(list(tasks), layer_names(model))
 
 
+def layer_usage_captured(
+    model: nn.Module, tasks: Sequence[str], leaf_modules: Sequence[str], data: Any
+) -> tuple[dict[str, frozenset], str]:
+    """``(usage, how)``: per layer, the tasks whose output it reaches in the captured graph, and how it was
+    captured. torch.fx first; where fx fails and the data can be read twice (a function or a re-iterable
+    loader), the first batch is at hand and the model is captured as ``recon split`` will capture it
+    (torch.export, or fx with automatic leaves whose layers autograd attributes on that batch)."""
+    from recon._capture import capture
+    from recon._graph import layer_names
+
+    try:
+        return layer_usage_fx(model, tasks, leaf_modules), "fx"
+    except ReconError:
+        inputs = _first_inputs(data)
+        if inputs is None:
+            raise
+    captured = capture(model, example_inputs=inputs, leaf_modules=tuple(leaf_modules))
+    return captured.layer_tasks(list(tasks), layer_names(model)), captured.how
+
+
+def _first_inputs(data: Any) -> Any:
+    """The inputs of the first batch, when reading it does not use up the data (None otherwise)."""
+    try:
+        source = data() if callable(data) else data
+        iterator = iter(source)
+        if iterator is source:  # a one-shot iterator: peeking would lose a batch
+            return None
+        batch = next(iterator)
+    except Exception:  # noqa: BLE001 - no batch at hand: autograd discovery, as before
+        return None
+    return batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
+
+
 def layer_usage_autograd(names: Sequence[str], users: Sequence[Sequence[str]]) -> dict[str, frozenset]:
     """Per layer, the tasks that give any of its parameters a gradient (autograd fallback for any module);
     ``users[i]``: the tasks whose gradient reached parameter ``names[i]``."""
@@ -508,7 +541,7 @@ def profile(
     )  # fmt: skip
     data = _distributed.shard_data(data, "data")
     try:
-        usage, discovery = layer_usage_fx(model, task_names, leaf_modules), "fx"
+        usage, discovery = layer_usage_captured(model, task_names, leaf_modules, data)
     except (ReconError, ImportError):  # TraceError is a ReconError: fall back to autograd on the first step
         usage, discovery = None, "autograd"
 

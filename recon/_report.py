@@ -524,8 +524,9 @@ def _budget_curves(rep: Report) -> dict[str, pd.DataFrame] | None:
     from recon._recipe import load_recipe
 
     try:
-        model = load_recipe(Run.open(rep.run_dir).recipe).build_model()
-        return {g: budget_curve(rep.profile, model, groups=g, S=rep.S) for g in ("none", "auto")}
+        recipe = load_recipe(Run.open(rep.run_dir).recipe)
+        model, batch = recipe.build_model(), recipe.example_args()  # the batch: export where fx cannot trace
+        return {g: budget_curve(rep.profile, model, groups=g, S=rep.S, example_inputs=batch) for g in ("none", "auto")}
     except (ReconError, OSError, AttributeError, KeyError):
         return None
 
