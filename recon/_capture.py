@@ -51,6 +51,7 @@ from recon._graph import (
     _trace,
     _user_frame,
     first_difference,
+    graph_constants,
     graph_module,
     leaf_names,
     node_keys,
@@ -98,11 +99,7 @@ class Captured:
         """The same graph over ``root``, a deep copy of the captured model (a fresh graph, so that a pass may
         write into ``node.meta``): what :func:`recon.split` rewrites, without capturing the copy again."""
         graph = copy.deepcopy(self.gm.graph)
-        constants = {}
-        for n in graph.nodes:
-            if n.op == "get_attr" and not _reachable(root, str(n.target)):
-                constants[str(n.target)] = _fetch(self.gm, str(n.target))
-        gm = graph_module(root, graph, type(self.gm).__name__, constants)
+        gm = graph_module(root, graph, type(self.gm).__name__, graph_constants(graph, root, self.gm))
         return dataclasses.replace(self, gm=gm)
 
     def layer_tasks(self, tasks: Sequence[str] | None, names: Sequence[str]) -> dict[str, frozenset[str]]:
@@ -142,14 +139,6 @@ def recaptured(gm: fx.GraphModule, meta: Mapping[str, Any] | None, example_input
     meta = meta or {}
     example = example_args(example_inputs) if example_inputs is not None else meta.get("example")
     return Captured(gm, meta.get("capture", "fx"), list(meta.get("leaf_modules") or []), example)
-
-
-def _reachable(root: nn.Module, target: str) -> bool:
-    try:
-        _fetch(root, target)
-    except AttributeError:
-        return False
-    return True
 
 
 def _task_names(gm: fx.GraphModule) -> list[str]:

@@ -29,6 +29,7 @@ from recon._errors import ReconError
 __all__ = [
     "TraceError",
     "adopt_hierarchy",
+    "graph_constants",
     "graph_module",
     "layer_names",
     "layer_tasks",
@@ -734,6 +735,19 @@ def adopt_hierarchy(net: fx.GraphModule, src: nn.Module) -> None:
     net._buffers.update(src._buffers)
     net._buffers.update(fx_buffers)
     net._non_persistent_buffers_set = set(src._non_persistent_buffers_set)
+
+
+def graph_constants(graph: fx.Graph, root: nn.Module, source: nn.Module) -> dict[str, Any]:
+    """``{target: tensor}`` for the ``get_attr`` reads of ``graph`` that ``root`` does not hold (the tensor
+    constants of a captured graph, which live on its ``GraphModule``, ``source``, not on the model)."""
+    constants = {}
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            try:
+                _fetch(root, str(n.target))
+            except AttributeError:
+                constants[str(n.target)] = _fetch(source, str(n.target))
+    return constants
 
 
 def graph_module(

@@ -301,19 +301,21 @@ def layer_usage_captured(
     model: nn.Module, tasks: Sequence[str], leaf_modules: Sequence[str], data: Any
 ) -> tuple[dict[str, frozenset], str]:
     """``(usage, how)``: per layer, the tasks whose output it reaches in the captured graph, and how it was
-    captured. torch.fx first; where fx fails and the data can be read twice (a function or a re-iterable
-    loader), the first batch is at hand and the model is captured as ``recon split`` will capture it
-    (torch.export, or fx with automatic leaves whose layers autograd attributes on that batch)."""
+    captured (``"fx"`` or ``"export"``). Where the data can be read twice (a function or a re-iterable
+    loader) its first batch is at hand and the model is captured as ``recon split`` captures it: torch.fx
+    with the arguments the batch leaves out at their defaults, else torch.export. With leaves (the graph cannot
+    tell which task reaches a parameter inside one) a ReconError: autograd discovers them on the first step."""
     from recon._capture import capture
     from recon._graph import layer_names
+    from recon._outputs import move_to
 
-    try:
+    inputs = _first_inputs(data)
+    if inputs is None:
         return layer_usage_fx(model, tasks, leaf_modules), "fx"
-    except ReconError:
-        inputs = _first_inputs(data)
-        if inputs is None:
-            raise
-    captured = capture(model, example_inputs=inputs, leaf_modules=tuple(leaf_modules))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    captured = capture(model, example_inputs=move_to(inputs, device), leaf_modules=tuple(leaf_modules))
+    if captured.leaves:
+        raise ReconError(f"leaves {captured.leaves}: discover the shared layers with autograd")
     return captured.layer_tasks(list(tasks), layer_names(model)), captured.how
 
 

@@ -46,7 +46,7 @@ from recon._branches import (
 from recon._capture import capture as capture_graph
 from recon._capture import check_outputs, recaptured
 from recon._errors import ReconError
-from recon._graph import LeafSpec, adopt_hierarchy, layer_names, output_tasks
+from recon._graph import LeafSpec, graph_constants, graph_module, layer_names, output_tasks
 from recon._split_analysis import analyse
 from recon._split_emit import emit
 from recon._split_plan import INITS, META_KEY, SplitPlan, plan_of
@@ -160,13 +160,9 @@ def split(
         captured = captured.on(src)
     gm, leaves = captured.gm, captured.leaves
     model_class = prior["model_class"] if prior else type(model).__name__
-    facts = analyse(gm, src, tasks, layers, model_class, captured)
-    branch(src, facts, init)
-    graph = emit(gm, facts)
-
+    facts, graph = _rewrite(gm, src, tasks, layers, model_class, captured, init)
     names = list(facts.groups)
-    net = fx.GraphModule(src, graph, f"{model_class}Split" if names else model_class)
-    adopt_hierarchy(net, src)
+    net = graph_module(src, graph, f"{model_class}Split" if names else model_class, graph_constants(graph, src, gm))
     net.meta[META_KEY] = {  # what plan_of and a later split read back
         "tasks": facts.tasks,
         "layers": (list(prior["layers"]) if prior else []) + names,
@@ -183,6 +179,21 @@ def split(
     if captured.example is not None and init == "copy":  # never hand over a model that computes otherwise
         check_outputs(net, model, captured.example, what="the split model", expected=captured.expected)
     return net
+
+
+def _rewrite(gm: fx.GraphModule, src: nn.Module, tasks: Any, layers: Any, model_class: str, captured: Any, init: str):
+    """The three passes; an error that is not a :class:`ReconError` is reported as one, naming the module."""
+    try:
+        facts = analyse(gm, src, tasks, layers, model_class, captured)
+        branch(src, facts, init)
+        return facts, emit(gm, facts)
+    except ReconError:
+        raise
+    except Exception as exc:  # a bug or a graph recon does not handle: one line, never a raw traceback
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ReconError(
+            f"recon cannot split {model_class} (captured with {captured.how}): {type(exc).__name__}: {first}"
+        ) from exc
 
 
 # -------------------------------------------------------------------------------------------- rebuild
