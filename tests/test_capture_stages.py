@@ -264,7 +264,8 @@ def test_budgets_on_exported_models(kind: str) -> None:
     assert added == plan.extra["params_after"] - base <= 0.3 * base
     with FlopCounterMode(display=False) as flops:
         net.eval()(*x)
-    assert flops.get_total_flops() == pytest.approx(plan.extra["flops_after"]) <= 1.4 * plan.extra["flops_before"]
+    assert flops.get_total_flops() == pytest.approx(plan.extra["flops_after"])
+    assert plan.extra["flops_after"] <= 1.4 * plan.extra["flops_before"]
     curve = recon._plan.budget_curve(prof, model, groups="auto", example_inputs=x)
     assert curve.score_removed.is_monotonic_increasing
 
