@@ -5,7 +5,7 @@ Three ways, tried in this order by :func:`capture` (``mode="auto"``):
 * ``"fx"``: ``torch.fx`` symbolic tracing (:func:`recon._graph.trace_modes`), with the leaves the user names;
   module-level, and it needs no example batch.
 * ``"export"``: ``torch.export.export(model, strict=False)`` on the example batch, with the batch dimension
-  dynamic (``torch.export.Dim``) and the others dynamic where the model allows (``Dim.AUTO``): it records the
+  dynamic (``Dim.AUTO``; integer inputs' other dimensions too, see :func:`_dynamic_dims`): it records the
   operations that really run (aten level), so it captures models that symbolic tracing cannot (``transformers``'
   BERT, ViT, GPT-2: Proxy iteration, item assignment). Every parameter is read through a ``get_attr`` of its own
   path, so a branched layer anywhere in the graph is branched at full granularity. The exported graph is
@@ -23,6 +23,11 @@ Three ways, tried in this order by :func:`capture` (``mode="auto"``):
 Whenever an example batch is known, the captured graph is run against the eager model in eval mode and must
 give the same outputs (:func:`check_outputs`); otherwise the next way is tried, and if none works the error
 names the first output that differs and its likely cause. No broken model is ever returned.
+
+One capture serves a whole command (:func:`capture` keeps it per model, batch and options while the model is
+unchanged); :meth:`Captured.on` moves it onto the copy that :func:`recon.split` rewrites. Forward arguments the
+batch leaves out are captured at their defaults and guarded (:func:`fixed_argument`). docs/capture.md says
+all this for users.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import recon._capture as capture_module
 from recon._capture import capture
 from recon._errors import ReconError
 from recon._split import load_split, plan_of, shared_parameters, split, task_parameters
-from tests.libmtl_models import HPS, MMoE, DSelectK, images
+from tests.libmtl_models import HPS, DSelectK, MMoE, images
 from tests.models import ResNet
 
 transformers = pytest.importorskip("transformers")
@@ -191,7 +191,8 @@ class BagExperts(nn.Module):
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor, dense: torch.Tensor) -> dict[str, torch.Tensor]:
         z = torch.cat([self.bag(ids, offsets), self.dense(dense)], -1)
         experts = torch.stack([e(z) for e in self.experts], 1)
-        return {t: self.towers[t]((torch.softmax(self.gates[t](z), -1)[..., None] * experts).sum(1)) for t in self.tasks}
+        gates = {t: torch.softmax(self.gates[t](z), -1)[..., None] for t in self.tasks}
+        return {t: self.towers[t]((gates[t] * experts).sum(1)) for t in self.tasks}
 
 
 def _tokens(n: int = 30, batch: int = 3, seq: int = 8) -> tuple:
