@@ -382,7 +382,9 @@ def check_outputs(
         "likely cause: Python-level tests on traced values (isinstance(x, list) on a leaf's output, "
         "len() or tensor values steering Python branches), or data-dependent control flow"
     )
-    saved = (_set_modes(candidate, False), _set_modes(reference, False))
+    # the reference first and restored last: a captured graph shares the model's modules, and the modes the
+    # model had must come back (a profile that goes on in eval mode would use BatchNorm's running statistics)
+    saved = (_set_modes(reference, False), _set_modes(candidate, False))
     try:
         with torch.no_grad():
             want = reference(*args, **kwargs) if expected is None else expected
@@ -392,8 +394,8 @@ def check_outputs(
                 first = (str(exc).strip().splitlines() or [""])[0]
                 raise ReconError(f"{what} fails on the example batch: {type(exc).__name__}: {first}; {cause}") from exc
     finally:
-        _set_modes(candidate, saved[0])
-        _set_modes(reference, saved[1])
+        _set_modes(candidate, saved[1])
+        _set_modes(reference, saved[0])
     want_leaves, want_spec = pytree.tree_flatten_with_path(want)
     got_leaves, got_spec = pytree.tree_flatten_with_path(got)
     if want_spec != got_spec:
@@ -624,14 +626,18 @@ def _fold_module_calls(graph: fx.Graph, model: nn.Module) -> None:
 
 
 def _fold(graph: fx.Graph, path: str, nodes: list[fx.Node]) -> None:
+    """One ``call_module`` for the nodes of one call of ``path``, if they take one tensor and give one. Shape
+    arithmetic (``sym_size``, the batch-size checks BatchNorm makes in train mode only) is neither an input nor
+    an output: the train and eval calls of one module fold alike, whatever ATen variant each mode recorded."""
     inside = set(nodes)
     own = path + "."
     inputs: list[fx.Node] = []
     for n in nodes:
         for a in n.all_input_nodes:
-            if a not in inside and not (a.op == "get_attr" and str(a.target).startswith(own)) and a not in inputs:
+            owned = a.op == "get_attr" and str(a.target).startswith(own)
+            if a not in inside and not owned and not _scalar(a) and a not in inputs:
                 inputs.append(a)
-    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    outputs = [n for n in nodes if not _scalar(n) and any(u not in inside for u in n.users)]
     if len(inputs) != 1 or len(outputs) != 1:
         return
     out = outputs[0]
@@ -640,7 +646,14 @@ def _fold(graph: fx.Graph, path: str, nodes: list[fx.Node]) -> None:
     call.meta = dict(out.meta)
     out.replace_all_uses_with(call)
     for n in reversed(nodes):
-        graph.erase_node(n)
+        if not n.users:  # shape arithmetic that later nodes still read stays
+            graph.erase_node(n)
+
+
+def _scalar(node: fx.Node) -> bool:
+    """A node whose value is a (symbolic) number, not a tensor: shape arithmetic of an exported graph."""
+    value = node.meta.get("val")
+    return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
 
 
 def _follow_modes(
