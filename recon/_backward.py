@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from recon import _distributed
 from recon._errors import NonFiniteLossError, ReconError
+from recon._usage import Copies, UsageClass, group_copies, order_by_class, solve, solve_classes, usage_classes
 
 __all__ = ["BackwardResult", "backward"]
 
@@ -147,7 +148,9 @@ class TaskGradients:
       ``None`` when nothing is shared;
     * ``rows[k][i]``: task k's gradient of non-shared parameter i (``None`` where task k does not reach it);
     * ``own``: the ``(parameter, task)`` pairs with a gradient in ``rows``;
-    * ``users``: per parameter, the tasks that reached it (only when the partition was discovered this step).
+    * ``users``: per parameter, the tasks that reached it (only when the partition was discovered this step);
+    * ``classes``: the usage classes of group copies (:mod:`recon._usage`), J's last column spans; the columns
+      before the first one are the global solve's. Empty for unsplit models and per-task splits.
     """
 
     J: Tensor | None
@@ -155,6 +158,7 @@ class TaskGradients:
     own: list[tuple[int, int]]
     shared_idx: list[int]
     users: list[tuple[int, ...]] | None = None
+    classes: list[UsageClass] = field(default_factory=list)
 
     def tensors(self) -> list[Tensor]:
         """Every gradient tensor held (for one all-reduce under torchrun)."""
@@ -164,12 +168,12 @@ class TaskGradients:
 Batched = Literal["auto"] | bool
 
 
-def _wants_batched(batched: Batched, params: Sequence[Tensor]) -> bool:
+def _wants_batched(batched: Batched, params: Sequence[Tensor], group: Any = None) -> bool:
     if batched is False or not params:
         return False
     if batched == "auto" and params[0].device.type != "cuda":
         return False
-    return not _batched.failed(params)
+    return not _batched.failed(params, group)
 
 
 @dataclass
@@ -188,10 +192,11 @@ class _BatchedGradients:
     """The K task gradients in one vectorised backward pass, remembering per model whether vmap runs."""
 
     def __init__(self) -> None:
-        self._memos: dict[int, tuple[weakref.ref, _Memo]] = {}  # id(first parameter) -> (its weakref, memo)
+        # (id(first parameter), group of tasks) -> (its weakref, memo); a chunk of tasks is its own group
+        self._memos: dict[tuple[int, Any], tuple[weakref.ref, _Memo]] = {}
 
-    def _memo(self, params: Sequence[Tensor]) -> _Memo:
-        key = id(params[0])
+    def _memo(self, params: Sequence[Tensor], group: Any = None) -> _Memo:
+        key = (id(params[0]), group)
         ref, memo = self._memos.get(key, (None, None))
         if ref is None or ref() is not params[0] or memo.n_params != len(params):
             self._memos = {k: v for k, v in self._memos.items() if v[0]() is not None}  # forget dead models
@@ -199,17 +204,23 @@ class _BatchedGradients:
             self._memos[key] = (weakref.ref(params[0]), memo)
         return memo
 
-    def failed(self, params: Sequence[Tensor]) -> bool:
-        return self._memo(params).failed
+    def failed(self, params: Sequence[Tensor], group: Any = None) -> bool:
+        return self._memo(params, group).failed
 
     def gradients(
-        self, values: Sequence[Tensor], params: Sequence[Tensor], shared_idx: Sequence[int] | None, retain: bool
+        self,
+        values: Sequence[Tensor],
+        params: Sequence[Tensor],
+        shared_idx: Sequence[int] | None,
+        retain: bool,
+        copies: Copies,
+        group: Any = None,
     ) -> TaskGradients:
-        memo = self._memo(params)
+        memo = self._memo(params, group)
         wanted = None if shared_idx is None else list(shared_idx)
         stale = wanted != memo.found if wanted is not None else not memo.discovered
         if memo.users is None or stale:  # learn the partition with the K passes, once
-            grads = _sequential(values, params, shared_idx, retain)
+            grads = _sequential(values, params, shared_idx, retain, copies)
             K = len(values)
             memo.discovered, memo.found = wanted is None, grads.shared_idx
             memo.users = grads.users or [
@@ -230,7 +241,7 @@ class _BatchedGradients:
                 RuntimeWarning,
                 stacklevel=3,
             )
-            return _sequential(values, params, shared_idx, retain)
+            return _sequential(values, params, shared_idx, retain, copies)
         return _from_batch(batch, params, memo.found, memo.users, discovered=shared_idx is None)
 
 
@@ -287,6 +298,8 @@ def task_gradients(
     shared_idx: Sequence[int] | None = None,
     retain_graph: bool = False,
     batched: Batched = "auto",
+    copies: Copies | None = None,
+    group: Any = None,
 ) -> TaskGradients:
     """The K tasks' gradients w.r.t. ``params``: one backward pass per task, or one batched pass.
 
@@ -302,17 +315,32 @@ def task_gradients(
     CUDA and runs the K passes on other devices; ``False`` never. The first call on a model runs the K passes
     once to learn which tasks reach which parameter (batched gradients are zeros, not ``None``, where a task
     does not reach); that partition is then kept. Where vmap cannot run the backward (some in-place ops,
-    custom autograd functions), the model falls back to the K passes for good, with one warning.
+    custom autograd functions), the model falls back to the K passes for good, with one warning. ``group``
+    names which tasks ``values`` are when they are a chunk of them (:mod:`recon._chunks`): each chunk keeps its
+    own partition.
+
+    ``copies``: ``{parameter index: task indices}`` of the group copies (:func:`recon._usage.group_copies`); J's
+    columns are then ordered ``[global | usage class 1 | ...]`` and ``classes`` gives the classes' spans.
     """
     if batched not in ("auto", True, False):
         raise ReconError(f"batched={batched!r} is not one of 'auto', True, False")
-    if _wants_batched(batched, params):
-        return _batched.gradients(values, params, shared_idx, retain_graph)
-    return _sequential(values, params, shared_idx, retain_graph)
+    copies = copies or {}
+    if shared_idx is not None and copies:
+        shared_idx = order_by_class(shared_idx, copies)
+    if _wants_batched(batched, params, group):
+        grads = _batched.gradients(values, params, shared_idx, retain_graph, copies, group)
+    else:
+        grads = _sequential(values, params, shared_idx, retain_graph, copies)
+    grads.classes = usage_classes(grads.shared_idx, copies, params)
+    return grads
 
 
 def _sequential(
-    values: Sequence[Tensor], params: Sequence[Tensor], shared_idx: Sequence[int] | None, retain_graph: bool
+    values: Sequence[Tensor],
+    params: Sequence[Tensor],
+    shared_idx: Sequence[int] | None,
+    retain_graph: bool,
+    copies: Copies,
 ) -> TaskGradients:
     """:func:`task_gradients` with one backward pass per task."""
     K = len(values)
@@ -323,6 +351,7 @@ def _sequential(
         ]
         users = [tuple(k for k in range(K) if grads[k][i] is not None) for i in range(len(params))]
         found, own = _partition(grads, len(params))
+        found = order_by_class(found, copies)
         J = _matrix_for(K, [params[i] for i in found]) if found else None
         if J is not None:
             for k in range(K):
@@ -413,6 +442,7 @@ def backward(
     retain_graph: bool = False,
     batched: Batched = "auto",
     precision: Any = None,
+    task_chunk: int | None = None,
 ) -> BackwardResult:
     """Fill ``.grad`` of ``net``'s parameters for one multi-task step with ``method``.
 
@@ -422,6 +452,9 @@ def backward(
     * Parameters used by exactly one task (heads, per-task branches of a split model) get that task's own
       gradient, untouched by the method.
     * Parameters used by no task are left alone.
+    * A copy of a layer split by a task partition, used by the tasks of group G, gets the method applied to G's
+      tasks alone (``mean``: G's mean gradient), one solve per usage class (:mod:`recon._usage`); parameters
+      in no copy keep the global solve over all K tasks. Copies are found in ``net``'s modules.
 
     The partition is found with autograd, one backward per task over all parameters
     (``torch.autograd.grad(L_k, params, allow_unused=True)``), so it works on any module, including the
@@ -448,7 +481,7 @@ def backward(
     the combined loss (the others) before the backward passes; the gradients are unscaled before any method
     sees them and ``.grad`` ends unscaled (so ``.grad`` must be empty before the call, as with
     ``GradScaler.unscale_``). A step with inf/NaN gradients leaves ``result.finite`` False: skip its
-    optimizer step.
+    optimizer step. ``task_chunk``: task gradients made that many tasks at a time (:mod:`recon._chunks`).
     Returns a :class:`BackwardResult` (weights, shared parameters, loss values, finite).
     """
     from recon.methods import resolve  # late: recon.methods imports this module's package
@@ -461,21 +494,48 @@ def backward(
     custom = getattr(m, "custom_backward", None) is not None
     if custom or m.kind == "loss" or (m.kind == "representation" and features is not None):
         return _combined_backward(m, tasks, values, loss_values, net, features, step, retain_graph, precision)
+    _check_features(m)
+    params = _params_of(net)
+    if not params:
+        raise ReconError("recon.backward: the model has no parameter that requires grad")
+    shared_idx = None if shared is None else _indices_among(params, shared)
+    copies = group_copies(net, tasks, params)
+    chunked = _chunked(values, params, shared_idx, m, loss_values, task_chunk, batched, precision, copies)
+    if chunked is not None:
+        return chunked
+    scaled = precision.scale(values) if precision is not None else values
+    grads = task_gradients(scaled, params, shared_idx=shared_idx, retain_graph=retain_graph, batched=batched,
+                           copies=copies)  # fmt: skip
+    return reduce_and_apply(grads, params, m, loss_values, precision=precision)
+
+
+def _check_features(m: Any) -> None:
+    """A representation method that needs ``features=`` and got none: say how to call it."""
     if m.kind == "representation" and m.requires_features:
         raise ReconError(
             f"method {type(m).__name__} needs the shared representation: pass features=z "
             "(the encoder's output) to recon.backward, or use 'mgda' on the shared parameters"
         )
-    params = _params_of(net)
-    if not params:
-        raise ReconError("recon.backward: the model has no parameter that requires grad")
-    shared_idx = None
-    if shared is not None:
-        ids = {id(p) for p in shared}
-        shared_idx = [i for i, p in enumerate(params) if id(p) in ids]
-    scaled = precision.scale(values) if precision is not None else values
-    grads = task_gradients(scaled, params, shared_idx=shared_idx, retain_graph=retain_graph, batched=batched)
-    return reduce_and_apply(grads, params, m, loss_values, precision=precision)
+
+
+def _indices_among(params: Sequence[Tensor], chosen: Sequence[Tensor]) -> list[int]:
+    """Positions in ``params`` of the tensors in ``chosen`` (by identity)."""
+    ids = {id(p) for p in chosen}
+    return [i for i, p in enumerate(params) if id(p) in ids]
+
+
+def _chunked(
+    values: list[Tensor], params: list[Tensor], shared_idx: list[int] | None, m: Any, loss_values: Tensor,
+    task_chunk: int | None, batched: Batched, precision: Any, copies: Copies,
+) -> BackwardResult | None:  # fmt: skip
+    """:func:`backward` with task gradients in chunks (:mod:`recon._chunks`), or None where it does not apply: no
+    ``task_chunk``, the shared parameters not given, fp16 loss scaling, torchrun or group copies (they expect
+    one J)."""
+    if task_chunk is None or shared_idx is None or precision is not None or _distributed.active() or copies:
+        return None
+    from recon._chunks import chunked_backward  # late: recon._chunks imports this module
+
+    return chunked_backward(values, params, shared_idx, m, loss_values, size=task_chunk, batched=batched)
 
 
 def _combined_backward(
@@ -546,30 +606,28 @@ def apply_task_gradients(
             f"{type(m).__name__} does not aggregate per-task gradients; use a gradient method "
             "(e.g. mean, pcgrad, cagrad) here"
         )
-    J, own = grads.J, grads.own
-    tasks = range(len(grads.rows))
-    shared_idx = grads.shared_idx
+    J, own, classes = grads.J, grads.own, grads.classes
+    shared_params = tuple(params[i] for i in grads.shared_idx)
     grads.J = None
-    shared_params = tuple(params[i] for i in shared_idx)
     weights: Tensor | None = None
     with torch.no_grad():
         if J is not None:
-            if m.kind == "representation":  # gradnorm on the shared parameters
+            n_global = classes[0].first if classes else len(shared_params)
+            if m.kind == "representation" and classes:  # gradnorm: its task weights from all shared columns
                 weights = m(loss_values, J).to(J.dtype)
-                update = weights @ J
-            else:
-                update = m(J)
-                weights = m.last_weights
-            if not isinstance(update, Tensor) or update.shape != (J.shape[1],):
-                got = tuple(update.shape) if isinstance(update, Tensor) else type(update).__name__
-                raise ReconError(
-                    f"the method returned {got} for a ({J.shape[0]}, {J.shape[1]}) gradient matrix; "
-                    f"it must return a ({J.shape[1]},) update"
-                )
-            _write_update(update.detach(), shared_params)
-            del J, update
+                _write_update(weights @ J[:, : classes[0].start], shared_params[:n_global])
+            elif n_global:  # the parameters in no group copy: the method over all K tasks, on their columns
+                update, weights = solve(m, J[:, : classes[0].start] if classes else J, loss_values)
+                _write_update(update.detach(), shared_params[:n_global])
+                del update
+            if classes:
+                names = m.tasks or tuple(f"task{k}" for k in range(len(grads.rows)))
+                updates = solve_classes(m, J, classes, names, loss_values, weights)
+                for c, update in zip(classes, updates, strict=True):
+                    _write_update(update.detach(), shared_params[c.first : c.last])
+            del J
         elif m.kind == "representation":
-            weights = torch.ones(len(tasks), dtype=loss_values.dtype, device=loss_values.device)
+            weights = torch.ones(len(grads.rows), dtype=loss_values.dtype, device=loss_values.device)
         for i, k in own:
             g = grads.rows[k][i]
             if m.kind == "representation" and weights is not None:

@@ -19,7 +19,7 @@ from recon._codegen import generated_code
 from recon._errors import ReconError
 from recon._outputs import call_model, move_to, task_outputs
 from recon._plan import choose_layers, parse_budget
-from recon._profile import check_threshold
+from recon._profile import check_score, check_threshold
 from recon._recipe import Recipe, compute_losses, load_recipe
 from recon._runs import Run
 from recon._split import INITS, SplitPlan, split
@@ -39,12 +39,15 @@ def split_run(
     leaf_modules: tuple[str, ...] | list[str] = (),
     device: torch.device | str = "cpu",
     force: bool = False,
+    score: str = "s-conflict",
 ) -> tuple[Run, SplitPlan]:
     """Branch a run's layers and write ``split/plan.json``, ``split/model.py`` and ``split/network.png``.
 
     ``run_dir``: the run folder (default: the latest under ``runs/``). The layers come from ``layers``
     (comma-separated names), ``scores`` (an official scores.json) with ``top_k``, the stored profile's ``top_k``
-    (rescored at ``S`` when given), or the budgets (``recon.plan_split``; ``groups="auto"`` chooses task groups).
+    (rescored at ``S`` when given), or the budgets (``recon.plan_split``; ``groups="auto"`` chooses task groups);
+    ``score`` ranks the profile's layers: ``"s-conflict"`` (the paper's) or ``"interference"``. The plan records
+    the score and each chosen layer's ``p_top_k`` (bootstrap over the profile's steps).
     ``leaf_modules`` defaults to those the profile was traced with. The plan's ``extra`` records the parameter
     counts before and after and ``time_ratio``: the median forward+backward time of the split model over the
     original's on the first training batch, on ``device``. Returns the run and the plan it wrote (docs/cli.md,
@@ -54,6 +57,7 @@ def split_run(
         raise ReconError(f"--init {init!r} is not one of {list(INITS)}")
     if S is not None:
         check_threshold(S)
+    check_score(score)
     run = Run.open(run_dir)
     folder = run.dir / "split"
     if folder.exists() and any(folder.iterdir()) and not force:
@@ -68,7 +72,7 @@ def split_run(
     budgets = (_budget(budget_params, "--budget-params"), _budget(budget_flops, "--budget-flops"))
     how = choose_layers(
         run.dir / "profile", top_k=top_k, S=S, layers=layers, scores=scores, budget_params=budgets[0],
-        budget_flops=budgets[1], groups=groups, model=model, example_inputs=example_args(inputs),
+        budget_flops=budgets[1], groups=groups, model=model, example_inputs=example_args(inputs), score=score,
     )  # fmt: skip
     leaves = list(leaf_modules) or how.leaf_modules  # default: the leaves the profile was traced with
     # one capture serves the plan, the split and the figure (recon._capture keeps it for this model and batch)
@@ -124,6 +128,8 @@ def _record(how, net, model, top_k, init, budgets, sizes: tuple[int, int], ratio
             "time_ratio": None if ratio is None else round(ratio, 4),
             "branches": meta["branches"],
             **{k: budget[k] for k in ("removed", "params_added", "flops_before", "flops_after") if k in budget},
+            **({"score": how.score} if how.score is not None else {}),
+            **how.confidence,
         },
     )
 
