@@ -470,13 +470,21 @@ def export_graph(model: nn.Module, example: tuple[tuple, dict], fixed: Mapping[s
         train = _rebuild(model, _export(model, kwargs, dynamic), names)
         _set_modes(model, False)
         evaluation = _rebuild(model, _export(model, kwargs, dynamic), names)
+        for graph, _ in (train, evaluation):
+            _fold_module_calls(graph, model)
+        graph, constants = train
+        _follow_modes(graph, evaluation[0], model, constants, evaluation[1])
+        return graph_module(model, graph, type(model).__name__, constants)
+    except ReconError:
+        raise
+    except Exception as exc:  # a graph recon does not handle: one line naming the model, never a raw traceback
+        first = (str(exc).strip().splitlines() or [""])[0]
+        where = _user_frame(exc)
+        at = f" at {where[0]}:{where[1]} `{where[2]}`" if where else ""
+        name = type(model).__name__
+        raise ReconError(f"recon cannot use the exported graph of {name}{at}: {type(exc).__name__}: {first}") from exc
     finally:
         _set_modes(model, saved)
-    for graph, _ in (train, evaluation):
-        _fold_module_calls(graph, model)
-    graph, constants = train
-    _follow_modes(graph, evaluation[0], model, constants, evaluation[1])
-    return graph_module(model, graph, type(model).__name__, constants)
 
 
 def _named_inputs(

@@ -277,6 +277,7 @@ def test_batchnorm_resnet_through_export_in_train_and_eval() -> None:
     reference = ResNet()
     reference.load_state_dict(model.state_dict())
     net = split(model, ["layer2.1.conv1"], init="copy", example_inputs=(x,), capture="export")
+    assert all(m.training for m in model.modules())  # the capture gave the model its modes back
     bn = net.get_submodule("layer1.0.bn1")
     before = bn.running_mean.clone()
     net.train()
