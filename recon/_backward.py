@@ -507,8 +507,7 @@ def backward(
         raise ReconError("recon.backward: the model has no parameter that requires grad")
     shared_idx = _indices_of(params, shared)
     copies = group_copies(net, tasks, params)
-    chunked = _chunked(values, params, shared_idx, m, loss_values, task_chunk, batched, precision, copies)
-    if chunked is not None:
+    if chunked := _chunked(values, params, shared_idx, m, loss_values, task_chunk, batched, precision, copies):
         return chunked
     scaled = precision.scale(values) if precision is not None else values
     grads = task_gradients(scaled, params, shared_idx=shared_idx, retain_graph=retain_graph, batched=batched,
