@@ -511,9 +511,7 @@ def _profile_section(w: _Writer, rep: Report, cosines: Mapping[str, Any], from_p
     )
     w.figure(
         "scores.png",
-        lambda: plots.score_bars(
-            prof, k=(rep.plan or {}).get("top_k"), S=S, branched=branched or None, score=rep.score
-        ),
+        lambda: plots.score_bars(prof, k=_confidence_k(rep.plan), S=S, branched=branched or None, score=rep.score),
         f"{_SCORE_NAMES[rep.score]} per shared layer, highest first"
         + ("; the branched layers are marked." if branched else "."),
     )
@@ -532,6 +530,11 @@ def _profile_section(w: _Writer, rep: Report, cosines: Mapping[str, Any], from_p
         )
     if from_profile_only:
         _distribution_figure(w, cosines, S)
+
+
+def _confidence_k(plan: Mapping[str, Any] | None) -> int | None:
+    """The k of the report's ``p(top-k)``: the plan's (its ``confidence_k``, else ``top_k``); None: the default."""
+    return (plan or {}).get("confidence_k") or (plan or {}).get("top_k") or None
 
 
 _SCORE_NAMES = {"s-conflict": "S-conflict score", "interference": "interference"}
@@ -677,7 +680,7 @@ def _tables(got: _Contents, S: float) -> Report:
         rep.score = "s-conflict"
     score_format = _plain_int if rep.score == "s-conflict" else _num
     if prof is not None and prof.layers and prof.steps:
-        k = (got.plan or {}).get("confidence_k") or (got.plan or {}).get("top_k") or None
+        k = _confidence_k(got.plan)
         rep.scores = _scores_table(prof, S, list((got.plan or {}).get("layers", [])), rep.score, k)
         p_format = dict.fromkeys([c for c in rep.scores if c.startswith("p(top-")], ".2f")
         rep.formats["scores"] = {"in conflict": _pct, "mean cos": "+.3f", "params": ",", "interference": _num}
