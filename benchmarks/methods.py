@@ -22,7 +22,9 @@ events (tracemalloc does not see torch's allocator, and the resident set hides r
 ``--splits`` times one whole training step (forward, ``recon.backward``, SGD step) of a K=4 MLP trunk with four
 heads, side by side: unsplit, the last two trunk layers split per task, and the same layers split by task groups
 (``{[t0, t1], [t2, t3]}`` and ``{[t0, t1, t2], [t3]}``: three usage classes, each solved with the method on its
-own group's tasks), for mean, pcgrad and cagrad; ratios to unsplit are medians of per-round ratios.
+own group's tasks), for mean, pcgrad and cagrad; ratios to unsplit are medians of per-round ratios. The Python
+function calls of one step (``sys.setprofile``) are counted too: a measure of the interpreter's work per step
+that, unlike the times, the load of a shared machine does not disturb.
 """
 
 from __future__ import annotations
@@ -305,11 +307,30 @@ def _split_rows(methods: list[str], reps: int, width: int, K: int = 4) -> list[d
             fns[label] = step
         t = timed(fns, reps)
         row = {"method": name, "width": width, **{k: min(v) for k, v in t.items()}}
+        row["calls"] = {k: _python_calls(fn) for k, fn in fns.items()}
         row |= {f"{k}/unsplit": paired_ratio(t[k], t["unsplit"]) for k in ("per-task", "groups")}
         row["groups/per-task"] = paired_ratio(t["groups"], t["per-task"])
         row["params"] = {k: sum(p.numel() for p in n.parameters()) for k, n in nets.items()}
         rows.append(row)
     return rows
+
+
+def _python_calls(fn: Callable[[], object]) -> int:
+    """Python function calls in one run of ``fn`` (``sys.setprofile``): the interpreter's work per step, a count
+    that the machine's load does not change."""
+    count = 0
+
+    def profile(frame: object, event: str, arg: object) -> None:
+        nonlocal count
+        if event == "call":
+            count += 1
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return count
 
 
 def report_splits(rows: list[dict], markdown: bool) -> None:
@@ -327,6 +348,7 @@ def report_splits(rows: list[dict], markdown: bool) -> None:
             ("per-task/unsplit", lambda r: _fmt(r["per-task/unsplit"])),
             ("groups/unsplit", lambda r: _fmt(r["groups/unsplit"])),
             ("groups/per-task", lambda r: _fmt(r["groups/per-task"])),
+            ("Python calls unsplit / per-task / groups", lambda r: " / ".join(str(v) for v in r["calls"].values())),
         ],
     )
     _print_tables([(title, header, table)], markdown)

@@ -460,9 +460,8 @@ def backward(
     * Parameters used by exactly one task (heads, per-task branches of a split model) get that task's own
       gradient, untouched by the method.
     * Parameters used by no task are left alone.
-    * A copy of a layer split by a task partition, used by the tasks of group G, gets the method applied to G's
-      tasks alone (``mean``: G's mean gradient), one solve per usage class (:mod:`recon._usage`); parameters
-      in no copy keep the global solve over all K tasks. Copies are found in ``net``'s modules.
+    * A layer copy used by a task group G (``recon.split`` with groups) gets the method on G's tasks alone
+      (``mean``: G's mean), one solve per usage class (:mod:`recon._usage`; copies are found in ``net``).
 
     The partition is found with autograd, one backward per task over all parameters
     (``torch.autograd.grad(L_k, params, allow_unused=True)``), so it works on any module, including the
@@ -508,8 +507,7 @@ def backward(
         raise ReconError("recon.backward: the model has no parameter that requires grad")
     shared_idx = _indices_of(params, shared)
     copies = group_copies(net, tasks, params)
-    chunked = _chunked(values, params, shared_idx, m, loss_values, task_chunk, batched, precision, copies)
-    if chunked is not None:
+    if chunked := _chunked(values, params, shared_idx, m, loss_values, task_chunk, batched, precision, copies):
         return chunked
     scaled = precision.scale(values) if precision is not None else values
     grads = task_gradients(scaled, params, shared_idx=shared_idx, retain_graph=retain_graph, batched=batched,

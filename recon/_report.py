@@ -572,8 +572,10 @@ def _budget_curves(rep: Report) -> dict[str, pd.DataFrame] | None:
     from recon._recipe import load_recipe
 
     try:
-        model = load_recipe(Run.open(rep.run_dir).recipe).build_model()
-        return {g: budget_curve(rep.profile, model, groups=g, S=rep.S, score=rep.score) for g in ("none", "auto")}
+        recipe = load_recipe(Run.open(rep.run_dir).recipe)
+        model, batch = recipe.build_model(), recipe.example_args()  # the batch: export where fx cannot trace
+        how = {"S": rep.S, "score": rep.score, "example_inputs": batch}
+        return {g: budget_curve(rep.profile, model, groups=g, **how) for g in ("none", "auto")}
     except (ReconError, OSError, AttributeError, KeyError):
         return None
 
