@@ -405,8 +405,9 @@ class Report:
         scores: one row per shared layer (index ``layer``): rank, score (``score``: the plan's, S-conflict by
             default), share of cosines below S (``in conflict``), mean cosine, the other score when the profile
             has Gram matrices (``interference`` or ``S-conflict``), ``p(top-k)`` (bootstrap over the profiled
-            steps, :meth:`recon.ConflictProfile.confidence`; k: the plan's ``confidence_k``, else 4), parameters,
-            module type, whether the plan branches it. None without a profile that holds steps and layers.
+            steps, :meth:`recon.ConflictProfile.confidence`; k: the plan's ``confidence_k`` or ``top_k``, else
+            4), parameters, module type, whether the plan branches it. None without a profile that holds steps
+            and layers.
         branched: the split plan's layers in order (index ``layer``), with score, ``p(top-k)`` (when the plan
             records it), copies and the parameters the copies add. None without a plan; empty when the plan
             branches nothing.
@@ -510,9 +511,7 @@ def _profile_section(w: _Writer, rep: Report, cosines: Mapping[str, Any], from_p
     )
     w.figure(
         "scores.png",
-        lambda: plots.score_bars(
-            prof, k=(rep.plan or {}).get("top_k"), S=S, branched=branched or None, score=rep.score
-        ),
+        lambda: plots.score_bars(prof, k=_confidence_k(rep.plan), S=S, branched=branched or None, score=rep.score),
         f"{_SCORE_NAMES[rep.score]} per shared layer, highest first"
         + ("; the branched layers are marked." if branched else "."),
     )
@@ -533,19 +532,35 @@ def _profile_section(w: _Writer, rep: Report, cosines: Mapping[str, Any], from_p
         _distribution_figure(w, cosines, S)
 
 
+def _confidence_k(plan: Mapping[str, Any] | None) -> int | None:
+    """The k of the report's ``p(top-k)``: the plan's (its ``confidence_k``, else ``top_k``); None: the default."""
+    return (plan or {}).get("confidence_k") or (plan or {}).get("top_k") or None
+
+
 _SCORE_NAMES = {"s-conflict": "S-conflict score", "interference": "interference"}
 
 
 def _score_prose(rep: Report) -> list[str]:
-    """What the scores table's columns mean, and the plan's stability warning."""
-    k = next((c for c in rep.scores if c.startswith("p(top-")), "p(top-k)") if rep.scores is not None else "p(top-k)"
-    lines = [
-        "`interference` is the mean over steps of the sum over task pairs of `-<g_i, g_j>` on the layer: positive, "
-        "per-task copies lower the summed losses to first order; negative, the layer carries positive transfer. "
-        f"`{k}` is the share of 1,000 bootstrap resamples of the profiled steps in which the layer ranks in the "
-        f"top {k[6:-1]} by {_SCORE_NAMES[rep.score]}. The table is sorted by {_SCORE_NAMES[rep.score]}.",
-        "",
-    ]
+    """What the scores table's columns beyond S-conflict mean (only those it has), and the plan's stability
+    warning."""
+    columns = list(rep.scores.columns) if rep.scores is not None else []
+    p_column = next((c for c in columns if c.startswith("p(top-")), None)
+    text = []
+    if rep.score == "interference" or "interference" in columns:
+        what = "`score`" if rep.score == "interference" else "`interference`"
+        text.append(
+            f"{what} is the interference: the mean over steps of the sum over task pairs of `-<g_i, g_j>` on the "
+            "layer (positive: per-task copies lower the summed losses to first order; negative: the layer carries "
+            "positive transfer)."
+        )
+    if p_column:
+        k = p_column[len("p(top-") : -1]
+        text.append(
+            f"`{p_column}` is the share of 1,000 bootstrap resamples of the profiled steps in which the layer "
+            f"ranks in the top {k} by {_SCORE_NAMES[rep.score]}."
+        )
+    text.append(f"The table is sorted by {_SCORE_NAMES[rep.score]}.")
+    lines = [" ".join(text), ""]
     if rep.plan and rep.plan.get("unstable"):
         lines += [f"**Warning:** {rep.plan['unstable']}.", ""]
     return lines
@@ -667,7 +682,7 @@ def _tables(got: _Contents, S: float) -> Report:
         rep.score = "s-conflict"
     score_format = _plain_int if rep.score == "s-conflict" else _num
     if prof is not None and prof.layers and prof.steps:
-        k = (got.plan or {}).get("confidence_k")
+        k = _confidence_k(got.plan)
         rep.scores = _scores_table(prof, S, list((got.plan or {}).get("layers", [])), rep.score, k)
         p_format = dict.fromkeys([c for c in rep.scores if c.startswith("p(top-")], ".2f")
         rep.formats["scores"] = {"in conflict": _pct, "mean cos": "+.3f", "params": ",", "interference": _num}
