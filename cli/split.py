@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 import recon
 from cli._common import console, resolve_device
@@ -47,7 +48,7 @@ def split_command(
     _print_summary(plan, plan.extra["time_ratio"])
     warning = plan.extra.get("unstable")
     if warning:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     console.print(
         f"plan and code written to [bold]{run.dir / 'split'}[/]  ·  "
         f"next: [bold]recon train {run.recipe.name} --split latest[/]"
@@ -55,6 +56,15 @@ def split_command(
 
 
 # -------------------------------------------------------------------------------------------- printing
+def _copies(parts: list[list[str]], n_tasks: int) -> str:
+    """A layer's task groups: every name up to 12 tasks; above, ``13 copies: left_odd+3 | equal | ...``."""
+    from recon.plots import MANY_TASKS, group_label
+
+    if n_tasks <= MANY_TASKS:
+        return " | ".join(",".join(g) for g in parts)
+    return f"{len(parts)} copies: " + " | ".join(group_label(g) for g in parts)
+
+
 def _print_summary(plan: recon.SplitPlan, ratio: float | None) -> None:
     """Per branched layer: its task groups, the score it removes, the parameters it adds; then the totals
     against each budget."""
@@ -84,7 +94,7 @@ def _print_summary(plan: recon.SplitPlan, ratio: float | None) -> None:
                 row.append(f"{confidence[layer]:.2f}" if layer in confidence else "")
             if removed:
                 row += [_score_text(removed.get(layer, "")), f"{added.get(layer, 0):,}"]
-            row.append(" | ".join(",".join(g) for g in groups.get(layer, [])))
+            row.append(_copies(groups.get(layer, []), len(plan.tasks)))
             table.add_row(*row)
         console.print(table)
     else:

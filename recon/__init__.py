@@ -17,10 +17,11 @@ from recon._distributed import broadcast_object, init_distributed, is_main_proce
 from recon._errors import NonFiniteLossError, ReconError
 from recon._graph import TraceError, layer_tasks
 from recon._plan import plan_split
-from recon._profile import ConflictProfile, profile, read_scores_json
+from recon._profile import ConflictProfile, profile, read_scores_json, sampling_period
 from recon._recipe import Recipe, load_recipe
 from recon._report import Report, report
 from recon._runs import Run
+from recon._search import SearchResult, search
 from recon._split import SplitPlan, load_split, shared_parameters, split, task_parameters
 from recon._split_run import split_run
 from recon._train import TrainResult, delta_m, evaluate, seed_everything, train
@@ -35,6 +36,7 @@ __all__ = [
     "ReconError",
     "Report",
     "Run",
+    "SearchResult",
     "SplitPlan",
     "TraceError",
     "TrainResult",
@@ -51,7 +53,9 @@ __all__ = [
     "plan_split",
     "profile",
     "read_scores_json",
+    "sampling_period",
     "report",
+    "search",
     "seed_everything",
     "shared_parameters",
     "split",
