@@ -30,6 +30,7 @@ settings); rerunning skips finished runs, so the study is resumable. ``--table-o
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import os
@@ -84,7 +85,10 @@ def tag(args: argparse.Namespace) -> str:
     return f"e{args.epochs}-n{args.train_size}-v{args.val_size}"
 
 
+@functools.cache
 def commit() -> str:
+    """The commit of the code this process runs (read once, at its first use: a later merge does not relabel it)."""
+
     def git(*a: str) -> str:
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
@@ -345,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     from benchmarks import evidence_table
 
+    commit()  # before any work
     folder = args.out / "evidence"
     recipes, methods = args.recipes.split(","), args.methods.split(",")
     if not args.table_only:  # most decisive first: per method (joint first), per recipe, one block at a time

@@ -209,8 +209,9 @@ def write(args: argparse.Namespace, folder: Path, recipes: list[str], methods: l
     header = [
         "# Does branching pay? The equal-cost study (`benchmarks/evidence.py`)",
         "",
-        f"Settings: {json.dumps(settings(args))}; {args.seeds} seeds per row, paired; recon {commit()}; "
-        f"features {json.dumps(features())}; training time in the finished runs: {seconds / 3600:.2f} h.",
+        f"Settings: {json.dumps(settings(args))}; {args.seeds} seeds per row, paired; table written by recon "
+        f"{commit()} (each run records its own commit, listed under its table), features {json.dumps(features())}; "
+        f"training time in the finished runs: {seconds / 3600:.2f} h.",
         "",
         "Δm% (lower is better) per seed against the mean single-task baselines, mean ± std over seeds. "
         "`vs X`: the mean paired difference of Δm% (row − X, negative: the row is better) over the seeds both have, "
