@@ -135,9 +135,9 @@ class ConflictProfile:
     def gram_array(self) -> np.ndarray:
         """``(steps, layers, K + pairs)`` float32 (memory-mapped): per step and shared layer, the K squared
         gradient norms ``<g_i, g_i>``, then the pairs' dot products ``<g_i, g_j>`` in :attr:`pairs` order."""
-        if not self.has_gram or self.folder is None:
+        if not self.has_gram:
             raise ReconError(_NO_GRAM)
-        return open_array(self.folder / GRAM_FILE)
+        return open_array(self._cosine_file().parent / GRAM_FILE)  # no folder: the rank-0 message
 
     def _gram(self) -> GramSums:
         if self._gram_sums is None:
@@ -414,6 +414,41 @@ def layer_usage_fx(model: nn.Module, tasks: Sequence[str], leaf_modules: Sequenc
     return captured.layer_tasks(list(tasks), layer_names(model))
 
 
+def layer_usage_captured(
+    model: nn.Module, tasks: Sequence[str], leaf_modules: Sequence[str], data: Any
+) -> tuple[dict[str, frozenset], str]:
+    """``(usage, how)``: per layer, the tasks whose output it reaches in the captured graph, and how it was
+    captured (``"fx"`` or ``"export"``). Where the data can be read twice (a function or a re-iterable
+    loader) its first batch is at hand and the model is captured as ``recon split`` captures it: torch.fx
+    with the arguments the batch leaves out at their defaults, else torch.export. With leaves (the graph cannot
+    tell which task reaches a parameter inside one) a ReconError: autograd discovers them on the first step."""
+    from recon._capture import capture
+    from recon._graph import layer_names
+    from recon._outputs import move_to
+
+    inputs = _first_inputs(data)
+    if inputs is None:
+        return layer_usage_fx(model, tasks, leaf_modules), "fx"
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    captured = capture(model, example_inputs=move_to(inputs, device), leaf_modules=tuple(leaf_modules))
+    if captured.leaves:
+        raise ReconError(f"leaves {captured.leaves}: discover the shared layers with autograd")
+    return captured.layer_tasks(list(tasks), layer_names(model)), captured.how
+
+
+def _first_inputs(data: Any) -> Any:
+    """The inputs of the first batch, when reading it does not use up the data (None otherwise)."""
+    try:
+        source = data() if callable(data) else data
+        iterator = iter(source)
+        if iterator is source:  # a one-shot iterator: peeking would lose a batch
+            return None
+        batch = next(iterator)
+    except Exception:  # noqa: BLE001 - no batch at hand: autograd discovery, as before
+        return None
+    return batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
+
+
 def layer_usage_autograd(names: Sequence[str], users: Sequence[Sequence[str]]) -> dict[str, frozenset]:
     """Per layer, the tasks that give any of its parameters a gradient (autograd fallback for any module);
     ``users[i]``: the tasks whose gradient reached parameter ``names[i]``."""
@@ -566,10 +601,11 @@ class _Profiler(Observer):
         return prof
 
 
-def _discover(model: nn.Module, tasks: list[str], leaf_modules: Sequence[str]) -> tuple[Mapping | None, str]:
-    """The shared layers from the torch.fx graph, or None to find them with autograd on the first step."""
+def _discover(model: nn.Module, tasks: list[str], leaf_modules: Sequence[str], data: Any) -> tuple[Mapping | None, str]:
+    """The shared layers from the captured graph (:func:`layer_usage_captured`), or None to find them with
+    autograd on the first step."""
     try:
-        return layer_usage_fx(model, tasks, leaf_modules), "fx"
+        return layer_usage_captured(model, tasks, leaf_modules, data)
     except (ReconError, ImportError):  # TraceError is a ReconError
         return None, "autograd"
 
@@ -656,7 +692,7 @@ def profile(
         precision=Precision.of(precision, dev), batched=batched, every=n_every, task_chunk=task_chunk,
     )  # fmt: skip
     data = _distributed.shard_data(data, "data")
-    usage, discovery = _discover(model, task_names, leaf_modules)
+    usage, discovery = _discover(model, task_names, leaf_modules, data)
     tmp, folder = _home(out) if main else (None, None)
     meta = {"method": spec_of(method), "seed": seed, "leaf_modules": list(leaf_modules), "discovery": discovery}
     meta.update(precision=engine.precision.mode, every=n_every, every_auto=every == "auto")
