@@ -292,21 +292,22 @@ class StepEngine:
             self.precision.step(self.optimizer)
 
     def _mean_loss_step(self, values: Mapping[str, Tensor]) -> None:
-        """One backward of the mean loss, then the parameters outside J (heads, branches) scaled by K: the same
-        ``.grad`` a gradient method's mean update gives (the mean of the task gradients on the shared
-        parameters, each task's own gradient on the others) at the cost of one backward, not K."""
+        """One backward of the mean loss, then the parameters outside J (heads, branches) scaled by K and a group
+        copy's by ``K / |group|``: the same ``.grad`` as the mean method (the mean of the task gradients on the
+        shared parameters, the group's mean on a group copy, each task's own gradient on the others) at the cost
+        of one backward, not K."""
         scaling = getattr(self.precision, "scaling", False)
         result = backward(
             dict(values), self.model, self._mean_loss, step=self.step, precision=self.precision if scaling else None
         )
         self.step_ok = result.finite
         shared = set(self.shared_idx or ())
-        K = float(len(self.tasks))
+        K = len(self.tasks)
         for i, p in enumerate(self.params):
-            if i not in shared and p.grad is not None:
-                p.grad.mul_(K)
-            elif i in self.copies and p.grad is not None:  # a group copy: its group's mean, as mean gives it
-                p.grad.mul_(K / len(self.copies[i]))
+            # a group copy: its group's mean (recon._usage); a shared parameter: the mean; others: their own
+            factor = K / len(self.copies[i]) if i in self.copies else (1 if i in shared else K)
+            if factor != 1 and p.grad is not None:
+                p.grad.mul_(factor)
 
     def run_step(self, batch: Any) -> list[float]:
         """One whole step on one global batch; returns the K loss values."""

@@ -15,9 +15,13 @@ from recon._errors import ReconError
 from tests.test_profile import LOSSES, BranchyNet, batches
 
 
+def _sgd(model):  # plain SGD: the scale of every gradient shows in the weights (Adam would normalise it away)
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+
+
 def _plain_loop(model, data, method="mean"):
-    """The oracle: recon.backward with the method on every step, Adam as the profiler's default."""
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    """The oracle: recon.backward with the method on every step, SGD."""
+    opt = _sgd(model)
     model.train()
     for x, y in data:
         opt.zero_grad(set_to_none=True)
@@ -50,8 +54,10 @@ def test_every_n_records_its_steps_and_trains_like_a_plain_loop(tmp_path, every)
     model = BranchyNet()
     data = batches(7)
     full_model, sampled_model = copy.deepcopy(model), copy.deepcopy(model)
-    full = recon.profile(full_model, data, LOSSES, out=tmp_path / "full")
-    sampled = recon.profile(sampled_model, data, LOSSES, out=tmp_path / "sampled", every=every)
+    full = recon.profile(full_model, data, LOSSES, out=tmp_path / "full", optimizer=_sgd(full_model))
+    sampled = recon.profile(
+        sampled_model, data, LOSSES, out=tmp_path / "sampled", every=every, optimizer=_sgd(sampled_model)
+    )
     recorded = list(range(0, 7, every))
     assert (sampled.steps, sampled.total_steps, sampled.every) == (len(recorded), 7, every)
     meta = json.loads((tmp_path / "sampled" / "profile.json").read_text())
@@ -302,3 +308,13 @@ def test_a_sampled_profile_bootstraps_over_its_recorded_steps_only(tmp_path):
     assert sampled.has_gram and np.load(tmp_path / "s" / "gram.npy").shape[0] == 3
     p = sampled.confidence(k=1)
     assert ((p >= 0) & (p <= 1)).all()
+
+
+def test_sampled_steps_on_a_group_split_model_train_like_the_mean_method(tmp_path):
+    torch.manual_seed(0)
+    net = recon.split(BranchyNet(), {"fc": [["a", "b"], ["c"]]}, init="copy")
+    data = batches(5)
+    sampled_net = copy.deepcopy(net)
+    prof = recon.profile(sampled_net, data, LOSSES, every=2, optimizer=_sgd(sampled_net))
+    assert prof.steps == 3 and prof.total_steps == 5
+    _assert_same_weights(sampled_net, _plain_loop(copy.deepcopy(net), data), tol=1e-5)
