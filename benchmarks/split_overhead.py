@@ -668,6 +668,7 @@ def command_part(ref: str, reps: int = 3) -> None:
                     subprocess.run([str(recon_bin), "split", "--top-k", "2", "--run", str(run), "--force"],
                                    env={**env, "PYTHONPATH": str(code)}, check=True, capture_output=True)  # fmt: skip
                     times[name].append(time.perf_counter() - start)
+                    print(f"  {name}: {times[name][-1]:.2f} s  [{machine_load()}]", flush=True)
         finally:
             subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(base)], check=False,
                            capture_output=True)  # fmt: skip
