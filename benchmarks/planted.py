@@ -23,14 +23,17 @@ import recon
 RECIPE = Path(__file__).resolve().parents[1] / "examples" / "planted.py"
 
 
-def _recipe():
+def load_planted():
+    """The recipe module examples/planted.py."""
     spec = importlib.util.spec_from_file_location("planted_recipe", RECIPE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def _val_mse(P, layers: list[str], tasks: list[str] | None, seed: int, epochs: int) -> float:
+def val_mse(P, layers: list[str], tasks: list[str] | None, seed: int, epochs: int) -> float:
+    """Validation MSE summed over the tasks of the recipe's model with ``layers`` branched per task (``tasks``:
+    train only those, e.g. one for a single-task model), trained ``epochs`` epochs from seed ``seed``."""
     torch.manual_seed(seed)
     model = P.build_model()
     net = recon.split(model, layers) if layers else model
@@ -48,7 +51,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    P = _recipe()
+    P = load_planted()
     start = time.perf_counter()
     ranks, mses = [], []
     for seed in range(args.seeds):
@@ -60,10 +63,10 @@ def main() -> None:
         inter, sconf = prof.scores(score="interference"), prof.scores()
         p1 = float(prof.confidence(1, score="interference")[P.PLANTED])
         ranks.append((seed, inter, sconf, p1))
-        row = {"unsplit": _val_mse(P, [], None, seed, args.epochs)}
+        row = {"unsplit": val_mse(P, [], None, seed, args.epochs)}
         for layer in prof.layers:
-            row[layer] = _val_mse(P, [layer], None, seed, args.epochs)
-        row["single"] = _val_mse(P, [], ["a"], seed, args.epochs) + _val_mse(P, [], ["b"], seed, args.epochs)
+            row[layer] = val_mse(P, [layer], None, seed, args.epochs)
+        row["single"] = val_mse(P, [], ["a"], seed, args.epochs) + val_mse(P, [], ["b"], seed, args.epochs)
         mses.append(row)
     print(f"planted layer: {P.PLANTED}; {args.steps}-step profiles; {args.epochs} epochs of training\n")
     print(

@@ -368,44 +368,52 @@ def _sequential(
             _fill_row(J, k, row, shared_idx, params)
             rows.append(row)
     else:
-        rows = _backward_into(J, values, params, shared_idx, retain_graph)
+        rows = _backward_into(J, values, params, shared_idx, retain_graph, copies)
     own = [(i, k) for k in range(K) for i, g in enumerate(rows[k]) if g is not None]
     return TaskGradients(J, rows, own, shared_idx)
 
 
 def _backward_into(
-    J: Tensor | None, values: Sequence[Tensor], params: Sequence[Tensor], shared_idx: list[int], retain_graph: bool
+    J: Tensor | None,
+    values: Sequence[Tensor],
+    params: Sequence[Tensor],
+    shared_idx: list[int],
+    retain_graph: bool,
+    copies: Copies,
 ) -> list[list[Tensor | None]]:
-    """K ``Tensor.backward`` passes, task k's shared gradients accumulated in place into ``J[k]``."""
+    """K ``Tensor.backward`` passes, task k's shared gradients accumulated in place into ``J[k]`` (a group copy
+    that task k does not use gets no view: its zero row stays as it is)."""
     K = len(values)
     in_j = set(shared_idx)
     inputs = list(params)
     stash = [p.grad for p in params]
     rows: list[list[Tensor | None]] = []
+    shared = [params[i] for i in shared_idx]
+    sizes = [p.numel() for p in shared]
     if J is not None:
         J.zero_()
     try:
         for p in params:
             p.grad = None
         for k, v in enumerate(values):
-            views = []
-            offset = 0
-            for i in shared_idx:
-                p = params[i]
-                view = J[k, offset : offset + p.numel()].view(p.shape)
-                p.grad = view
+            pieces = J[k].split(sizes) if J is not None else ()
+            views: list[Tensor | None] = []
+            for i, p, piece in zip(shared_idx, shared, pieces, strict=True):
+                if copies and k not in copies.get(i, (k,)):
+                    views.append(None)
+                    continue
+                p.grad = view = piece.view(p.shape)
                 views.append(view)
-                offset += p.numel()
             v.backward(inputs=inputs, retain_graph=retain_graph or k < K - 1)
             row: list[Tensor | None] = [None] * len(params)
             for i, p in enumerate(params):
                 if i not in in_j:
                     row[i], p.grad = p.grad, None
-            for view, i in zip(views, shared_idx, strict=True):
-                g = params[i].grad
-                if g is not view:  # autograd replaced the buffer instead of adding in place: copy it in
-                    view.copy_(g.to_dense() if g.layout != torch.strided else g)
-                params[i].grad = None
+            for view, p, piece in zip(views, shared, pieces, strict=True):
+                g = p.grad
+                if g is not view:  # autograd replaced the buffer (or reached a copy's unviewed row): copy it in
+                    piece.view(p.shape).copy_(g.to_dense() if g.layout != torch.strided else g)
+                p.grad = None
             rows.append(row)
     finally:
         for p, g in zip(params, stash, strict=True):
@@ -452,9 +460,8 @@ def backward(
     * Parameters used by exactly one task (heads, per-task branches of a split model) get that task's own
       gradient, untouched by the method.
     * Parameters used by no task are left alone.
-    * A copy of a layer split by a task partition, used by the tasks of group G, gets the method applied to G's
-      tasks alone (``mean``: G's mean gradient), one solve per usage class (:mod:`recon._usage`); parameters
-      in no copy keep the global solve over all K tasks. Copies are found in ``net``'s modules.
+    * A layer copy used by a task group G (``recon.split`` with groups) gets the method on G's tasks alone
+      (``mean``: G's mean), one solve per usage class (:mod:`recon._usage`; copies are found in ``net``).
 
     The partition is found with autograd, one backward per task over all parameters
     (``torch.autograd.grad(L_k, params, allow_unused=True)``), so it works on any module, including the
@@ -498,10 +505,9 @@ def backward(
     params = _params_of(net)
     if not params:
         raise ReconError("recon.backward: the model has no parameter that requires grad")
-    shared_idx = None if shared is None else _indices_among(params, shared)
+    shared_idx = _indices_of(params, shared)
     copies = group_copies(net, tasks, params)
-    chunked = _chunked(values, params, shared_idx, m, loss_values, task_chunk, batched, precision, copies)
-    if chunked is not None:
+    if chunked := _chunked(values, params, shared_idx, m, loss_values, task_chunk, batched, precision, copies):
         return chunked
     scaled = precision.scale(values) if precision is not None else values
     grads = task_gradients(scaled, params, shared_idx=shared_idx, retain_graph=retain_graph, batched=batched,
@@ -518,9 +524,11 @@ def _check_features(m: Any) -> None:
         )
 
 
-def _indices_among(params: Sequence[Tensor], chosen: Sequence[Tensor]) -> list[int]:
-    """Positions in ``params`` of the tensors in ``chosen`` (by identity)."""
-    ids = {id(p) for p in chosen}
+def _indices_of(params: Sequence[Tensor], shared: Sequence[Tensor] | None) -> list[int] | None:
+    """The indices into ``params`` of the ``shared=`` parameters given to :func:`backward` (None: discover them)."""
+    if shared is None:
+        return None
+    ids = {id(p) for p in shared}
     return [i for i, p in enumerate(params) if id(p) in ids]
 
 

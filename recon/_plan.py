@@ -516,14 +516,20 @@ def ranked_candidates(scores: Mapping[str, float], score: str) -> tuple[list[str
 
 def chosen_confidence(profile: Any, layers: Sequence[str], S: float, score: str) -> dict[str, Any]:
     """``p_top_k`` (bootstrap over recorded steps, :meth:`recon.ConflictProfile.confidence`) of the chosen
-    layers, with k = how many were chosen (plan.json's ``p_top_k`` and ``confidence_k``), and a one-line
-    ``unstable`` warning when one of them is below :data:`recon._confidence.STABLE`."""
+    layers (plan.json's ``p_top_k`` and ``confidence_k``), and a one-line ``unstable`` warning when one of them
+    is below :data:`recon._confidence.STABLE`.
+
+    k is the lowest rank (by ``score``) among the chosen layers: the number chosen for a top-k plan; for a
+    budgeted plan, which may skip an expensive layer for cheaper ones below it, the band of the ranking the
+    plan draws from, so a layer is "unstable" when resampled steps often push it out of that band."""
     if not layers or not profile.steps:
         return {}
-    p = profile.confidence(len(layers), S, score=score)
+    ranked = list(profile.scores(S, score=score).index)
+    k = max(ranked.index(layer) for layer in layers) + 1
+    p = profile.confidence(k, S, score=score)
     chosen = {layer: round(float(p[layer]), 4) for layer in layers}
-    out: dict[str, Any] = {"p_top_k": chosen, "confidence_k": len(layers)}
-    warning = unstable(chosen, len(layers))
+    out: dict[str, Any] = {"p_top_k": chosen, "confidence_k": k}
+    warning = unstable(chosen, k)
     if warning:
         out["unstable"] = warning
     return out

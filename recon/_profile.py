@@ -135,9 +135,9 @@ class ConflictProfile:
     def gram_array(self) -> np.ndarray:
         """``(steps, layers, K + pairs)`` float32 (memory-mapped): per step and shared layer, the K squared
         gradient norms ``<g_i, g_i>``, then the pairs' dot products ``<g_i, g_j>`` in :attr:`pairs` order."""
-        if not self.has_gram or self.folder is None:
+        if not self.has_gram:
             raise ReconError(_NO_GRAM)
-        return open_array(self.folder / GRAM_FILE)
+        return open_array(self._cosine_file().parent / GRAM_FILE)  # no folder: the rank-0 message
 
     def _gram(self) -> GramSums:
         if self._gram_sums is None:

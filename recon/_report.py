@@ -405,7 +405,7 @@ class Report:
         scores: one row per shared layer (index ``layer``): rank, score (``score``: the plan's, S-conflict by
             default), share of cosines below S (``in conflict``), mean cosine, the other score when the profile
             has Gram matrices (``interference`` or ``S-conflict``), ``p(top-k)`` (bootstrap over the profiled
-            steps, :meth:`recon.ConflictProfile.confidence`; k: the plan's number of layers, else 4), parameters,
+            steps, :meth:`recon.ConflictProfile.confidence`; k: the plan's ``confidence_k``, else 4), parameters,
             module type, whether the plan branches it. None without a profile that holds steps and layers.
         branched: the split plan's layers in order (index ``layer``), with score, ``p(top-k)`` (when the plan
             records it), copies and the parameters the copies add. None without a plan; empty when the plan

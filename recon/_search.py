@@ -233,36 +233,33 @@ def epochs_of(steps: int, epoch_length: int | None) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def calibrate(setup: TrialSetup, method: str, reps: int = 5) -> tuple[float, float]:
-    """``(seconds per training step, seconds per validation pass)`` of the unsplit model, measured."""
-    import recon
-
-    net = paired_model(setup, Candidate("unsplit"), 0)
-    opt = setup.make_optimizer(net.parameters()) if setup.make_optimizer else torch.optim.Adam(net.parameters())
-    data = PairedBatches(setup.train_data, 0)()
-    start = time.perf_counter()
-    result = recon.train(
-        net, ShortEpochs(lambda: data, reps + 1), setup.losses, method=method, optimizer=opt, seed=0, epochs=1
-    )
-    del result
-    step = (time.perf_counter() - start) / (reps + 1)
-    start = time.perf_counter()
-    recon.evaluate(net, setup.val_data(), setup.tasks, setup.metrics)
-    return step, time.perf_counter() - start
+def calibrate(setup: TrialSetup, method: str, reps: int = 16) -> tuple[float, float]:
+    """``(seconds per training step, seconds per trial besides its steps)`` of the unsplit model, measured
+    after a warm-up trial (first-use costs: caches, lazy imports): a 4-step and a ``4 + reps``-step trial
+    (the difference is ``reps`` steps; the rest is building the model, counting its FLOPs, starting the loop and
+    the one validation pass)."""
+    cand, took = Candidate("unsplit"), []
+    for steps in (1, 4, 4 + reps):
+        start = time.perf_counter()
+        trial(setup, cand, seed=0, steps=steps, method=method, epoch_length=None)
+        took.append(time.perf_counter() - start)
+    step = max((took[2] - took[1]) / reps, 1e-6)
+    return step, max(took[1] - 4 * step, 0.0)
 
 
-def first_rung_steps(budget_s: float, step_s: float, eval_s: float, schedule: Schedule, overhead: float = 1.3) -> int:
+def first_rung_steps(budget_s: float, step_s: float, fixed_s: float, schedule: Schedule, overhead: float = 1.3) -> int:
     """The largest first-rung length whose nominal search fits ``budget_s`` seconds, with ``overhead`` for the
-    split models' extra cost and building; a :class:`ReconError` when not even :data:`MIN_STEPS` fit."""
+    split models' extra cost; a :class:`ReconError` when not even :data:`MIN_STEPS` fit."""
     unit = dataclasses.replace(schedule, steps=1)
-    evals = EPOCHS_PER_TRIAL * eval_s * unit.trials_total()
+    evals = overhead * fixed_s * unit.trials_total()
     per_step = overhead * step_s * unit.steps_total()
     steps = int((budget_s - evals) / per_step) if budget_s > evals else 0
     if steps < MIN_STEPS:
         need = evals + per_step * MIN_STEPS
         raise ReconError(
-            f"--time {budget_s:.0f}s is too short for one round of trials of {schedule.n_split + 1} candidates "
-            f"({MIN_STEPS} steps each needs about {need:.0f}s here); give --time {math.ceil(need / 60)}m or more"
+            f"--time {budget_s:.0f}s is too short for a search of {schedule.n_split + 1} candidates (trials of "
+            f"{MIN_STEPS} steps in the first rung need about {need:.0f}s here); "
+            f"give --time {math.ceil(need / 60)}m or more"
         )
     return steps
 
@@ -309,8 +306,9 @@ def trial(
     epochs, per = epochs_of(steps, epoch_length)
     short = dataclasses.replace(setup, train_data=ShortEpochs(setup.train_data, per))
     result: TrialResult = run_trial(
-        short, cand, seed=seed, method=method, epochs=epochs, time_steps=False, fingerprints=fingerprints
-    )
+        short, cand, seed=seed, method=method, epochs=epochs, time_steps=False, fingerprints=fingerprints,
+        eval_each_epoch=False,
+    )  # fmt: skip
     record = result.to_dict()
     record.update(spec=cand.spec, steps=epochs * per, epochs=epochs, epoch_steps=per)
     return record
@@ -676,9 +674,9 @@ def _new_state(setup: TrialSetup, profile: Any, settings: Mapping, budgets: Budg
         raise ReconError(f"nothing to search, no split candidate fits the budgets: {why}")
     schedule = Schedule(steps or 1, settings["seeds"], len(cands) - 1)
     if steps is None:
-        step_s, eval_s = calibrate(setup, settings["method"])
+        step_s, fixed_s = calibrate(setup, settings["method"])
         left = budget_s - (time.perf_counter() - start)
-        schedule = dataclasses.replace(schedule, steps=first_rung_steps(left, step_s, eval_s, schedule))
+        schedule = dataclasses.replace(schedule, steps=first_rung_steps(left, step_s, fixed_s, schedule))
     batch = next(iter(PairedBatches(setup.train_data, 0)()))
     unsplit = paired_model(setup, cands[0], 0)
     ratios = {c.name: step_time_ratio(unsplit, paired_model(setup, c, 0), batch, setup.losses, settings["method"])

@@ -432,6 +432,7 @@ def run_trial(
     lr_schedule: str = "cosine",
     time_steps: bool = True,
     fingerprints: list[str] | None = None,
+    eval_each_epoch: bool = True,
 ) -> TrialResult:
     """Train ``candidate`` for ``seed`` (paired: :func:`paired_model`, :class:`PairedBatches`) with ``method``
     for ``epochs``; ``tasks`` restricts training to some tasks (one task: a single-task baseline).
@@ -440,7 +441,8 @@ def run_trial(
     (Loshchilov & Hutter, SGDR, ICLR 2017, eq. 5 without restarts): the last epoch's metrics are then those of
     a settled model rather than one point of a noisy curve. Δm% against ``baselines`` when given; the step
     time ratio is measured against the unsplit model of the same seed (1.0 for the unsplit model itself).
-    ``fingerprints``: a list that receives a hash of every training batch, in order (to check the pairing)."""
+    ``fingerprints``: a list that receives a hash of every training batch, in order (to check the pairing);
+    ``eval_each_epoch=False`` evaluates once, after the last epoch (short trials), instead of after every epoch."""
     import recon
 
     names = list(tasks) if tasks is not None else setup.tasks
@@ -460,9 +462,10 @@ def run_trial(
     start = time.perf_counter()
     result = recon.train(
         net, data, setup.losses, method=method, epochs=epochs,
-        optimizer=optimizer, val_data=setup.val_data, metrics=setup.metrics, seed=seed, tasks=names,
-        on_epoch=lambda *_: schedule.step() if schedule is not None else None,
+        optimizer=optimizer, val_data=setup.val_data if eval_each_epoch else None, metrics=setup.metrics, seed=seed,
+        tasks=names, on_epoch=lambda *_: schedule.step() if schedule is not None else None,
     )  # fmt: skip
+    final = result.final if eval_each_epoch else recon.evaluate(net, setup.val_data(), names, setup.metrics)
     if fingerprints is not None:
         fingerprints.extend(data.fingerprints or [])
     history = [
@@ -471,9 +474,9 @@ def run_trial(
     dm = None
     if baselines is not None:
         directions = {t: {m: d for m, (_, d) in setup.metrics[t].items()} for t in names}
-        dm = recon.delta_m(result.final, baselines, directions)
+        dm = recon.delta_m(final, baselines, directions)
     return TrialResult(
-        candidate.name, candidate.key(), seed, recon.methods.spec_of(method), epochs, names, result.final,
+        candidate.name, candidate.key(), seed, recon.methods.spec_of(method), epochs, names, final,
         history, params, flops, ratio, time.perf_counter() - start, dm,
     )  # fmt: skip
 

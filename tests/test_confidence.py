@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import recon
 from recon import _confidence
@@ -109,3 +110,23 @@ def test_split_prints_confidence_and_warns_when_the_set_is_unstable(monkeypatch,
     assert json.loads((folder / "split" / "plan.json").read_text())["score"] == "s-conflict"
     bad = runner.invoke(app, ["split", "--top-k", "1", "--score", "cosine", "--force"])
     assert bad.exit_code == 2 and "is not one of" in bad.output
+
+
+def test_a_sampled_profile_bootstraps_over_its_recorded_steps() -> None:
+    """Issue 21's every=N: only every N-th step is recorded, and the bootstrap resamples those steps."""
+    import torch.nn.functional as F
+
+    from tests.test_plan import TASKS4, Deep, _data
+
+    data = _data(lambda g, b: torch.randn(b, 6, generator=g), n_steps=9)
+    prof = recon.profile(Deep(), data, {t: F.cross_entropy for t in TASKS4}, steps=9, every=3)
+    assert prof.steps == 3 and prof.total_steps == 9
+    assert prof.gram_array.shape[0] == 3
+    for score in ("s-conflict", "interference"):
+        per_step = prof.per_step_scores(score=score)
+        assert per_step.shape == (3, len(prof.layers))
+        np.testing.assert_allclose(prof.confidence(2, score=score), top_k_probability(per_step, 2))
+    np.testing.assert_allclose(
+        prof.scores(score="interference")["score"].reindex(prof.layers),
+        prof.per_step_scores(score="interference").mean(0),
+    )

@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 import recon
-from tests.conftest import ROOT
+from benchmarks.planted import load_planted, val_mse
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -23,10 +21,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def planted():
-    spec = importlib.util.spec_from_file_location("planted_recipe", ROOT / "examples" / "planted.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_planted()
 
 
 def _profile(P, seed: int, steps: int = 60) -> recon.ConflictProfile:
@@ -46,15 +41,8 @@ def test_interference_ranks_the_planted_layer_first(planted, seed: int) -> None:
     assert ranked["score"].iloc[0] > 0 and ranked.loc[planted.PLANTED, "p_top_k"] == 1.0
 
 
-def _val_mse(P, layers: list[str], tasks: list[str] | None, seed: int = 0, epochs: int = 2) -> float:
-    torch.manual_seed(seed)
-    model = P.build_model()
-    net = recon.split(model, layers) if layers else model
-    result = recon.train(
-        net, P.train_data, P.losses, epochs=epochs, optimizer=P.optimizer(net.parameters()), val_data=P.val_data,
-        metrics=P.metrics, seed=seed, tasks=tasks,
-    )  # fmt: skip
-    return sum(result.final[t]["mse"] for t in result.final)
+def _val_mse(P, layers: list[str], tasks: list[str] | None) -> float:
+    return val_mse(P, layers, tasks, seed=0, epochs=2)
 
 
 def test_splitting_the_planted_layer_closes_the_gap_and_a_random_layer_of_its_size_does_not(planted) -> None:
@@ -71,3 +59,14 @@ def test_splitting_the_planted_layer_closes_the_gap_and_a_random_layer_of_its_si
     closed = {layer: (unsplit - _val_mse(P, [layer], None)) / gap for layer in (P.PLANTED, control)}
     assert closed[P.PLANTED] > 0.9
     assert closed[control] < 0.3
+
+
+def test_the_recipe_is_valid_for_the_cli(planted) -> None:
+    from recon import load_recipe
+
+    recipe = load_recipe(planted.__file__)
+    assert list(recipe.tasks) == ["a", "b"]
+    x, y = recipe.first_batch()
+    assert x.shape == (planted.BATCH_SIZE, planted.D_IN) and set(y) == {"a", "b"}
+    U, V = planted.directions()
+    assert torch.allclose(U.T @ V, torch.zeros(2, 2), atol=1e-6)  # the tasks read disjoint directions

@@ -19,6 +19,12 @@ from tests.conftest import ROOT
 PLANTED = ROOT / "examples" / "planted.py"
 
 
+@pytest.fixture(scope="module")
+def profile() -> recon.ConflictProfile:
+    recon.seed_everything(0)
+    return recon.profile(copies.build_model(), copies.train_data, copies.losses, steps=40)
+
+
 def _copies_search(**kw) -> recon.SearchResult:
     args = dict(optimizer=copies.optimizer, budget_params=1.0, time_budget="10m", seeds=3, steps=32)
     args.update(kw)
@@ -53,8 +59,8 @@ def test_search_splits_the_planted_layer_within_its_time_budget(monkeypatch, tmp
     assert any(name.startswith(f"{planted}.") for name, _ in net.named_parameters())
 
 
-def test_search_chooses_no_split_when_the_tasks_are_copies(tmp_path):
-    result = _copies_search(candidates=[["trunk.0"], ["trunk.2"]], out=tmp_path)
+def test_search_chooses_no_split_when_the_tasks_are_copies(tmp_path, profile):
+    result = _copies_search(candidates=[["trunk.0"], ["trunk.2"]], out=tmp_path, profile=profile)
     board = result.leaderboard
     assert len(board) >= 4  # unsplit, the plans, the two user candidates
     assert result.chosen is None and result.plan is None
@@ -69,9 +75,9 @@ def test_search_chooses_no_split_when_the_tasks_are_copies(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- pairing
-def test_candidates_of_one_seed_share_batches_and_initial_values():
+def test_candidates_of_one_seed_share_batches_and_initial_values(profile):
     setup = _setup()
-    prof = recon.profile(copies.build_model(), copies.train_data, copies.losses, steps=20)
+    prof = profile
     extra = [["trunk.0"], ["trunk.2"]]
     cands = candidates(
         prof, copies.build_model(), setup.tasks, setup.example_inputs, budgets=Budgets(1.0, None), extra=extra
@@ -118,9 +124,9 @@ def test_schedule_grows_steps_and_seeds_and_ends_with_one_candidate():
     assert Schedule(steps=10, seeds=4, n_split=1).plan() == [(1, 10, 4)]  # one candidate: one rung, every seed
 
 
-def test_duplicate_plans_are_one_candidate_and_names_say_which():
+def test_duplicate_plans_are_one_candidate_and_names_say_which(profile):
     setup = _setup()
-    prof = recon.profile(copies.build_model(), copies.train_data, copies.losses, steps=20)
+    prof = profile
     cost = CostModel(copies.build_model(), setup.tasks, setup.example_inputs)
     cands = candidates(
         prof, copies.build_model(), setup.tasks, setup.example_inputs, budgets=Budgets(1.0, None),
@@ -135,7 +141,7 @@ def test_duplicate_plans_are_one_candidate_and_names_say_which():
 
 
 # ------------------------------------------------------------------------------------ interrupt, resume
-def test_interrupt_then_resume_gives_the_leaderboard_of_an_uninterrupted_search(monkeypatch, tmp_path):
+def test_interrupt_then_resume_gives_the_leaderboard_of_an_uninterrupted_search(monkeypatch, tmp_path, profile):
     real, calls = _search.trial, []
 
     def flaky(*args, **kw):
@@ -144,7 +150,7 @@ def test_interrupt_then_resume_gives_the_leaderboard_of_an_uninterrupted_search(
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    extra = {"candidates": [["trunk.0"], ["trunk.2"]]}
+    extra = {"candidates": [["trunk.0"], ["trunk.2"]], "profile": profile, "seeds": 2, "steps": 16}
     whole = _copies_search(out=tmp_path / "whole", **extra).leaderboard
     monkeypatch.setattr(_search, "trial", flaky)
     with pytest.raises(KeyboardInterrupt):
@@ -163,7 +169,7 @@ def test_interrupt_then_resume_gives_the_leaderboard_of_an_uninterrupted_search(
 
 
 # ------------------------------------------------------------------------------------------- bad input
-def test_bad_input_is_one_line(tmp_path):
+def test_bad_input_is_one_line(tmp_path, profile):
     with pytest.raises(recon.ReconError, match="val_data"):
         recon.search(copies.build_model, copies.train_data, None, copies.losses, copies.metrics)
     with pytest.raises(recon.ReconError, match="at least 2 seeds"):
@@ -171,9 +177,9 @@ def test_bad_input_is_one_line(tmp_path):
     with pytest.raises(recon.ReconError, match="not a duration"):
         _copies_search(time_budget="soon")
     with pytest.raises(recon.ReconError, match="no split candidate fits the budgets"):
-        _copies_search(budget_params=1e-6)
-    with pytest.raises(recon.ReconError, match="too short for one round of trials"):
-        _copies_search(time_budget="1s", steps=None)
+        _copies_search(budget_params=1e-6, profile=profile)
+    with pytest.raises(recon.ReconError, match="too short for a search"):
+        _copies_search(time_budget="1s", steps=None, profile=profile)
     assert not math.isnan(_search.parse_duration("1h30m")) and _search.parse_duration("1h30m") == 5400
 
 
