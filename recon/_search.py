@@ -408,6 +408,7 @@ class Rungs:
             steps, seeds = self.schedule.rung(r)
             if not self._fits(alive, steps, seeds):
                 self.stopped = f"the time budget ends before rung {r} ({steps} steps x {seeds} seeds)"
+                self.history.append(standings(self.store, alive, r, self.schedule, _directions(self.setup)))
                 return
             if not self._rung(alive, r, steps, seeds):
                 return
@@ -446,7 +447,7 @@ class Rungs:
             return True
         per_step = sum(rec.get("wall_s", rec["seconds"]) for rec in done) / sum(rec["steps"] for rec in done)
         todo = sum(self.store.get(c, steps, s) is None for c in alive for s in range(seeds))
-        return self.elapsed() + todo * steps * per_step <= self.budget_s
+        return todo == 0 or self.elapsed() + todo * steps * per_step <= self.budget_s
 
 
 # ------------------------------------------------------------------------------------------- leaderboard
