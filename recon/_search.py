@@ -407,7 +407,8 @@ class Rungs:
         for r in range(self.schedule.count):
             steps, seeds = self.schedule.rung(r)
             if not self._fits(alive, steps, seeds):
-                self.stopped = f"the time budget ends before rung {r} ({steps} steps x {seeds} seeds)"
+                begun = any(self.store.get(c, steps, s) for c in alive for s in range(seeds))
+                self.stopped = f"the time budget {'ran out during' if begun else 'ends before'} rung {r}"
                 self.history.append(standings(self.store, alive, r, self.schedule, _directions(self.setup)))
                 return
             if not self._rung(alive, r, steps, seeds):
