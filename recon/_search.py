@@ -407,7 +407,9 @@ class Rungs:
         for r in range(self.schedule.count):
             steps, seeds = self.schedule.rung(r)
             if not self._fits(alive, steps, seeds):
-                self.stopped = f"the time budget ends before rung {r} ({steps} steps x {seeds} seeds)"
+                begun = any(self.store.get(c, steps, s) for c in alive for s in range(seeds))
+                self.stopped = f"the time budget {'ran out during' if begun else 'ends before'} rung {r}"
+                self.history.append(standings(self.store, alive, r, self.schedule, _directions(self.setup)))
                 return
             if not self._rung(alive, r, steps, seeds):
                 return
@@ -428,9 +430,11 @@ class Rungs:
                         self.stopped = f"the time budget ran out during rung {r}"
                         self.history.append(standings(self.store, alive, r, self.schedule, _directions(self.setup)))
                         return False
+                    began = time.perf_counter()
                     record = trial(
                         self.setup, cand, seed=seed, steps=steps, method=self.method, epoch_length=self.epoch_length
                     )
+                    record["wall_s"] = time.perf_counter() - began  # building and FLOP counting included
                     self.store.put(cand, steps, seed, record)
                 left = max(0.0, self.budget_s - self.elapsed()) / 60
                 self.bar.advance(None, rung=r, seed=seed, budget_left_min=left)
@@ -442,9 +446,9 @@ class Rungs:
         done = [rec for rec in self.store.memory.values() if rec.get("steps")]
         if not done:
             return True
-        per_step = sum(rec["seconds"] for rec in done) / sum(rec["steps"] for rec in done)
+        per_step = sum(rec.get("wall_s", rec["seconds"]) for rec in done) / sum(rec["steps"] for rec in done)
         todo = sum(self.store.get(c, steps, s) is None for c in alive for s in range(seeds))
-        return self.elapsed() + todo * steps * per_step <= self.budget_s
+        return todo == 0 or self.elapsed() + todo * steps * per_step <= self.budget_s
 
 
 # ------------------------------------------------------------------------------------------- leaderboard
@@ -529,6 +533,10 @@ class SearchResult:
     @property
     def verdict(self) -> str:
         """One plain sentence: the choice and the evidence for it, or "no split"."""
+        if self.chosen is None and not len(self.leaderboard):
+            return "no split: no trial finished" + (" (interrupted)" if self.partial else "; give more --time")
+        if self.chosen is None and self.partial:
+            return "no choice: the search was interrupted (partial); resume it to finish"
         if self.chosen is None:
             return "no split: no candidate's 95% interval against the unsplit model lies above zero"
         row = self.leaderboard.loc[self.chosen]
@@ -783,7 +791,8 @@ def _result(setup: TrialSetup, state: Mapping[str, Any], cands: Sequence[Candida
     frame = leaderboard_rows(cands, rungs.history, state["ratios"], setup, baselines)
     chosen = None if partial else choose(frame)
     last = frame["rung"].max() if len(frame) else 0
-    status = {n: rungs.dropped.get(n, "last rung" if frame.loc[n, "rung"] == last else "") for n in frame.index}
+    cut = "cut short by the time budget" if rungs.stopped else "interrupted"
+    status = {n: rungs.dropped.get(n, "last rung" if frame.loc[n, "rung"] == last else cut) for n in frame.index}
     if chosen is not None:
         status[chosen] = "chosen"
     if len(frame):
