@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 import recon
-from cli._common import console, err_console, frame_table
+from cli._common import command, console, frame_table, say, warn
 
 
 def report_command(
@@ -35,8 +35,8 @@ def report_command(
     _print_plan(rep)
     _print_variants(rep)
     for p in rep.problems:
-        err_console.print(f"[yellow]warning:[/] {p}")
-    console.print(f"report written to [bold]{rep.folder / 'report.md'}[/] ({len(rep.figures)} figures)")
+        warn(p)
+    say(f"report written to {rep.folder / 'report.md'} ({len(rep.figures)} figures)")
 
 
 def _print_profile(rep: recon.Report, show: int) -> None:
@@ -65,6 +65,11 @@ def _print_variants(rep: recon.Report) -> None:
         return
     title = "trained variants (final validation metrics)"
     console.print(frame_table(rep.variants, title=title, index="label", fmt=rep.formats["variants"]))
+    if rep.variants["Δm% ↓"].isna().all():
+        baseline = command("train", recon.Run.open(rep.run_dir).recipe, single_task=True, split="none", out=rep.run_dir)
+        say(f"Δm% is empty: it needs the single-task baselines: {baseline}")
+    if "partial" in rep.variants.columns:
+        say("partial: interrupted runs, shown but left out of the mean ± std over seeds")
     seeds = rep.seeds_text()
     if seeds is not None:
         console.print(frame_table(seeds, title="mean ± std over seeds", index="variant"))

@@ -7,11 +7,14 @@ from pathlib import Path
 import typer
 
 import recon
-from cli._common import console, resolve_device
+from cli._common import command, console, resolve_device, say, warn
+
+#: A split model this many times slower per step than the original gets a warning unless a FLOP budget bounds it.
+SLOW = 2.0
 
 
 def split_command(
-    top_k: int | None = typer.Option(None, "--top-k", "-k", min=0, help="Branch the K layers with the highest scores."),
+    top_k: int | None = typer.Option(None, "--top-k", "-k", min=1, help="Branch the K layers with the highest scores."),
     S: float | None = typer.Option(
         None, "--S", "-S", help="Rescore the stored profile at this threshold, -1 < S <= 0."
     ),
@@ -33,19 +36,26 @@ def split_command(
     run_dir: Path | None = typer.Option(None, "--run", help="Run folder (default: the latest in ./runs)."),
     device: str = typer.Option("cpu", "--device", help="Where to time the split model: auto, cpu, cuda or cuda:N."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing split in the run folder."),
+    require_complete: bool = typer.Option(
+        False, "--require-complete", help="Refuse a profile that stopped early (default: warn and record it)."
+    ),
 ) -> None:
     """Stage 2: rewrite the model with torch.fx so that the chosen layers become per-task branches."""
     leaves = [n for n in (s.strip() for s in leaf.split(",")) if n]
     run, plan = recon.split_run(
         run_dir, top_k=top_k, S=S, layers=layers, scores=scores, budget_params=budget_params,
         budget_flops=budget_flops, groups=groups, init=init, leaf_modules=leaves, device=resolve_device(device),
-        force=force,
+        force=force, require_complete=require_complete,
     )  # fmt: skip
+    partial = plan.extra.get("profile_partial")
+    if partial is not None:
+        warn(
+            f"planned from a partial profile ({partial['steps']} of {partial['of'] or '?'} steps); recorded in "
+            "plan.json (pass --require-complete to refuse)"
+        )
     _print_summary(plan, plan.extra["time_ratio"])
-    console.print(
-        f"plan and code written to [bold]{run.dir / 'split'}[/]  ·  "
-        f"next: [bold]recon train {run.recipe.name} --split latest[/]"
-    )
+    say(f"plan and code written to {run.dir / 'split'}")
+    say("next: " + command("train", run.recipe, split="latest", out=run_dir))
 
 
 # -------------------------------------------------------------------------------------------- printing
@@ -91,3 +101,5 @@ def _print_summary(plan: recon.SplitPlan, ratio: float | None) -> None:
         console.print(f"forward FLOPs on the first batch: {f0:,.0f} -> {f1:,.0f} ({f1 / max(f0, 1):.2f}x){budget}")
     if ratio is not None:
         console.print(f"forward+backward time, split / original on the first batch: {ratio:.2f}x")
+        if ratio > SLOW and plan.budget_flops is None:
+            warn(f"the split model takes {ratio:.2f}x the time per step; bound it with --budget-flops (e.g. 1.3)")

@@ -351,15 +351,16 @@ def plan_split(
     budget_flops = _check_budget(budget_flops, "budget_flops (--budget-flops)", 1.0)
     S = profile.S if S is None else S
     budgeted = budget_params is not None or budget_flops is not None
-    if top_k is not None and (budgeted or groups != "none"):
+    if top_k is not None and budgeted:
         raise ReconError("top_k (--top-k) is the paper's unbudgeted rule; give it alone, or give budgets instead")
+    leaves = list(leaf_modules if leaf_modules is not None else profile.meta.get("leaf_modules", []))
     if top_k is not None:
-        return _top_k_plan(profile, top_k, S, init)
+        plan = _top_k_plan(profile, top_k, S, init)
+        return _with_best_groups(plan, profile, model, leaves) if groups == "auto" else plan
     if not budgeted:
         raise ReconError("say how to choose: top_k=K, or budget_params=F and/or budget_flops=R")
     if budget_flops is not None and example_inputs is None:
         raise ReconError("budget_flops needs example_inputs (the recipe's first batch) to count FLOPs on")
-    leaves = list(leaf_modules if leaf_modules is not None else profile.meta.get("leaf_modules", []))
     work = _frozen_copy(model)
     gm, options = _layer_options(profile, work, groups, S, leaves)
     base = sum(p.numel() for p in model.parameters())
@@ -394,13 +395,31 @@ def plan_split(
 
 def _top_k_plan(profile: Any, top_k: int, S: float, init: str) -> SplitPlan:
     """The paper's rule: the k highest-scoring shared layers, one copy per task (the root's own excluded)."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ReconError(f"top_k = {top_k!r} must be a non-negative integer")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ReconError(f"top_k = {top_k!r} must be a positive integer; to train unsplit, do not split")
     ranked = [layer for layer in profile.scores(S).index if layer]
     if top_k > len(ranked):
         raise ReconError(f"top-k {top_k} exceeds the {len(ranked)} shared layers; choose k <= {len(ranked)}")
     scores = {str(k): int(v) for k, v in profile.scores(S)["score"].items()}
     return SplitPlan(tasks=list(profile.tasks), layers=ranked[:top_k], init=init, S=S, top_k=top_k, scores=scores)
+
+
+def _with_best_groups(plan: SplitPlan, profile: Any, model: nn.Module, leaves: list[str]) -> SplitPlan:
+    """``top_k`` with ``groups="auto"``: the same k layers, each branched into its best partition, the one with
+    the fewest groups among those removing the most score (tasks that never conflict on it share a copy)."""
+    _, options = _layer_options(profile, _frozen_copy(model), "auto", plan.S, leaves)
+    best = {opts[-1].layer: opts[-1] for opts in options}  # options grow in groups and strictly in score
+    chosen = [best[layer] for layer in plan.layers if layer in best]
+    base = sum(p.numel() for p in model.parameters())
+    plan.groups = {o.layer: [list(g) for g in o.groups] for o in chosen}
+    plan.extra.update(
+        removed={o.layer: o.score for o in chosen},
+        params_added={o.layer: o.params for o in chosen},
+        params_before=base,
+        params_after=base + sum(o.params for o in chosen),
+        groups_mode="auto",
+    )
+    return plan
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -527,10 +546,12 @@ def choose_layers(
     if not budgeted:
         how.layers = _top(list(ranked), top_k, f"the profile in {profile_dir}")
         return how
-    if top_k is not None:
+    if top_k is not None and (budget_params is not None or budget_flops is not None):
         raise ReconError("--top-k is the paper's unbudgeted rule; give it alone, or give --budget-* instead")
+    if top_k is not None:
+        _top(list(ranked), top_k, f"the profile in {profile_dir}")  # the same one-line errors as without groups
     how.plan = plan_split(
-        prof, model, budget_params=budget_params, budget_flops=budget_flops, groups=groups,
+        prof, model, top_k=top_k, budget_params=budget_params, budget_flops=budget_flops, groups=groups,
         example_inputs=example_inputs, S=how.S, leaf_modules=how.leaf_modules,
     )  # fmt: skip
     how.layers = how.plan.layer_spec()
@@ -540,6 +561,10 @@ def choose_layers(
 def _top(ranked: list[str], k: int | None, where: str) -> list[str]:
     # the root module's own parameters ("") cannot be branched: they have no path of their own
     candidates = [name for name in ranked if name]
+    if k is not None and k < 1:
+        raise ReconError(
+            f"--top-k {k} branches nothing; give K >= 1 (or train unsplit: recon train MODEL_PY --split none)"
+        )
     if k is None or k > len(candidates):
         raise ReconError(
             f"--top-k {k} exceeds the {len(candidates)} shared layers in {where}; choose K <= {len(candidates)} "

@@ -33,7 +33,7 @@ from torch import nn
 from recon import _distributed, _io
 from recon._backward import TaskGradients
 from recon._cosines import ConflictCounts, CosineRecorder, open_cosines, read_shape
-from recon._errors import NonFiniteLossError, ReconError
+from recon._errors import NonFiniteLossError, ReconError, did_you_mean
 from recon._gram import LayerCosines
 from recon._loop import Observer, ProgressObserver, StepEngine
 from recon._precision import Precision
@@ -183,7 +183,8 @@ class ConflictProfile:
         3 of the paper, for a per-task split; none for one group)."""
         S = self.S if S is None else check_threshold(S)
         if layer not in self.layers:
-            raise ReconError(f"unknown layer {layer!r}; the profiled shared layers are {self.layers}")
+            hint = did_you_mean(layer, self.layers)
+            raise ReconError(f"unknown layer {layer!r}{hint}; the profiled shared layers are {self.layers}")
         column = np.asarray(self.cosine_array[:, self.layers.index(layer), :], dtype=np.float32)
         below = (column < S).sum(axis=0)  # NaN compares False: skipped pairs never count
         valid = (~np.isnan(column)).sum(axis=0)
@@ -397,7 +398,8 @@ class _Profiler(Observer):
         if done == 0:
             self.close()
             raise ReconError("the data yielded no batch; give at least one (inputs, targets) batch")
-        return self.result(engine, partial=False)
+        asked = self.meta.get("steps_asked")
+        return self.result(engine, partial=asked is not None and engine.step < asked)
 
     def result(self, engine: StepEngine, *, partial: bool) -> ConflictProfile:
         """Close the record (an empty but valid one if no step completed), make the profile, save it when
@@ -515,12 +517,13 @@ def profile(
     tmp, folder = _home(out) if main else (None, None)
     meta = {"method": spec_of(method), "seed": seed, "leaf_modules": list(leaf_modules), "discovery": discovery}
     meta["precision"] = engine.precision.mode
+    n = batch_count(data)
+    total = steps if steps is not None else (None if n is None else n * epochs)
+    meta["steps_asked"] = total  # a profile that stops short of it is partial (docs/run-folder.md)
     profiler = _Profiler(model, task_names, S=S, folder=folder, chunk=chunk, meta=meta, tmp=tmp, save=out is not None)
     if usage is not None:
         profiler.setup(engine, usage)
     engine.observers.append(profiler)
-    n = batch_count(data)
-    total = steps if steps is not None else (None if n is None else n * epochs)
     with progress_bar(total, "profiling", enabled=progress and main) as bar:
         engine.observers.append(ProgressObserver(bar))
         return profiler.run(engine, data, epochs=epochs if steps is None else None, max_steps=steps)

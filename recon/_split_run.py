@@ -6,6 +6,7 @@ plan, the generated code and the network figure land in ``<run>/split/`` (docs/r
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -13,13 +14,13 @@ from typing import Any
 
 import torch
 
-from recon import _io
+from recon import _io, _lock
 from recon._capture import example_args, layer_usage
 from recon._codegen import generated_code
 from recon._errors import ReconError
 from recon._outputs import call_model, move_to, task_outputs
 from recon._plan import choose_layers, parse_budget
-from recon._profile import check_threshold
+from recon._profile import PROFILE_FILE, check_threshold
 from recon._recipe import Recipe, compute_losses, load_recipe
 from recon._runs import Run
 from recon._split import INITS, SplitPlan, split
@@ -39,6 +40,7 @@ def split_run(
     leaf_modules: tuple[str, ...] | list[str] = (),
     device: torch.device | str = "cpu",
     force: bool = False,
+    require_complete: bool = False,
 ) -> tuple[Run, SplitPlan]:
     """Branch a run's layers and write ``split/plan.json``, ``split/model.py`` and ``split/network.png``.
 
@@ -47,8 +49,10 @@ def split_run(
     (rescored at ``S`` when given), or the budgets (``recon.plan_split``; ``groups="auto"`` chooses task groups).
     ``leaf_modules`` defaults to those the profile was traced with. The plan's ``extra`` records the parameter
     counts before and after and ``time_ratio``: the median forward+backward time of the split model over the
-    original's on the first training batch, on ``device``. Returns the run and the plan it wrote (docs/cli.md,
-    ``recon split``).
+    original's on the first training batch, on ``device``. A profile that stopped early (interrupted, or fewer
+    steps than asked) is recorded in the plan as ``"profile_partial": {"steps": done, "of": asked}`` and
+    returned in ``plan.extra``; with ``require_complete`` it is a :class:`ReconError`. The split folder is
+    locked while it is written. Returns the run and the plan it wrote (docs/cli.md, ``recon split``).
     """
     if init not in INITS:
         raise ReconError(f"--init {init!r} is not one of {list(INITS)}")
@@ -56,8 +60,38 @@ def split_run(
         check_threshold(S)
     run = Run.open(run_dir)
     folder = run.dir / "split"
-    if folder.exists() and any(folder.iterdir()) and not force:
-        raise ReconError(f"{folder} already holds results; pass --force to overwrite them or --run for another run")
+    _lock.hold(folder)  # one writer: a second split of this run is refused until this one ends
+    try:
+        if folder.exists() and any(folder.iterdir()) and not force:
+            raise ReconError(f"{folder} already holds results; pass --force to overwrite them or --run for another run")
+        partial = profile_partial(run.dir / "profile", required=require_complete and layers is None)
+        return _split(run, partial, top_k, S, layers, scores, budget_params, budget_flops, groups, init,
+                      leaf_modules, device, force)  # fmt: skip
+    finally:
+        _lock.release(folder)
+
+
+def profile_partial(folder: Path, *, required: bool = False) -> dict[str, int | None] | None:
+    """``{"steps": done, "of": asked}`` when the profile in ``folder`` stopped early, else None; with
+    ``required`` a partial profile is a :class:`ReconError` (``--require-complete``)."""
+    file = folder / PROFILE_FILE
+    if not file.exists():
+        return None
+    meta = json.loads(file.read_text())
+    steps, asked = int(meta.get("steps", 0)), meta.get("steps_asked")
+    if not meta.get("partial") and (asked is None or steps >= int(asked)):
+        return None
+    partial = {"steps": steps, "of": None if asked is None else int(asked)}
+    if required:
+        raise ReconError(
+            f"{folder} is a partial profile ({steps} of {partial['of'] or '?'} steps); profile again to the end, "
+            "or drop --require-complete"
+        )
+    return partial
+
+
+def _split(run, partial, top_k, S, layers, scores, budget_params, budget_flops, groups, init, leaf_modules,
+           device, force) -> tuple[Run, SplitPlan]:  # fmt: skip
     recipe = load_recipe(run.recipe)
     tasks = list(recipe.tasks)
     torch.manual_seed(int(run.info.get("seed", 0)))
@@ -76,6 +110,8 @@ def split_run(
     sizes = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in net.parameters()))
     ratio = time_ratio(model, net, recipe, torch.device(device))
     plan = _record(how, net, model, top_k, init, budgets, sizes, ratio)
+    if partial is not None and layers is None and scores is None:
+        plan.extra["profile_partial"] = partial
     folder = run.stage("split", force=force)
     run.record_command()
     plan.save(folder / "plan.json")
