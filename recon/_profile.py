@@ -47,7 +47,7 @@ LOSSES_FILE = "losses.csv"
 
 
 def check_threshold(S: float) -> float:
-    """The S-conflict threshold must satisfy ``-1 < S <= 0`` (Definition 3 of the Recon paper; see README)."""
+    """The S-conflict threshold must satisfy ``-1 < S <= 0`` (Definition 3 of the Recon paper; docs/cli.md)."""
     S = float(S)
     if not (-1.0 < S <= 0.0):
         raise ReconError(f"S = {S} is out of range; the S-conflict threshold must satisfy -1 < S <= 0")
@@ -485,7 +485,7 @@ def profile(
         precision: ``"32"``, ``"bf16"`` or ``"fp16"`` (autocast on the model's device; fp16 with one loss scale
             for the K task passes; a step whose gradients overflow is skipped and records no cosines).
         batched: the K task gradients in one vectorised backward (``True``), K passes (``False``) or batched on
-            CUDA only (``"auto"``); see README, "Mixed precision, batched task gradients, sharded data".
+            CUDA only (``"auto"``); see docs/scaling.md.
 
     On Ctrl-C or a non-finite loss, what was recorded is kept: the exception is re-raised with the partial
     profile attached as ``exc.profile``.

@@ -38,7 +38,7 @@ def versions() -> dict[str, str]:
     for name in OPTIONAL_PACKAGES:
         try:
             out[name] = version(name)
-        except PackageNotFoundError:  # not installed: an optional extra (README, "Install")
+        except PackageNotFoundError:  # not installed: an optional extra (README, "Install extras and tests")
             continue
     return out
 

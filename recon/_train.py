@@ -326,7 +326,7 @@ def train(
             which compute the per-task gradients anyway; one more backward per task for the others): the history
             gets ``conflict_share`` (share of cosines < 0) and the result ``cosines``.
         precision, batched: as in :func:`recon.profile`; fp16's loss scale is in the checkpoint. Under torchrun
-            each process loads only its shard of the data where it can, metrics are reduced (README).
+            each process loads only its shard of the data where it can, metrics are reduced (docs/scaling.md).
     """
     loss_fns, task_names = _check_train_args(losses, tasks, epochs, resume, out)
 
