@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.text import Text
 
 import recon
 from cli._common import command, console, frame_table, say, warn
@@ -30,7 +31,7 @@ def report_command(
 ) -> None:
     """Figures and tables of what a run holds: conflict profile, branched layers, trained variants, Δm%."""
     rep = recon.report(run, out=out, S=S, dpi=dpi)
-    console.rule(f"[bold]recon report[/]  {rep.run_dir}")
+    console.rule(Text(f"recon report  {rep.run_dir}", style="bold"))
     _print_profile(rep, show)
     _print_plan(rep)
     _print_variants(rep)

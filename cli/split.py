@@ -31,6 +31,9 @@ def split_command(
         None, "--budget-flops", help="... within this ratio of the forward FLOPs on the first batch (1.3)."
     ),
     groups: str = typer.Option("none", "--groups", help="auto: choose each layer's task groups; none: one per task."),
+    score: str = typer.Option(
+        "s-conflict", "--score", help="Rank layers by s-conflict (the paper's count) or interference (-<g_i, g_j>)."
+    ),
     init: str = typer.Option("reinit", "--init", help="reinit: fresh copies (reset_parameters); copy: warm start."),
     leaf: str = typer.Option("", "--leaf", help="Comma-separated module names torch.fx should treat as opaque."),
     run_dir: Path | None = typer.Option(None, "--run", help="Run folder (default: the latest in ./runs)."),
@@ -45,7 +48,7 @@ def split_command(
     run, plan = recon.split_run(
         run_dir, top_k=top_k, S=S, layers=layers, scores=scores, budget_params=budget_params,
         budget_flops=budget_flops, groups=groups, init=init, leaf_modules=leaves, device=resolve_device(device),
-        force=force, require_complete=require_complete,
+        force=force, score=score, require_complete=require_complete,
     )  # fmt: skip
     partial = plan.extra.get("profile_partial")
     if partial is not None:
@@ -54,6 +57,9 @@ def split_command(
             "plan.json (pass --require-complete to refuse)"
         )
     _print_summary(plan, plan.extra["time_ratio"])
+    warning = plan.extra.get("unstable")
+    if warning:
+        warn(warning)
     say(f"plan and code written to {run.dir / 'split'}")
     say("next: " + command("train", run.recipe, split="latest", out=run_dir))
 
@@ -63,15 +69,20 @@ def _print_summary(plan: recon.SplitPlan, ratio: float | None) -> None:
     """Per branched layer: its task groups, the score it removes, the parameters it adds; then the totals
     against each budget."""
     from rich.table import Table
+    from rich.text import Text
 
     extra = plan.extra
     removed, added = extra.get("removed") or {}, extra.get("params_added") or {}
+    confidence, k = extra.get("p_top_k") or {}, extra.get("confidence_k")
+    interference = extra.get("score") == "interference"
     groups = plan.groups or {layer: [[t] for t in tasks] for layer, tasks in extra["branches"].items()}
     if plan.layers:
         table = Table(title=f"{len(plan.layers)} branched layer(s)", title_justify="left", header_style="bold")
         table.add_column("layer", style="cyan", no_wrap=True)
         if plan.scores:
-            table.add_column("score", justify="right")
+            table.add_column("interference" if interference else "score", justify="right")
+        if confidence:
+            table.add_column(f"p(top-{k})", justify="right")
         if removed:
             table.add_column("score removed", justify="right")
             table.add_column("params added", justify="right")
@@ -79,11 +90,13 @@ def _print_summary(plan: recon.SplitPlan, ratio: float | None) -> None:
         for layer in plan.layers:
             row = [layer]
             if plan.scores:
-                row.append(str(plan.scores.get(layer, "")))
+                row.append(_score_text(plan.scores.get(layer, "")))
+            if confidence:
+                row.append(f"{confidence[layer]:.2f}" if layer in confidence else "")
             if removed:
-                row += [str(removed.get(layer, "")), f"{added.get(layer, 0):,}"]
+                row += [_score_text(removed.get(layer, "")), f"{added.get(layer, 0):,}"]
             row.append(" | ".join(",".join(g) for g in groups.get(layer, [])))
-            table.add_row(*row)
+            table.add_row(*(Text(cell) for cell in row))  # names are data, never markup
         console.print(table)
     else:
         console.print("no layer branched: the split model is the original one")
@@ -93,7 +106,7 @@ def _print_summary(plan: recon.SplitPlan, ratio: float | None) -> None:
     if plan.budget_params is not None:
         line += f"  ·  budget +{100 * plan.budget_params:.1f}%"
     if removed:
-        line += f"  ·  score removed {sum(removed.values())}"
+        line += f"  ·  {'interference' if interference else 'score'} removed {_score_text(sum(removed.values()))}"
     console.print(line)
     if "flops_after" in extra:
         f0, f1 = extra["flops_before"], extra["flops_after"]
@@ -103,3 +116,8 @@ def _print_summary(plan: recon.SplitPlan, ratio: float | None) -> None:
         console.print(f"forward+backward time, split / original on the first batch: {ratio:.2f}x")
         if ratio > SLOW and plan.budget_flops is None:
             warn(f"the split model takes {ratio:.2f}x the time per step; bound it with --budget-flops (e.g. 1.3)")
+
+
+def _score_text(value: object) -> str:
+    """An S-conflict count as is; an interference (a float) with 4 significant digits."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -92,17 +92,20 @@ class BasicBlock(nn.Module):
 class MultiDigitNet(nn.Module):
     """Shared ResNet-style trunk, one MLP head per task; returns ``{task: logits}``."""
 
-    def __init__(self, tasks: tuple[str, ...] = TASKS, width: int = 16, n_classes: int | dict = 10) -> None:
+    def __init__(
+        self, tasks: tuple[str, ...] = TASKS, width: int = 16, n_classes: int | dict = 10, hidden: int | None = None
+    ) -> None:
         super().__init__()
+        hidden = 4 * width if hidden is None else hidden  # the shared fc's width (the heads' input)
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(True))
         self.layer1 = BasicBlock(width, width)
         self.layer2 = BasicBlock(width, 2 * width, stride=2)
         self.layer3 = BasicBlock(2 * width, 2 * width)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(2 * width * 1, 4 * width)
+        self.fc = nn.Linear(2 * width * 1, hidden)
         classes = n_classes if isinstance(n_classes, dict) else dict.fromkeys(tasks, n_classes)
         self.heads = nn.ModuleDict(
-            {t: nn.Sequential(nn.Linear(4 * width, 32), nn.ReLU(), nn.Linear(32, classes[t])) for t in tasks}
+            {t: nn.Sequential(nn.Linear(hidden, 32), nn.ReLU(), nn.Linear(32, classes[t])) for t in tasks}
         )
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -111,8 +114,10 @@ class MultiDigitNet(nn.Module):
         return {t: head(z) for t, head in self.heads.items()}
 
 
-def build_model() -> nn.Module:
-    return MultiDigitNet()
+def build_model(width: int = 16, hidden: int | None = None) -> nn.Module:
+    """The recipe's model; ``width`` (trunk channels) and ``hidden`` (shared fc width, default ``4 * width``)
+    build wider or narrower ones (the width-matched rows of ``benchmarks/evidence.py``)."""
+    return MultiDigitNet(width=width, hidden=hidden)
 
 
 losses = {t: F.cross_entropy for t in TASKS}

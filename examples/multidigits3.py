@@ -21,8 +21,9 @@ def _labels(y: torch.Tensor) -> torch.Tensor:
     return torch.cat([y, y.sum(dim=1, keepdim=True)], dim=1)
 
 
-def build_model() -> nn.Module:
-    return MultiDigitNet(TASKS, n_classes=CLASSES)
+def build_model(width: int = 16, hidden: int | None = None) -> nn.Module:
+    """The recipe's model; ``width`` and ``hidden`` as in ``multidigits.build_model``."""
+    return MultiDigitNet(TASKS, width=width, n_classes=CLASSES, hidden=hidden)
 
 
 losses = {t: F.cross_entropy for t in TASKS}

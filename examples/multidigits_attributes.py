@@ -47,8 +47,9 @@ def attributes(y: torch.Tensor) -> torch.Tensor:
     return torch.stack(columns, dim=1).long()
 
 
-def build_model() -> nn.Module:
-    return MultiDigitNet(TASKS, n_classes=2)
+def build_model(width: int = 16, hidden: int | None = None) -> nn.Module:
+    """The recipe's model; ``width`` and ``hidden`` as in ``multidigits.build_model``."""
+    return MultiDigitNet(TASKS, width=width, n_classes=2, hidden=hidden)
 
 
 losses = {t: F.cross_entropy for t in TASKS}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from recon import _distributed
 from recon._errors import NonFiniteLossError, ReconError
+from recon._usage import Copies, UsageClass, group_copies, order_by_class, solve, solve_classes, usage_classes
 
 __all__ = ["BackwardResult", "backward"]
 
@@ -147,7 +148,9 @@ class TaskGradients:
       ``None`` when nothing is shared;
     * ``rows[k][i]``: task k's gradient of non-shared parameter i (``None`` where task k does not reach it);
     * ``own``: the ``(parameter, task)`` pairs with a gradient in ``rows``;
-    * ``users``: per parameter, the tasks that reached it (only when the partition was discovered this step).
+    * ``users``: per parameter, the tasks that reached it (only when the partition was discovered this step);
+    * ``classes``: the usage classes of group copies (:mod:`recon._usage`), J's last column spans; the columns
+      before the first one are the global solve's. Empty for unsplit models and per-task splits.
     """
 
     J: Tensor | None
@@ -155,6 +158,7 @@ class TaskGradients:
     own: list[tuple[int, int]]
     shared_idx: list[int]
     users: list[tuple[int, ...]] | None = None
+    classes: list[UsageClass] = field(default_factory=list)
 
     def tensors(self) -> list[Tensor]:
         """Every gradient tensor held (for one all-reduce under torchrun)."""
@@ -203,13 +207,18 @@ class _BatchedGradients:
         return self._memo(params).failed
 
     def gradients(
-        self, values: Sequence[Tensor], params: Sequence[Tensor], shared_idx: Sequence[int] | None, retain: bool
+        self,
+        values: Sequence[Tensor],
+        params: Sequence[Tensor],
+        shared_idx: Sequence[int] | None,
+        retain: bool,
+        copies: Copies,
     ) -> TaskGradients:
         memo = self._memo(params)
         wanted = None if shared_idx is None else list(shared_idx)
         stale = wanted != memo.found if wanted is not None else not memo.discovered
         if memo.users is None or stale:  # learn the partition with the K passes, once
-            grads = _sequential(values, params, shared_idx, retain)
+            grads = _sequential(values, params, shared_idx, retain, copies)
             K = len(values)
             memo.discovered, memo.found = wanted is None, grads.shared_idx
             memo.users = grads.users or [
@@ -230,7 +239,7 @@ class _BatchedGradients:
                 RuntimeWarning,
                 stacklevel=3,
             )
-            return _sequential(values, params, shared_idx, retain)
+            return _sequential(values, params, shared_idx, retain, copies)
         return _from_batch(batch, params, memo.found, memo.users, discovered=shared_idx is None)
 
 
@@ -287,6 +296,7 @@ def task_gradients(
     shared_idx: Sequence[int] | None = None,
     retain_graph: bool = False,
     batched: Batched = "auto",
+    copies: Copies | None = None,
 ) -> TaskGradients:
     """The K tasks' gradients w.r.t. ``params``: one backward pass per task, or one batched pass.
 
@@ -303,16 +313,29 @@ def task_gradients(
     once to learn which tasks reach which parameter (batched gradients are zeros, not ``None``, where a task
     does not reach); that partition is then kept. Where vmap cannot run the backward (some in-place ops,
     custom autograd functions), the model falls back to the K passes for good, with one warning.
+
+    ``copies``: ``{parameter index: task indices}`` of the group copies (:func:`recon._usage.group_copies`); J's
+    columns are then ordered ``[global | usage class 1 | ...]`` and ``classes`` gives the classes' spans.
     """
     if batched not in ("auto", True, False):
         raise ReconError(f"batched={batched!r} is not one of 'auto', True, False")
+    copies = copies or {}
+    if shared_idx is not None and copies:
+        shared_idx = order_by_class(shared_idx, copies)
     if _wants_batched(batched, params):
-        return _batched.gradients(values, params, shared_idx, retain_graph)
-    return _sequential(values, params, shared_idx, retain_graph)
+        grads = _batched.gradients(values, params, shared_idx, retain_graph, copies)
+    else:
+        grads = _sequential(values, params, shared_idx, retain_graph, copies)
+    grads.classes = usage_classes(grads.shared_idx, copies, params)
+    return grads
 
 
 def _sequential(
-    values: Sequence[Tensor], params: Sequence[Tensor], shared_idx: Sequence[int] | None, retain_graph: bool
+    values: Sequence[Tensor],
+    params: Sequence[Tensor],
+    shared_idx: Sequence[int] | None,
+    retain_graph: bool,
+    copies: Copies,
 ) -> TaskGradients:
     """:func:`task_gradients` with one backward pass per task."""
     K = len(values)
@@ -323,6 +346,7 @@ def _sequential(
         ]
         users = [tuple(k for k in range(K) if grads[k][i] is not None) for i in range(len(params))]
         found, own = _partition(grads, len(params))
+        found = order_by_class(found, copies)
         J = _matrix_for(K, [params[i] for i in found]) if found else None
         if J is not None:
             for k in range(K):
@@ -422,6 +446,9 @@ def backward(
     * Parameters used by exactly one task (heads, per-task branches of a split model) get that task's own
       gradient, untouched by the method.
     * Parameters used by no task are left alone.
+    * A copy of a layer split by a task partition, used by the tasks of group G, gets the method applied to G's
+      tasks alone (``mean``: G's mean gradient), one solve per usage class (:mod:`recon._usage`); parameters
+      in no copy keep the global solve over all K tasks. Copies are found in ``net``'s modules.
 
     The partition is found with autograd, one backward per task over all parameters
     (``torch.autograd.grad(L_k, params, allow_unused=True)``), so it works on any module, including the
@@ -474,7 +501,9 @@ def backward(
         ids = {id(p) for p in shared}
         shared_idx = [i for i, p in enumerate(params) if id(p) in ids]
     scaled = precision.scale(values) if precision is not None else values
-    grads = task_gradients(scaled, params, shared_idx=shared_idx, retain_graph=retain_graph, batched=batched)
+    copies = group_copies(net, tasks, params)
+    grads = task_gradients(scaled, params, shared_idx=shared_idx, retain_graph=retain_graph, batched=batched,
+                           copies=copies)  # fmt: skip
     return reduce_and_apply(grads, params, m, loss_values, precision=precision)
 
 
@@ -546,30 +575,28 @@ def apply_task_gradients(
             f"{type(m).__name__} does not aggregate per-task gradients; use a gradient method "
             "(e.g. mean, pcgrad, cagrad) here"
         )
-    J, own = grads.J, grads.own
-    tasks = range(len(grads.rows))
-    shared_idx = grads.shared_idx
+    J, own, classes = grads.J, grads.own, grads.classes
+    shared_params = tuple(params[i] for i in grads.shared_idx)
     grads.J = None
-    shared_params = tuple(params[i] for i in shared_idx)
     weights: Tensor | None = None
     with torch.no_grad():
         if J is not None:
-            if m.kind == "representation":  # gradnorm on the shared parameters
+            n_global = classes[0].first if classes else len(shared_params)
+            if m.kind == "representation" and classes:  # gradnorm: its task weights from all shared columns
                 weights = m(loss_values, J).to(J.dtype)
-                update = weights @ J
-            else:
-                update = m(J)
-                weights = m.last_weights
-            if not isinstance(update, Tensor) or update.shape != (J.shape[1],):
-                got = tuple(update.shape) if isinstance(update, Tensor) else type(update).__name__
-                raise ReconError(
-                    f"the method returned {got} for a ({J.shape[0]}, {J.shape[1]}) gradient matrix; "
-                    f"it must return a ({J.shape[1]},) update"
-                )
-            _write_update(update.detach(), shared_params)
-            del J, update
+                _write_update(weights @ J[:, : classes[0].start], shared_params[:n_global])
+            elif n_global:  # the parameters in no group copy: the method over all K tasks, on their columns
+                update, weights = solve(m, J[:, : classes[0].start] if classes else J, loss_values)
+                _write_update(update.detach(), shared_params[:n_global])
+                del update
+            if classes:
+                names = m.tasks or tuple(f"task{k}" for k in range(len(grads.rows)))
+                updates = solve_classes(m, J, classes, names, loss_values, weights)
+                for c, update in zip(classes, updates, strict=True):
+                    _write_update(update.detach(), shared_params[c.first : c.last])
+            del J
         elif m.kind == "representation":
-            weights = torch.ones(len(tasks), dtype=loss_values.dtype, device=loss_values.device)
+            weights = torch.ones(len(grads.rows), dtype=loss_values.dtype, device=loss_values.device)
         for i, k in own:
             g = grads.rows[k][i]
             if m.kind == "representation" and weights is not None:

@@ -45,6 +45,7 @@ from recon._graph import (
     _layer_tasks,
     _trace,
     _user_frame,
+    adopt_hierarchy,
     first_difference,
     leaf_names,
     node_keys,
@@ -343,14 +344,8 @@ def export_graph(model: nn.Module, example: tuple[tuple, dict]) -> fx.GraphModul
     for name, value in constants.items():  # tensor constants live on the model, as fx puts them
         setattr(model, name, value)
     gm = fx.GraphModule(model, graph, type(model).__name__)
-    _share_modules(gm, model)
+    adopt_hierarchy(gm, model)  # the same fix-up split applies to its result
     return gm
-
-
-def _share_modules(gm: fx.GraphModule, model: nn.Module) -> None:
-    from recon._split import _adopt_hierarchy  # the same fix-up split applies to its result
-
-    _adopt_hierarchy(gm, model)
 
 
 def _named_inputs(model: nn.Module, example: tuple[tuple, dict]) -> tuple[list[str], dict[str, Any], dict]:

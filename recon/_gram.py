@@ -31,7 +31,8 @@ _BLOCK_BYTES = 1 << 21  # per-block working set on the CPU (K rows together)
 
 
 class LayerCosines:
-    """``(layers, pairs)`` cosines of one step's task gradients, NaN where a task's layer gradient is zero.
+    """``(layers, pairs)`` cosines of one step's task gradients, NaN where a task's layer gradient is zero
+    (:meth:`grams`: the Gram matrices they come from).
 
     Args:
         params: the parameters ``TaskGradients`` refers to by index.
@@ -68,6 +69,10 @@ class LayerCosines:
         return self._spans
 
     def __call__(self, grads: TaskGradients, device: torch.device) -> Tensor:
+        return gram_cosines(self.grams(grads, device))
+
+    def grams(self, grads: TaskGradients, device: torch.device) -> Tensor:
+        """``(layers, K, K)``: each shared layer's Gram matrix ``G_ij = <g_i, g_j>`` of the step's task gradients."""
         K = self.n_tasks
         gram = torch.zeros((self.n_layers, K, K), dtype=torch.float32, device=device)
         J = grads.J
@@ -90,7 +95,7 @@ class LayerCosines:
                 g = grads.rows[k][i]
                 g = g.to_dense() if g.layout != torch.strided else g
                 gram[layer, k, k] += g.float().square().sum().to(device)
-        return gram_cosines(gram)
+        return gram
 
 
 def _cpu_grams(J: Tensor, spans: list[tuple[int, int, int]], gram: Tensor) -> None:

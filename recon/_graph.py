@@ -28,6 +28,7 @@ from recon._errors import ReconError
 
 __all__ = [
     "TraceError",
+    "adopt_hierarchy",
     "layer_names",
     "layer_tasks",
     "leaf_names",
@@ -633,3 +634,18 @@ def _layer_tasks(gm: fx.GraphModule, tasks: Sequence[str] | None, names: list[st
 def shared_layers(usage: Mapping[str, frozenset[str]]) -> list[str]:
     """The layers used by two or more tasks, in the order of ``usage`` (``named_modules()`` order)."""
     return [name for name, tasks in usage.items() if len(tasks) >= 2]
+
+
+# ------------------------------------------------------------------------------------ graph modules
+def adopt_hierarchy(net: fx.GraphModule, src: nn.Module) -> None:
+    """Give ``net`` the full module tree of ``src`` (fx keeps only what the graph references, under stubs),
+    so unused layers, class names and the state_dict keys and their order stay those of the model."""
+    fx_buffers = {k: v for k, v in net._buffers.items() if k not in src._buffers}  # fx's tensor constants
+    net._modules.clear()
+    net._modules.update(src._modules)
+    net._parameters.clear()
+    net._parameters.update(src._parameters)
+    net._buffers.clear()
+    net._buffers.update(src._buffers)
+    net._buffers.update(fx_buffers)
+    net._non_persistent_buffers_set = set(src._non_persistent_buffers_set)

@@ -33,6 +33,7 @@ from recon._backward import TaskGradients, apply_task_gradients, backward, task_
 from recon._errors import ReconError, check_finite
 from recon._outputs import call_model, move_to, task_outputs
 from recon._recipe import batches, check_batch, compute_losses
+from recon._usage import group_copies
 
 __all__ = ["FullPrecision", "Observer", "Precision", "StepEngine"]
 
@@ -147,6 +148,8 @@ class StepEngine:
         #: indices (into ``params``) of the parameters whose task gradients go into J; found on the first step
         #: unless set before it (the profiler sets it from the torch.fx graph)
         self.shared_idx: list[int] | None = None
+        #: the group copies of a split model (parameter index -> its group's task indices): trained as groups
+        self.copies = group_copies(model, self.tasks, self.params)
         # gradient methods read J; loss-weighting, representation and custom methods run recon.backward
         kind, custom = getattr(method, "kind", "gradient"), getattr(method, "custom_backward", None)
         self._through_j = kind == "gradient" and custom is None
@@ -173,8 +176,9 @@ class StepEngine:
         across processes and unscaled."""
         scaled = self.precision.scale([values[t] for t in self.tasks])
         grads = task_gradients(
-            scaled, self.params, shared_idx=self.shared_idx, retain_graph=keep_graph, batched=self.batched
-        )
+            scaled, self.params, shared_idx=self.shared_idx, retain_graph=keep_graph, batched=self.batched,
+            copies=self.copies,
+        )  # fmt: skip
         if self.shared_idx is None:
             self.shared_idx = grads.shared_idx
         _distributed.average_(grads.tensors())

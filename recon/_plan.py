@@ -14,6 +14,12 @@ What it costs:
   nodes of (its FLOPs) x (number of task classes it runs for in the split graph): the count
   ``FlopCounterMode`` gives on the split model itself (the tests check that).
 
+With ``score="interference"`` a branch removes, instead, the interference of the pairs it separates: the mean
+over recorded steps of ``-<g_i, g_j>`` on the layer summed over those pairs (to first order, what one joint
+step's cross-task terms add to the summed task losses and per-task copies take away). It can be negative
+(positive transfer a split would lose), and the planner never spends budget on an option that removes
+``<= 0``.
+
 See :func:`plan_split` for the search and what it guarantees.
 """
 
@@ -32,8 +38,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from recon._confidence import unstable
 from recon._errors import ReconError
 from recon._graph import _layer_tasks, layer_names, node_layers, node_tasks, output_tasks, to_digraph, trace
+from recon._profile import check_score
 from recon._split import SplitPlan
 
 __all__ = ["FlopModel", "LayerOption", "budget_curve", "candidate_options", "plan_split", "removed_score"]
@@ -45,21 +53,26 @@ EXACT_COMBINATIONS = 20_000  # with a FLOP budget, plans are enumerated exhausti
 
 @dataclasses.dataclass(frozen=True)
 class LayerOption:
-    """One way to branch one layer: its task groups, the score it removes, the parameters it adds."""
+    """One way to branch one layer: its task groups, the score it removes (an S-conflict count, or interference),
+    the parameters it adds."""
 
     layer: str
     groups: tuple[tuple[str, ...], ...]
-    score: int
+    score: float
     params: int
 
 
 # ------------------------------------------------------------------------------------------ what it removes
-def removed_score(counts: np.ndarray | pd.DataFrame, groups: Sequence[Sequence[str]], tasks: Sequence[str]) -> int:
-    """The S-conflict count of the task pairs that ``groups`` separates (``counts``: K x K pair counts)."""
+def removed_score(
+    counts: np.ndarray | pd.DataFrame, groups: Sequence[Sequence[str]], tasks: Sequence[str]
+) -> int | float:
+    """The score of the task pairs that ``groups`` separates (``counts``: K x K per-pair S-conflict counts, an
+    int; or per-pair interference, a float)."""
     c = np.asarray(counts)
     label = {t: g for g, group in enumerate(groups) for t in group}
     idx = [i for i, t in enumerate(tasks) if t in label]
-    return int(sum(c[i, j] for a, i in enumerate(idx) for j in idx[a + 1 :] if label[tasks[i]] != label[tasks[j]]))
+    total = sum(c[i, j] for a, i in enumerate(idx) for j in idx[a + 1 :] if label[tasks[i]] != label[tasks[j]])
+    return int(total) if c.dtype.kind in "iub" else float(total)
 
 
 def _partitions(items: list[str]) -> Iterator[list[list[str]]]:
@@ -96,7 +109,7 @@ def candidate_options(
 ) -> list[LayerOption]:
     """The ways to branch ``layer``: one per number of groups ``g >= 2``, the partition removing the most
     score (exact over all partitions up to :data:`EXACT_PARTITIONS` tasks, agglomerative above); with
-    ``groups="none"`` only the per-task split."""
+    ``groups="none"`` only the per-task split. An option that removes ``<= 0`` is never a candidate."""
     order = {t: i for i, t in enumerate(tasks)}
 
     def option(part: Sequence[Sequence[str]]) -> LayerOption:
@@ -106,7 +119,7 @@ def candidate_options(
     if len(users) < 2:
         return []
     if groups == "none":
-        return [option([[t] for t in users])]
+        return [o for o in [option([[t] for t in users])] if o.score > 0]
     parts = _partitions(users) if len(users) <= EXACT_PARTITIONS else _agglomerate(users, counts, tasks)
     best: dict[int, LayerOption] = {}
     for part in parts:
@@ -116,7 +129,7 @@ def candidate_options(
         if len(part) not in best or o.score > best[len(part)].score:
             best[len(part)] = o
     # a partition with more groups that removes no more than one with fewer costs more for nothing
-    kept, top = [], -1
+    kept, top = [], 0.0  # nothing that removes <= 0: it would spend budget for no (or negative) gain
     for g in sorted(best):
         if best[g].score > top:
             kept.append(best[g])
@@ -295,10 +308,18 @@ def _check_budget(value: Any, flag: str, floor: float) -> float | None:
     return float(value)
 
 
+def pair_scores(profile: Any, layer: str, S: float, score: str) -> pd.DataFrame:
+    """``K x K`` per-pair scores of ``layer``: S-conflict counts at ``S``, or mean interference ``-<g_i, g_j>``."""
+    if score == "interference":
+        return profile.interference_matrix(layer)
+    return profile.conflict_matrix(layer, S, counts=True)
+
+
 def _layer_options(
-    profile: Any, model: nn.Module, groups: str, S: float, leaf_modules: Sequence[Any]
+    profile: Any, model: nn.Module, groups: str, S: float, leaf_modules: Sequence[Any], score: str = "s-conflict"
 ) -> tuple[fx.GraphModule, list[list[LayerOption]]]:
-    """The traced model and, per profiled shared layer, its candidate options (best partition per group count)."""
+    """The traced model and, per profiled shared layer, its candidate options (best partition per group count;
+    none for a layer whose every option removes ``<= 0``)."""
     gm = trace(model, leaf_modules=leaf_modules)
     tasks = list(output_tasks(gm, profile.tasks))
     usage = _layer_tasks(gm, tasks, layer_names(model))
@@ -307,7 +328,7 @@ def _layer_options(
         if not layer or len(usage.get(layer, ())) < 2:
             continue
         users = [t for t in tasks if t in usage[layer]]
-        counts = profile.conflict_matrix(layer, S, counts=True).loc[tasks, tasks].to_numpy()
+        counts = pair_scores(profile, layer, S, score).loc[tasks, tasks].to_numpy()
         own = sum(p.numel() for p in model.get_submodule(layer).parameters(recurse=False))
         options.append(candidate_options(layer, users, counts, tasks, own, groups))
     return gm, [o for o in options if o]
@@ -325,10 +346,15 @@ def plan_split(
     S: float | None = None,
     leaf_modules: Sequence[Any] | None = None,
     init: str = "reinit",
+    score: str = "s-conflict",
 ) -> SplitPlan:
     """The layers to branch (and, with ``groups="auto"``, each layer's task groups) that remove the most
-    S-conflict score within the budgets, as a :class:`~recon.SplitPlan` for :func:`recon.load_split`.
+    score within the budgets, as a :class:`~recon.SplitPlan` for :func:`recon.load_split`.
 
+    * ``score="s-conflict"``: the paper's S-conflict count (Definition 3); ``"interference"``: the mean over
+      steps of ``-<g_i, g_j>`` summed over the pairs a branch separates (:meth:`recon.ConflictProfile.scores`).
+      No budget is spent on a layer or a task partition that removes ``<= 0``; with interference, ``top_k``
+      takes the k highest among the layers with positive interference (fewer when fewer are positive).
     * ``top_k``: the paper's rule, the k layers with the highest scores, one copy per task (no budget).
     * ``budget_params=F``: at most ``F`` x the model's parameters added (0.1 = +10%), exactly.
     * ``budget_flops=R``: at most ``R`` x the model's forward FLOPs on ``example_inputs`` (needed then), as
@@ -347,6 +373,9 @@ def plan_split(
     """
     if groups not in GROUPS:
         raise ReconError(f"groups={groups!r} is not one of {list(GROUPS)}")
+    score = check_score(score)
+    if score == "interference" and not profile.has_gram:
+        profile.interference()  # the one-line error: re-profile
     budget_params = _check_budget(budget_params, "budget_params (--budget-params)", 0.0)
     budget_flops = _check_budget(budget_flops, "budget_flops (--budget-flops)", 1.0)
     S = profile.S if S is None else S
@@ -355,14 +384,14 @@ def plan_split(
         raise ReconError("top_k (--top-k) is the paper's unbudgeted rule; give it alone, or give budgets instead")
     leaves = list(leaf_modules if leaf_modules is not None else profile.meta.get("leaf_modules", []))
     if top_k is not None:
-        plan = _top_k_plan(profile, top_k, S, init)
-        return _with_best_groups(plan, profile, model, leaves) if groups == "auto" else plan
+        plan = _top_k_plan(profile, top_k, S, init, score)
+        return _with_best_groups(plan, profile, model, leaves, score) if groups == "auto" else plan
     if not budgeted:
         raise ReconError("say how to choose: top_k=K, or budget_params=F and/or budget_flops=R")
     if budget_flops is not None and example_inputs is None:
         raise ReconError("budget_flops needs example_inputs (the recipe's first batch) to count FLOPs on")
     work = _frozen_copy(model)
-    gm, options = _layer_options(profile, work, groups, S, leaves)
+    gm, options = _layer_options(profile, work, groups, S, leaves, score)
     base = sum(p.numel() for p in model.parameters())
     flop_model = None
     if budget_flops is not None:
@@ -371,44 +400,85 @@ def plan_split(
     problem = _Problem(options, cap, flop_model, budget_flops * flop_model.base if flop_model else math.inf)
     choice = sorted(_search(problem), key=lambda o: -o.score)
     if not choice:
-        raise ReconError(_nothing_fits(options, base, budget_params, budget_flops))
+        raise ReconError(_nothing_fits(options, base, budget_params, budget_flops, score))
+    how = {"S": S, "score": score, "groups": groups, "init": init, "leaves": leaves}
+    return _budgeted_plan(profile, model, choice, problem, (budget_params, budget_flops), **how)
+
+
+def _budgeted_plan(
+    profile: Any, model: nn.Module, choice: list[LayerOption], problem: _Problem, budgets: tuple, *, S: float,
+    score: str, groups: str, init: str, leaves: list[str],
+) -> SplitPlan:  # fmt: skip
+    """The :class:`SplitPlan` of a budgeted choice, with what it removes, adds and costs in ``extra``."""
+    base = sum(p.numel() for p in model.parameters())
     params, flops = problem.cost(choice)
-    scores = {str(k): int(v) for k, v in profile.scores(S)["score"].items()}
     extra = {"removed": {o.layer: o.score for o in choice}, "params_added": {o.layer: o.params for o in choice}}
-    extra.update(params_before=base, params_after=base + params, groups_mode=groups)
-    if flop_model is not None:
-        extra.update(flops_before=flop_model.base, flops_after=flops)
+    extra.update(params_before=base, params_after=base + params, groups_mode=groups, score=score)
+    extra.update(chosen_confidence(profile, [o.layer for o in choice], S, score))
+    if problem.flops is not None:
+        extra.update(flops_before=problem.flops.base, flops_after=flops)
     return SplitPlan(
         tasks=list(profile.tasks),
         layers=[o.layer for o in choice],
         init=init,
         S=S,
-        scores=scores,
+        scores=layer_scores(profile, S, score),
         groups={o.layer: [list(g) for g in o.groups] for o in choice},
-        budget_params=budget_params,
-        budget_flops=budget_flops,
+        budget_params=budgets[0],
+        budget_flops=budgets[1],
         leaf_modules=leaves,
         model_class=type(model).__name__,
         extra=extra,
     )
 
 
-def _top_k_plan(profile: Any, top_k: int, S: float, init: str) -> SplitPlan:
-    """The paper's rule: the k highest-scoring shared layers, one copy per task (the root's own excluded)."""
+def layer_scores(profile: Any, S: float, score: str) -> dict[str, int | float]:
+    """Every shared layer's score, highest first (plan.json's ``scores``)."""
+    cast = int if score == "s-conflict" else float
+    return {str(k): cast(v) for k, v in profile.scores(S, score=score)["score"].items()}
+
+
+def ranked_candidates(scores: Mapping[str, float], score: str) -> tuple[list[str], list[str]]:
+    """The branchable layers in score order (the root module's own parameters, ``""``, have no path of their
+    own), and those of them worth branching: with interference only the positive ones."""
+    ranked = [layer for layer in scores if layer]
+    return ranked, [layer for layer in ranked if score == "s-conflict" or scores[layer] > 0]
+
+
+def chosen_confidence(profile: Any, layers: Sequence[str], S: float, score: str) -> dict[str, Any]:
+    """``p_top_k`` (bootstrap over recorded steps, :meth:`recon.ConflictProfile.confidence`) of the chosen
+    layers, with k = how many were chosen (plan.json's ``p_top_k`` and ``confidence_k``), and a one-line
+    ``unstable`` warning when one of them is below :data:`recon._confidence.STABLE`."""
+    if not layers or not profile.steps:
+        return {}
+    p = profile.confidence(len(layers), S, score=score)
+    chosen = {layer: round(float(p[layer]), 4) for layer in layers}
+    out: dict[str, Any] = {"p_top_k": chosen, "confidence_k": len(layers)}
+    warning = unstable(chosen, len(layers))
+    if warning:
+        out["unstable"] = warning
+    return out
+
+
+def _top_k_plan(profile: Any, top_k: int, S: float, init: str, score: str = "s-conflict") -> SplitPlan:
+    """The paper's rule: the k highest-scoring shared layers, one copy per task (the root's own excluded; with
+    interference, only layers whose interference is positive)."""
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ReconError(f"top_k = {top_k!r} must be a positive integer; to train unsplit, do not split")
-    ranked = [layer for layer in profile.scores(S).index if layer]
+    scores = layer_scores(profile, S, score)
+    ranked, worth = ranked_candidates(scores, score)
     if top_k > len(ranked):
         raise ReconError(f"top-k {top_k} exceeds the {len(ranked)} shared layers; choose k <= {len(ranked)}")
-    scores = {str(k): int(v) for k, v in profile.scores(S)["score"].items()}
-    return SplitPlan(tasks=list(profile.tasks), layers=ranked[:top_k], init=init, S=S, top_k=top_k, scores=scores)
+    layers = worth[:top_k]
+    extra = {"score": score, **chosen_confidence(profile, layers, S, score)}
+    return SplitPlan(tasks=list(profile.tasks), layers=layers, init=init, S=S, top_k=top_k, scores=scores, extra=extra)
 
 
-def _with_best_groups(plan: SplitPlan, profile: Any, model: nn.Module, leaves: list[str]) -> SplitPlan:
+def _with_best_groups(plan: SplitPlan, profile: Any, model: nn.Module, leaves: list[str], score: str) -> SplitPlan:
     """``top_k`` with ``groups="auto"``: the same k layers, each branched into its best partition, the one with
     the fewest groups among those removing the most score (tasks that never conflict on it share a copy)."""
-    _, options = _layer_options(profile, _frozen_copy(model), "auto", plan.S, leaves)
-    best = {opts[-1].layer: opts[-1] for opts in options}  # options grow in groups and strictly in score
+    _, options = _layer_options(profile, _frozen_copy(model), "auto", plan.S, leaves, score)
+    best = {opts[-1].layer: opts[-1] for opts in options if opts}  # options grow in groups and strictly in score
     chosen = [best[layer] for layer in plan.layers if layer in best]
     base = sum(p.numel() for p in model.parameters())
     plan.groups = {o.layer: [list(g) for g in o.groups] for o in chosen}
@@ -431,9 +501,16 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).eval()
 
 
-def _nothing_fits(options: list[list[LayerOption]], base: int, budget_params: float | None, budget_flops: Any) -> str:
+def _nothing_fits(
+    options: list[list[LayerOption]], base: int, budget_params: float | None, budget_flops: Any, score: str
+) -> str:
+    if not options and score == "interference":
+        return (
+            "no shared layer has positive interference: to first order no split lowers the summed losses "
+            "(train unsplit, or choose with --score s-conflict)"
+        )
     if not options:
-        return "the profile has no shared layer that can be branched"
+        return "the profile has no shared layer with a conflict to remove (every S-conflict score is 0)"
     cheapest = min((o for opts in options for o in opts), key=lambda o: o.params)
     parts = []
     if budget_params is not None:
@@ -453,15 +530,16 @@ def budget_curve(
     groups: str = "none",
     S: float | None = None,
     leaf_modules: Sequence[Any] | None = None,
+    score: str = "s-conflict",
 ) -> pd.DataFrame:
-    """The most score a split removes for each parameter cost: the exact Pareto front (parameters added,
-    score removed) over all plans, one row per point, with the plan's layers. Plot it with
-    :func:`recon.plots.budget_curve_figure` to see where more capacity stops paying."""
+    """The most score (``score``: S-conflict or interference) a split removes for each parameter cost: the exact
+    Pareto front (parameters added, score removed) over all plans, one row per point, with the plan's layers.
+    Plot it with :func:`recon.plots.budget_curve_figure` to see where more capacity stops paying."""
     if groups not in GROUPS:
         raise ReconError(f"groups={groups!r} is not one of {list(GROUPS)}")
     S = profile.S if S is None else S
     leaves = list(leaf_modules if leaf_modules is not None else profile.meta.get("leaf_modules", []))
-    _, options = _layer_options(profile, _frozen_copy(model), groups, S, leaves)
+    _, options = _layer_options(profile, _frozen_copy(model), groups, S, leaves, check_score(score))
     base = sum(p.numel() for p in model.parameters())
     rows = [
         {
@@ -484,9 +562,12 @@ class Choice:
     layers: list[str] | dict[str, Any]
     source: str
     S: float | None = None
-    scores: dict[str, int] | None = None
+    scores: dict[str, int | float] | None = None
     leaf_modules: list[str] = dataclasses.field(default_factory=list)
     plan: SplitPlan | None = None
+    score: str | None = None
+    #: plan.json's ``p_top_k`` and ``confidence_k`` (:func:`chosen_confidence`), when chosen from a profile
+    confidence: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def parse_budget(text: str | None, flag: str) -> float | None:
@@ -511,12 +592,17 @@ def choose_layers(
     groups: str = "none",
     model: nn.Module | None = None,
     example_inputs: Any = None,
+    score: str = "s-conflict",
 ) -> Choice:
     """The layers to branch from the flags of ``recon split``: ``layers`` (comma-separated names), ``scores``
     (an official scores.json) with ``top_k``, the stored profile's ``top_k``, or budgets (:func:`plan_split`
-    on the profile, which needs ``model`` and, for a FLOP budget, ``example_inputs``)."""
+    on the profile, which needs ``model`` and, for a FLOP budget, ``example_inputs``); ``score`` ranks the
+    stored profile's layers (S-conflict or interference)."""
     from recon._profile import ConflictProfile, read_scores_json
 
+    check_score(score)
+    if score != "s-conflict" and (layers is not None or scores is not None):
+        raise ReconError("--score ranks the stored profile's layers; it has no effect with --layers or --scores")
     budgeted = budget_params is not None or budget_flops is not None or groups != "none"
     if layers is not None:
         if top_k is not None or scores is not None or budgeted:
@@ -540,21 +626,29 @@ def choose_layers(
         ranked = read_scores_json(scores)
         return Choice(_top(list(ranked), top_k, f"{scores}"), str(scores), scores=dict(ranked))
     prof = ConflictProfile.load(profile_dir)
-    frame = prof.scores(S)
-    ranked = {str(layer): int(score) for layer, score in frame["score"].items()}
-    how = Choice([], str(profile_dir), prof.S if S is None else S, ranked, list(prof.meta.get("leaf_modules", [])))
+    S = prof.S if S is None else S
+    if score == "interference" and not prof.has_gram:
+        prof.interference()  # the one-line error: re-profile
+    how = Choice([], str(profile_dir), S, layer_scores(prof, S, score), list(prof.meta.get("leaf_modules", [])))
+    how.score = score
     if not budgeted:
-        how.layers = _top(list(ranked), top_k, f"the profile in {profile_dir}")
+        ranked, worth = ranked_candidates(how.scores, score)
+        _top(ranked, top_k, f"the profile in {profile_dir}")
+        how.layers = worth[:top_k]
+        if not how.layers and top_k:
+            raise ReconError(_nothing_fits([], 0, None, None, score))
+        how.confidence = chosen_confidence(prof, how.layers, S, score)
         return how
     if top_k is not None and (budget_params is not None or budget_flops is not None):
         raise ReconError("--top-k is the paper's unbudgeted rule; give it alone, or give --budget-* instead")
     if top_k is not None:
-        _top(list(ranked), top_k, f"the profile in {profile_dir}")  # the same one-line errors as without groups
+        _top(ranked_candidates(how.scores, score)[0], top_k, f"the profile in {profile_dir}")  # same errors
     how.plan = plan_split(
         prof, model, top_k=top_k, budget_params=budget_params, budget_flops=budget_flops, groups=groups,
-        example_inputs=example_inputs, S=how.S, leaf_modules=how.leaf_modules,
+        example_inputs=example_inputs, S=S, leaf_modules=how.leaf_modules, score=score,
     )  # fmt: skip
     how.layers = how.plan.layer_spec()
+    how.confidence = {k: how.plan.extra[k] for k in ("p_top_k", "confidence_k", "unstable") if k in how.plan.extra}
     return how
 
 
@@ -562,9 +656,7 @@ def _top(ranked: list[str], k: int | None, where: str) -> list[str]:
     # the root module's own parameters ("") cannot be branched: they have no path of their own
     candidates = [name for name in ranked if name]
     if k is not None and k < 1:
-        raise ReconError(
-            f"--top-k {k} branches nothing; give K >= 1 (or train unsplit: recon train MODEL_PY --split none)"
-        )
+        raise ReconError(f"--top-k {k} branches nothing; give K >= 1, or train unsplit with --split none")
     if k is None or k > len(candidates):
         raise ReconError(
             f"--top-k {k} exceeds the {len(candidates)} shared layers in {where}; choose K <= {len(candidates)} "

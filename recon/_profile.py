@@ -32,9 +32,19 @@ from torch import nn
 
 from recon import _distributed, _io
 from recon._backward import TaskGradients
-from recon._cosines import ConflictCounts, CosineRecorder, open_cosines, read_shape
+from recon._confidence import CONFIDENCE_K, top_k_probability
+from recon._cosines import (
+    ConflictCounts,
+    CosineRecorder,
+    GramRecorder,
+    GramSums,
+    gram_rows,
+    open_array,
+    open_cosines,
+    read_shape,
+)
 from recon._errors import NonFiniteLossError, ReconError, did_you_mean
-from recon._gram import LayerCosines
+from recon._gram import LayerCosines, gram_cosines
 from recon._loop import Observer, ProgressObserver, StepEngine
 from recon._precision import Precision
 from recon._progress import progress_bar
@@ -43,6 +53,9 @@ from recon.methods import resolve, spec_of
 
 PROFILE_FILE = "profile.json"
 COSINES_FILE = "cosines.npy"
+GRAM_FILE = "gram.npy"
+SCORES = ("s-conflict", "interference")
+_NO_GRAM = "this profile has no Gram matrices (gram.npy); re-run `recon profile` to score interference"
 LOSSES_FILE = "losses.csv"
 
 
@@ -52,6 +65,12 @@ def check_threshold(S: float) -> float:
     if not (-1.0 < S <= 0.0):
         raise ReconError(f"S = {S} is out of range; the S-conflict threshold must satisfy -1 < S <= 0")
     return S
+
+
+def check_score(score: str) -> str:
+    if score not in SCORES:
+        raise ReconError(f"score={score!r} is not one of {list(SCORES)} (--score s-conflict|interference)")
+    return score
 
 
 def owner_name(param_name: str) -> str:
@@ -64,7 +83,8 @@ class ConflictProfile:
     """The result of stage 1: every shared layer's recorded layer-wise cosines, and scores derived from them.
 
     ``cosines`` is the long table of every record; ``scores(S)`` recomputes S-conflict scores for any threshold
-    from the stored cosines, without re-profiling.
+    from the stored cosines, without re-profiling; ``scores(score="interference")`` reads the stored per-step
+    Gram matrices (``gram.npy``; a profile made before they were recorded has none).
     """
 
     tasks: list[str]
@@ -79,8 +99,11 @@ class ConflictProfile:
     #: the counts kept while the cosines streamed to disk (at ``S``): scores at ``S`` need no pass over the file
     _running: ConflictCounts | None = field(default=None, repr=False, compare=False)
     _loss_frame: pd.DataFrame | None = field(default=None, repr=False, compare=False)
+    #: the Gram sums kept while the Gram rows streamed to disk
+    _gram_sums: GramSums | None = field(default=None, repr=False, compare=False)
     _cache: dict[float, ConflictCounts] = field(default_factory=dict, repr=False, compare=False)
     _n_steps: int | None = field(default=None, repr=False, compare=False)
+    _p_cache: dict[tuple, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self._running is not None:
@@ -102,6 +125,24 @@ class ConflictProfile:
     def cosine_array(self) -> np.ndarray:
         """``(steps, layers, pairs)`` float32 (memory-mapped); NaN where a task's layer gradient was zero."""
         return open_cosines(self._cosine_file())
+
+    @property
+    def has_gram(self) -> bool:
+        """Whether the profile recorded the per-step Gram matrices (the interference score needs them)."""
+        return self._gram_sums is not None or (self.folder is not None and (self.folder / GRAM_FILE).exists())
+
+    @property
+    def gram_array(self) -> np.ndarray:
+        """``(steps, layers, K + pairs)`` float32 (memory-mapped): per step and shared layer, the K squared
+        gradient norms ``<g_i, g_i>``, then the pairs' dot products ``<g_i, g_j>`` in :attr:`pairs` order."""
+        if not self.has_gram or self.folder is None:
+            raise ReconError(_NO_GRAM)
+        return open_array(self.folder / GRAM_FILE)
+
+    def _gram(self) -> GramSums:
+        if self._gram_sums is None:
+            self._gram_sums = GramSums.of(self.gram_array, len(self.tasks))
+        return self._gram_sums
 
     @property
     def steps(self) -> int:
@@ -145,29 +186,71 @@ class ConflictProfile:
         below, valid = counts.below, counts.valid
         return below.sum(axis=1), valid.sum(axis=1), counts.total.sum(axis=1), below / np.maximum(valid, 1)
 
-    def scores(self, S: float | None = None) -> pd.DataFrame:
-        """S-conflict scores (Definition 3 of the paper), indexed by layer, sorted by ``score`` descending.
+    def interference(self) -> np.ndarray:
+        """``(layers, pairs)``: the mean over recorded steps of ``-<g_i, g_j>`` per shared layer and task pair
+        (see :meth:`scores`); a :class:`ReconError` on a profile without Gram matrices."""
+        sums = self._gram()
+        return -sums.dots / max(sums.steps, 1)
 
-        Columns: ``score`` (int), ``conflict_rate`` (share of recorded pairs with cos < S), ``mean_cos``,
-        ``params``, ``type`` and ``tasks``. Ties keep the model's layer order.
+    def per_step_scores(self, S: float | None = None, *, score: str = "s-conflict") -> np.ndarray:
+        """``(steps, layers)``: each recorded step's contribution to each layer's score (summed over steps, the
+        S-conflict score; averaged, the interference), the rows :func:`recon._confidence.top_k_probability`
+        resamples."""
+        if check_score(score) == "interference":
+            return self._gram().per_step
+        S = self.S if S is None else check_threshold(S)
+        self._counts(S)
+        return self._cache[float(S)].per_step
+
+    def confidence(self, k: int = CONFIDENCE_K, S: float | None = None, *, score: str = "s-conflict") -> pd.Series:
+        """Per layer, ``p_top_k``: the share of 1,000 bootstrap resamples of the recorded steps (seed 0) in
+        which the layer ranks among the ``k`` highest by ``score`` (:mod:`recon._confidence`)."""
+        S = self.S if S is None else check_threshold(S)
+        key = (check_score(score), float(S), int(k))
+        if key not in self._p_cache:
+            self._p_cache[key] = top_k_probability(self.per_step_scores(S, score=score), k)
+        return pd.Series(self._p_cache[key], index=pd.Index(self.layers, name="layer"), name="p_top_k")
+
+    def scores(self, S: float | None = None, *, score: str = "s-conflict", k: int | None = None) -> pd.DataFrame:
+        """Layer scores, indexed by layer, sorted by ``score`` descending (ties keep the model's layer order).
+
+        ``score="s-conflict"`` (default): the S-conflict score (Definition 3 of the paper), the count of
+        recorded ``cos_ij < S`` over steps and pairs (int). ``score="interference"``: the mean over recorded
+        steps of ``sum_{i<j} -<g_i, g_j>``, the first-order amount by which one joint step's cross-task terms
+        raise the summed task losses and per-task copies of the layer remove (positive: splitting lowers the
+        summed losses to first order; negative: the layer carries positive transfer a split would lose).
+
+        Columns: ``score``; ``interference`` when the profile has Gram matrices; ``conflict_rate`` (share of
+        recorded pairs with cos < S), ``mean_cos``; ``p_top_k``: the bootstrap probability that the layer is
+        among the ``k`` highest by ``score`` (:meth:`confidence`; ``k`` defaults to 4, or the number of layers
+        when fewer; ``frame.attrs["k"]`` says which); ``params``, ``type`` and ``tasks``.
         """
         S = self.S if S is None else check_threshold(S)
+        if check_score(score) == "interference" and not self.has_gram:
+            raise ReconError(_NO_GRAM)
         below, valid, total, _ = self._counts(S)
         with np.errstate(invalid="ignore", divide="ignore"):
             rate = np.where(valid > 0, below / np.maximum(valid, 1), np.nan)
             mean = np.where(valid > 0, total / np.maximum(valid, 1), np.nan)
-        frame = pd.DataFrame(
-            {
-                "score": below.astype(int),
-                "conflict_rate": rate,
-                "mean_cos": mean,
-                "params": [int(self.layer_info.get(n, {}).get("params", 0)) for n in self.layers],
-                "type": [self.layer_info.get(n, {}).get("type", "") for n in self.layers],
-                "tasks": [",".join(self.layer_info.get(n, {}).get("tasks", self.tasks)) for n in self.layers],
-            },
-            index=pd.Index(self.layers, name="layer"),
+        columns: dict[str, Any] = {"score": below.astype(int)}
+        if self.has_gram:
+            columns["interference"] = self.interference().sum(axis=1)
+            if score == "interference":
+                columns["score"], columns["s_conflict"] = columns["interference"], columns["score"]
+        k = min(CONFIDENCE_K if k is None else k, len(self.layers))
+        info = [self.layer_info.get(n, {}) for n in self.layers]
+        columns.update(
+            conflict_rate=rate,
+            mean_cos=mean,
+            p_top_k=self.confidence(k, S, score=score).to_numpy(),
+            params=[int(i.get("params", 0)) for i in info],
+            type=[i.get("type", "") for i in info],
+            tasks=[",".join(i.get("tasks", self.tasks)) for i in info],
         )
-        return frame.sort_values("score", ascending=False, kind="stable")
+        frame = pd.DataFrame(columns, index=pd.Index(self.layers, name="layer"))
+        frame = frame.sort_values("score", ascending=False, kind="stable")
+        frame.attrs.update(score=score, k=k, S=S)
+        return frame
 
     def conflict_rates(self, S: float | None = None) -> pd.DataFrame:
         """Layers x task pairs: the share of recorded steps where ``cos < S`` (the heatmap's data)."""
@@ -194,8 +277,20 @@ class ConflictProfile:
             out[a, b] = out[b, a] = below[p] if counts else (below[p] / valid[p] if valid[p] else 0.0)
         return pd.DataFrame(out, index=pd.Index(self.tasks, name="task"), columns=list(self.tasks))
 
-    def top_layers(self, k: int, S: float | None = None) -> list[str]:
-        """The ``k`` layers with the highest S-conflict scores."""
+    def interference_matrix(self, layer: str) -> pd.DataFrame:
+        """``K x K`` (tasks x tasks, symmetric, zero diagonal): the mean over recorded steps of
+        ``-<g_i, g_j>`` on ``layer``; summed over the pairs a split separates, the interference it removes."""
+        if layer not in self.layers:
+            raise ReconError(f"unknown layer {layer!r}; the profiled shared layers are {self.layers}")
+        row = self.interference()[self.layers.index(layer)]
+        K = len(self.tasks)
+        out = np.zeros((K, K))
+        for p, (a, b) in enumerate(combinations(range(K), 2)):
+            out[a, b] = out[b, a] = row[p]
+        return pd.DataFrame(out, index=pd.Index(self.tasks, name="task"), columns=list(self.tasks))
+
+    def top_layers(self, k: int, S: float | None = None, *, score: str = "s-conflict") -> list[str]:
+        """The ``k`` layers with the highest scores (S-conflict, or ``score="interference"``)."""
         if not isinstance(k, int) or k < 0:
             raise ReconError(f"top-k = {k!r} must be a non-negative integer")
         if k > len(self.layers):
@@ -203,7 +298,7 @@ class ConflictProfile:
                 f"top-k = {k} exceeds the {len(self.layers)} shared layers; choose k <= {len(self.layers)} "
                 f"(shared layers: {', '.join(self.layers)})"
             )
-        return list(self.scores(S).index[:k])
+        return list(self.scores(S, score=score).index[:k])
 
     # --- persistence -------------------------------------------------------------------------------------
     def _meta(self) -> dict[str, Any]:
@@ -221,11 +316,12 @@ class ConflictProfile:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``profile.json``, ``cosines.npy``, ``losses.csv``, ``scores.csv`` and ``scores.json``."""
+        """Write ``profile.json``, ``cosines.npy``, ``gram.npy``, ``losses.csv``, ``scores.csv`` and
+        ``scores.json``."""
         path = Path(path)
         home = self._cosine_file().parent
         path.mkdir(parents=True, exist_ok=True)
-        for name in (COSINES_FILE, LOSSES_FILE):
+        for name in (COSINES_FILE, GRAM_FILE, LOSSES_FILE):
             src = home / name
             if src.exists() and src.resolve() != (path / name).resolve():
                 _copy(src, path / name)
@@ -252,6 +348,9 @@ class ConflictProfile:
         meta = json.loads(file.read_text())
         if not (path / COSINES_FILE).exists():
             raise ReconError(f"{path}/{COSINES_FILE} is missing; the profile is incomplete, profile again")
+        for name in (COSINES_FILE, GRAM_FILE):  # a truncated array: one line naming it, here rather than later
+            if (path / name).exists():
+                read_shape(path / name)
         known = {"tasks", "layers", "S", "layer_info", "partial", "discovery"}
         return cls(
             tasks=list(meta["tasks"]),
@@ -354,6 +453,7 @@ class _Profiler(Observer):
         self.layers: list[str] = []
         self.cosines: LayerCosines | None = None
         self.recorder: CosineRecorder | None = None
+        self.gram_recorder: GramRecorder | None = None
         self.loss_log: list[list[float]] = []
 
     @property
@@ -367,22 +467,34 @@ class _Profiler(Observer):
         if engine.shared_idx is None:  # fx: the shared layers' parameters; autograd: those 2+ tasks reached
             engine.shared_idx = [i for _, i in layer_params]
         self.cosines = LayerCosines(engine.params, layer_params, len(self.layers), len(self.tasks))
-        path = self.folder / COSINES_FILE if self.folder is not None else None
-        self.recorder = CosineRecorder(
-            path, len(self.layers), self.n_pairs, device=engine.device, chunk=self.chunk, S=self.S
-        )
+        self._recorders(engine.device, len(self.layers), self.chunk)
+
+    def _recorders(self, device: torch.device, n_layers: int, chunk: int) -> None:
+        def path(name: str) -> Path | None:
+            return self.folder / name if self.folder is not None else None
+
+        self.recorder = CosineRecorder(path(COSINES_FILE), n_layers, self.n_pairs, device=device, chunk=chunk, S=self.S)
+        self.gram_recorder = GramRecorder(path(GRAM_FILE), n_layers, len(self.tasks), device=device, chunk=chunk)
 
     def on_gradients(self, engine: StepEngine, grads: TaskGradients) -> None:
         if self.recorder is None:  # autograd discovery, on the first step
             self.setup(engine, layer_usage_autograd(engine.names, [[self.tasks[k] for k in u] for u in grads.users]))
-        self.recorder.append(self.cosines(grads, engine.device))
+        self.record(engine, grads)
+
+    def record(self, engine: StepEngine, grads: TaskGradients) -> None:
+        """What a recorded step keeps: each shared layer's K x K Gram matrix of the task gradients (``gram.npy``,
+        the interference score) and the layer-wise cosines computed from it (``cosines.npy``, S-conflict)."""
+        gram = self.cosines.grams(grads, engine.device)
+        self.recorder.append(gram_cosines(gram))
+        self.gram_recorder.append(gram_rows(gram))
 
     def on_step(self, engine: StepEngine, losses: list[float]) -> None:
         self.loss_log.append(losses)
 
     def close(self) -> None:
-        if self.recorder is not None:
-            self.recorder.close()
+        for recorder in (self.recorder, self.gram_recorder):
+            if recorder is not None:
+                recorder.close()
 
     def run(self, engine: StepEngine, data: Any, *, epochs: int | None, max_steps: int | None) -> ConflictProfile:
         """Run the engine and make the profile. On Ctrl-C or a non-finite loss the partial profile is attached to
@@ -405,8 +517,7 @@ class _Profiler(Observer):
         """Close the record (an empty but valid one if no step completed), make the profile, save it when
         asked."""
         if self.recorder is None:
-            path = self.folder / COSINES_FILE if self.folder is not None else None
-            self.recorder = CosineRecorder(path, 0, self.n_pairs, device=engine.device, S=self.S)
+            self._recorders(engine.device, 0, 1)
         self.close()
         losses = pd.DataFrame(self.loss_log, columns=self.tasks).rename_axis("step")
         if self.folder is not None:
@@ -427,7 +538,7 @@ class _Profiler(Observer):
         prof = ConflictProfile(
             tasks=self.tasks, layers=self.layers, folder=self.folder, S=self.S, layer_info=info, partial=partial,
             discovery=meta.pop("discovery"), meta=meta, _tmp=self.tmp, _running=self.recorder.counts,
-            _loss_frame=losses.reset_index(),
+            _gram_sums=self.gram_recorder.sums, _loss_frame=losses.reset_index(),
         )  # fmt: skip
         if self.save:
             prof.save(self.folder)

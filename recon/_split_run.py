@@ -20,7 +20,7 @@ from recon._codegen import generated_code
 from recon._errors import ReconError
 from recon._outputs import call_model, move_to, task_outputs
 from recon._plan import choose_layers, parse_budget
-from recon._profile import PROFILE_FILE, check_threshold
+from recon._profile import PROFILE_FILE, check_score, check_threshold
 from recon._recipe import Recipe, compute_losses, load_recipe
 from recon._runs import Run
 from recon._split import INITS, SplitPlan, split
@@ -40,13 +40,16 @@ def split_run(
     leaf_modules: tuple[str, ...] | list[str] = (),
     device: torch.device | str = "cpu",
     force: bool = False,
+    score: str = "s-conflict",
     require_complete: bool = False,
 ) -> tuple[Run, SplitPlan]:
     """Branch a run's layers and write ``split/plan.json``, ``split/model.py`` and ``split/network.png``.
 
     ``run_dir``: the run folder (default: the latest under ``runs/``). The layers come from ``layers``
     (comma-separated names), ``scores`` (an official scores.json) with ``top_k``, the stored profile's ``top_k``
-    (rescored at ``S`` when given), or the budgets (``recon.plan_split``; ``groups="auto"`` chooses task groups).
+    (rescored at ``S`` when given), or the budgets (``recon.plan_split``; ``groups="auto"`` chooses task groups);
+    ``score`` ranks the profile's layers: ``"s-conflict"`` (the paper's) or ``"interference"``. The plan records
+    the score and each chosen layer's ``p_top_k`` (bootstrap over the profile's steps).
     ``leaf_modules`` defaults to those the profile was traced with. The plan's ``extra`` records the parameter
     counts before and after and ``time_ratio``: the median forward+backward time of the split model over the
     original's on the first training batch, on ``device``. A profile that stopped early (interrupted, or fewer
@@ -58,6 +61,7 @@ def split_run(
         raise ReconError(f"--init {init!r} is not one of {list(INITS)}")
     if S is not None:
         check_threshold(S)
+    check_score(score)
     run = Run.open(run_dir)
     folder = run.dir / "split"
     _lock.hold(folder)  # one writer: a second split of this run is refused until this one ends
@@ -65,8 +69,9 @@ def split_run(
         if folder.exists() and any(folder.iterdir()) and not force:
             raise ReconError(f"{folder} already holds results; pass --force to overwrite them or --run for another run")
         partial = profile_partial(run.dir / "profile", required=require_complete and layers is None)
-        return _split(run, partial, top_k, S, layers, scores, budget_params, budget_flops, groups, init,
-                      leaf_modules, device, force)  # fmt: skip
+        choice = dict(top_k=top_k, S=S, layers=layers, scores=scores, groups=groups, score=score)
+        budgets = (_budget(budget_params, "--budget-params"), _budget(budget_flops, "--budget-flops"))
+        return _split(run, partial, choice, budgets, init=init, leaf_modules=leaf_modules, device=device, force=force)
     finally:
         _lock.release(folder)
 
@@ -90,8 +95,11 @@ def profile_partial(folder: Path, *, required: bool = False) -> dict[str, int | 
     return partial
 
 
-def _split(run, partial, top_k, S, layers, scores, budget_params, budget_flops, groups, init, leaf_modules,
-           device, force) -> tuple[Run, SplitPlan]:  # fmt: skip
+def _split(
+    run: Run, partial: dict | None, choice: dict[str, Any], budgets: tuple[float | None, float | None], *,
+    init: str, leaf_modules, device, force: bool,
+) -> tuple[Run, SplitPlan]:  # fmt: skip
+    """Choose (``choice``: the flags that say which layers), branch, time, and write the split folder."""
     recipe = load_recipe(run.recipe)
     tasks = list(recipe.tasks)
     torch.manual_seed(int(run.info.get("seed", 0)))
@@ -99,18 +107,16 @@ def _split(run, partial, top_k, S, layers, scores, budget_params, budget_flops, 
     if not isinstance(model, torch.nn.Module):
         raise ReconError(f"{recipe.path}: build_model() returned {type(model).__name__}; return an nn.Module")
     inputs, _ = recipe.first_batch()  # the example batch: capture with torch.export where fx cannot, and check
-    budgets = (_budget(budget_params, "--budget-params"), _budget(budget_flops, "--budget-flops"))
     how = choose_layers(
-        run.dir / "profile", top_k=top_k, S=S, layers=layers, scores=scores, budget_params=budgets[0],
-        budget_flops=budgets[1], groups=groups, model=model,
+        run.dir / "profile", **choice, budget_params=budgets[0], budget_flops=budgets[1], model=model,
         example_inputs=inputs if budgets[1] is not None else None,
     )  # fmt: skip
     leaves = list(leaf_modules) or how.leaf_modules  # default: the leaves the profile was traced with
     net = split(model, how.layers, tasks=tasks, init=init, leaf_modules=leaves, example_inputs=example_args(inputs))
     sizes = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in net.parameters()))
     ratio = time_ratio(model, net, recipe, torch.device(device))
-    plan = _record(how, net, model, top_k, init, budgets, sizes, ratio)
-    if partial is not None and layers is None and scores is None:
+    plan = _record(how, net, model, choice["top_k"], init, budgets, sizes, ratio)
+    if partial is not None and choice["layers"] is None and choice["scores"] is None:
         plan.extra["profile_partial"] = partial
     folder = run.stage("split", force=force)
     run.record_command()
@@ -157,6 +163,8 @@ def _record(how, net, model, top_k, init, budgets, sizes: tuple[int, int], ratio
             "time_ratio": None if ratio is None else round(ratio, 4),
             "branches": meta["branches"],
             **{k: budget[k] for k in ("removed", "params_added", "flops_before", "flops_after") if k in budget},
+            **({"score": how.score} if how.score is not None else {}),
+            **how.confidence,
         },
     )
 

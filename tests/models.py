@@ -478,3 +478,13 @@ def assert_gradients_match(model: nn.Module, net: nn.Module, branched, *, tol: f
             assert grad is None or not torch.is_tensor(grad) or not grad.abs().max() > 0
             continue
         torch.testing.assert_close(grad, p.grad, atol=tol, rtol=tol, msg=f"gradient of {pname}")
+
+
+def task_matrix(losses: dict[str, torch.Tensor], params: Sequence[torch.Tensor], tasks: Sequence[str]) -> torch.Tensor:
+    """``(len(tasks), P)``: each task's autograd gradient w.r.t. ``params``, flattened (zeros where unreached)."""
+    rows = []
+    for t in tasks:
+        grads = torch.autograd.grad(losses[t], list(params), retain_graph=True, allow_unused=True)
+        flat = [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params, strict=True)]
+        rows.append(torch.cat(flat))
+    return torch.stack(rows)

@@ -19,6 +19,7 @@ history, learnable weights) into a checkpoint, and ``parameters()`` lists what t
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -87,6 +88,7 @@ class Method(nn.Module):
             return self
         if self.tasks is not None:
             self.reset()
+            self._modules.pop("group_methods", None)
         self.tasks = names
         self._setup(len(names))
         return self
@@ -100,10 +102,48 @@ class Method(nn.Module):
     def reset(self) -> None:
         """Forget the state gathered during training (EMA targets, loss history, ...)."""
 
+    # --- group copies ----------------------------------------------------------------------------------------
+    def for_group(self, tasks: Sequence[str]) -> Method:
+        """The instance that solves the group copies used by ``tasks`` (2+ of the bound tasks), made on first use.
+
+        A layer split by a task partition has one copy per group; :func:`recon.backward` trains the copies used
+        by a group G with the method applied to G's tasks alone (:mod:`recon._usage`). Each group gets its own
+        instance, a fresh copy of this one (same hyperparameters, state of its own, bound to G's tasks): the
+        state of a stateful method (GradVac's EMA targets of G's pairs, Nash-MTL's weights and step counter)
+        then follows G's gradients only. The instances live in the submodule ``group_methods`` (keyed
+        ``"seg+depth"``), so ``state_dict()`` carries them and a resumed run continues exactly.
+        """
+        key = "+".join(tasks)
+        groups = self._modules.get("group_methods")
+        if groups is None:
+            groups = nn.ModuleDict()
+            self.add_module("group_methods", groups)
+        elif key in groups:
+            return groups[key]  # type: ignore[return-value]
+        groups[key] = self._fresh().bind(list(tasks))
+        return groups[key]  # type: ignore[return-value]
+
+    def _fresh(self) -> Method:
+        """A copy of this method with its hyperparameters and none of its state (nor its group instances)."""
+        groups = self._modules.pop("group_methods", None)
+        try:
+            fresh = copy.deepcopy(self)
+        finally:
+            if groups is not None:
+                self._modules["group_methods"] = groups
+        fresh.reset()
+        fresh.tasks = None
+        fresh._set_last_weights(None)
+        return fresh
+
     # --- state_dict with task-sized state ------------------------------------------------------------------
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        # A checkpoint of a group split holds the group instances: make them before torch loads into them.
+        head = prefix + "group_methods."
+        for key in [k for k in state_dict if k.startswith(head)]:
+            self.for_group(key[len(head) :].split(".", 1)[0].split("+"))
         # Buffers created empty before bind() take the saved shape, so an unbound method can load a checkpoint.
         for name, buf in list(self._buffers.items()):
             key = prefix + name

@@ -270,6 +270,9 @@ class GradVac(GramMethod):
     ``eps=1e-8`` are torchjd's and LibMTL's (we could not check the value the paper used); whole-model
     granularity (one group: all shared parameters). Random order as torchjd (``torch.randperm(K - 1)`` once per
     task, global RNG).
+
+    On group copies (a layer split by a task partition) each group G gets its own instance
+    (:meth:`~recon.methods.Method.for_group`), whose targets are those of G's pairs, moved by G's gradients only.
     """
 
     paper: ClassVar[str] = "Wang et al., ICLR 2021"
@@ -541,6 +544,9 @@ class NashMTL(GradientMethod):
 
     Stateful (:meth:`reset`): the buffers ``alpha`` (the last solution, float64) and ``step`` are saved by
     ``state_dict()``, so a resumed run continues exactly.
+
+    On group copies each group G bargains on its own (:meth:`~recon.methods.Method.for_group`: its own ``alpha``
+    and ``step``, its update clipped to ``max_norm`` on its own).
     """
 
     paper: ClassVar[str] = "Navon et al., ICML 2022"

@@ -213,6 +213,8 @@ class RotoGradMethod(Method):
 
     The model passed to :func:`recon.backward` must be (or contain exactly one) :class:`RotoGrad` module;
     its hyperparameters (``latent_size``, ``dim``, ``burn_in_period``, ``normalize_losses``) are set there.
+    The RotoGrad module does the whole step itself (the usage classes of group copies, :mod:`recon._usage`, do
+    not apply): every parameter of its backbone gets the gradient of the one rotated, rescaled representation.
     """
 
     kind: ClassVar[str] = "model"

@@ -60,6 +60,10 @@ class SparseTraining:
         ...  # train as usual, with any method
         sparse.remove()
 
+    Group copies (a layer split by a task partition) are masked like any parameter it is attached to
+    (``recon.train`` attaches it to every parameter 2+ tasks use, group copies included) before the method solves
+    on each group's gradients.
+
     ``apply()`` without arguments re-imposes the frozen values (what the optimizer hook does after each step);
     ``apply(target, optimizer)`` is :meth:`attach`. ``state_dict()``/``load_state_dict()`` keep the masks chosen at
     the start across a resume.

@@ -40,6 +40,9 @@ class UncertaintyWeighting(LossWeighting):
     parametrisation), minimise :math:`\sum_k \tfrac12 e^{-s_k} L_k + \tfrac12 s_k`. The weights are
     :math:`\tfrac12 e^{-s_k}`; ``init`` is the initial :math:`s_k` (0, i.e. :math:`\sigma_k = 1`).
 
+    On a group copy (a layer split by a task partition, used by group G), the one backward of the weighted sum
+    gives :math:`\sum_{k \in G} w_k g_k`: G's tasks with their global weights.
+
     Learnable: ``log_vars`` (one per task) is an ``nn.Parameter`` created by :meth:`bind`; add
     ``method.parameters()`` to the optimiser.
     """
@@ -89,6 +92,7 @@ class DWA(LossWeighting):
     Needs the per-epoch loss history: the trainer calls :meth:`end_epoch` at the end of every epoch, with the
     epoch's mean losses or with nothing (the method then uses the mean of the losses it saw in
     :func:`recon.backward` during the epoch). The history is in buffers, so it is saved by ``state_dict()``.
+    On a group copy used by group G: :math:`\sum_{k \in G} w_k g_k` (one backward of the weighted sum).
     """
 
     paper: ClassVar[str] = "Liu et al., CVPR 2019 (MTAN)"
@@ -171,7 +175,8 @@ class MGDAUB(RepresentationMethod):
     paper), ``"l2"`` (:math:`g_k/\|g_k\|`), ``"loss"`` (:math:`g_k/L_k`), ``"loss+"`` (:math:`g_k/(L_k
     \|g_k\|)`); the weights found on the normalised gradients multiply the raw losses.
 
-    Needs ``features=`` (the shared representation tensor) in :func:`recon.backward`.
+    Needs ``features=`` (the shared representation tensor) in :func:`recon.backward`. On a group copy used by
+    group G the backward of the weighted sum gives :math:`\sum_{k \in G} \alpha_k g_k`.
     """
 
     paper: ClassVar[str] = "Sener & Koltun, NeurIPS 2018"
@@ -220,6 +225,9 @@ class GradNorm(RepresentationMethod):
     W is what the caller passes as ``features=`` to :func:`recon.backward`: the shared representation tensor,
     or the parameters of the last shared layer (e.g. ``list(net.encoder[-1].parameters())``); without it the
     norms are taken over all shared parameters (exact, but one backward per task through the whole trunk).
+
+    On a group copy used by group G: :math:`\sum_{k \in G} w_k g_k` (with ``features=``, the one weighted
+    backward; without, the weights found from all shared columns of J weight the rows of G's tasks).
 
     Learnable: ``weights`` is an ``nn.Parameter`` created by :meth:`bind`; add ``method.parameters()`` to the
     optimiser. :func:`recon.backward` fills its ``.grad`` with :math:`\partial L_{grad}/\partial w`.
