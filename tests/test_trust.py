@@ -27,30 +27,14 @@ import recon
 from cli.main import app
 from recon import ReconError, Run, _io, _lock
 from tests.conftest import RECON
-from tests.test_distributed import free_port
+from tests.test_cli_split import RECIPE as SPLIT_RECIPE
+from tests.test_distributed import torchrun_cli
 
-RECIPE = textwrap.dedent(
+RECIPE = SPLIT_RECIPE + textwrap.dedent(
     """
-    import os, time, torch, torch.nn.functional as F
-    from torch import nn
+    import os, time
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.trunk = nn.Linear(4, 8)
-            self.mid = nn.Linear(8, 8)
-            self.a = nn.Linear(8, 2)
-            self.b = nn.Linear(8, 2)
-        def forward(self, x):
-            z = torch.relu(self.mid(torch.relu(self.trunk(x))))
-            return {"a": self.a(z), "b": self.b(z)}
-
-    def build_model():
-        return Net()
-
-    losses = {"a": F.cross_entropy, "b": F.cross_entropy}
-
-    def train_data():
+    def train_data():  # environment knobs: how many batches, how slow, and a failure on rank 1
         g = torch.Generator().manual_seed(0)
         for i in range(int(os.environ.get("TINY_BATCHES", "3"))):
             if os.environ.get("TINY_RAISE") and os.environ.get("RANK", "1") == "1":
@@ -350,20 +334,8 @@ def test_a_message_with_markup_is_printed_verbatim(home, monkeypatch) -> None:
 
 
 def test_a_message_with_markup_survives_torchrun(home) -> None:
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(free_port()),
-    ]
-    res = subprocess.run(
-        [*torchrun, "-m", "cli.main", "profile", "model.py", "--out", "runs/r", "--device", "cpu", "--steps", "3"],
-        cwd=home, capture_output=True, text=True, timeout=240,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TINY_RAISE": "rank one [/x] broke"},
-    )  # fmt: skip
+    args = ("profile", "model.py", "--out", "runs/r", "--device", "cpu", "--steps", "3")
+    res = torchrun_cli(*args, cwd=home, env={"TINY_RAISE": "rank one [/x] broke"})
     assert res.returncode != 0
     assert "rank one [/x] broke" in res.stderr + res.stdout
     assert "MarkupError" not in res.stderr + res.stdout
