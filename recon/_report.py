@@ -481,7 +481,7 @@ def _profile_section(w: _Writer, rep: Report, cosines: Mapping[str, Any], from_p
         return
     K = len(prof.pairs)
     w.md += [
-        f"{prof.steps} profiled steps" + (" (**partial**: interrupted)" if prof.partial else "")
+        f"{prof.steps} profiled steps" + _partial_note(prof)
         + f", warm-up method `{prof.meta.get('method', 'joint')}`, {len(prof.layers)} shared layers, "
         f"{len(prof.tasks)} tasks ({K} pairs), S = {S:g}: a layer's S-conflict score counts its cosines below S, "
         f"at most {prof.steps * K}.",
@@ -551,6 +551,13 @@ def _distribution_figure(w: _Writer, cosines: Mapping[str, Any], S: float) -> No
     )
 
 
+def _partial_note(prof: ConflictProfile) -> str:
+    if not prof.partial:
+        return ""
+    asked = prof.meta.get("steps_asked")
+    return f" (**partial**: stopped after {prof.steps} of {asked})" if asked else " (**partial**: interrupted)"
+
+
 def _plan_section(w: _Writer, rep: Report) -> None:
     w.md += ["## Branched layers", ""]
     if rep.plan is None:
@@ -561,7 +568,12 @@ def _plan_section(w: _Writer, rep: Report) -> None:
         w.md += ["_The split plan branches no layer._", ""]
         return
     added = table["added params"].dropna()
-    w.md += [f"{len(table)} layers branched into per-task copies ({rep.plan_summary}).", ""]
+    grouped = any(len(g) < len(rep.tasks) for g in (rep.plan.get("groups") or {}).values())
+    copies = "copies per task or per task group" if grouped else "per-task copies"
+    w.md += [f"{len(table)} layers branched into {copies} ({rep.plan_summary}).", ""]
+    partial = rep.plan.get("profile_partial")
+    if partial:
+        w.md += [f"**Planned from a partial profile**: {partial['steps']} of {partial.get('of') or '?'} steps.", ""]
     if len(added):
         w.md += [f"The copies add {int(added.sum()):,} parameters.", ""]
     w.md += [markdown_table(table, rep.formats["branched"]), ""]
