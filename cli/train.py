@@ -22,8 +22,8 @@ def load_plan(run_dir: Path | None, split: str, tasks: list[str], model_py: Path
     if split == "latest":
         if run_dir is None:
             raise ReconError(
-                f"--split latest: there is no run of {model_py} yet; run `{command('profile', model_py)}` and "
-                "`recon split` first, or pass --split none to train without a split"
+                f"--split latest: there is no run of {model_py} yet to take a plan from; run "
+                f"`{command('profile', model_py)}` and `recon split` first, or pass --split none to train unsplit"
             )
         path = run_dir / "split" / "plan.json"
         if not path.exists():

@@ -23,8 +23,12 @@ _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 def file_mode() -> int:
     """The mode a new file gets under the current umask (0666 less the umask), as ``open()`` would give it."""
-    mask = os.umask(0)
-    os.umask(mask)
+    try:  # Linux: read it without changing it (setting it, even back, races with other threads)
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o666 & ~mask
 
 
