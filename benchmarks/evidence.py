@@ -93,17 +93,13 @@ def commit() -> str:
 
 def features() -> dict[str, Any]:
     """What the recon in use can do: the interference score, group copies trained as groups."""
+    import importlib.util
+
     import recon
 
-    group_solve = "global"
-    try:
-        from recon import _backward
-
-        if any(n for n in dir(_backward) if "group" in n.lower() and "solve" in n.lower()):
-            group_solve = "per-group"
-    except ImportError:  # pragma: no cover
-        pass
-    return {"interference": "score" in inspect.signature(recon.plan_split).parameters, "group_copies": group_solve}
+    group_solve = "per-group" if importlib.util.find_spec("recon._usage") else "global"
+    score = "score" in inspect.signature(recon.plan_split).parameters
+    return {"interference": score, "group_copies": group_solve}
 
 
 def load_json(path: Path) -> Any:
@@ -240,12 +236,14 @@ def prepare(name: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------------- runs
-ROW_ORDER = (
-    "unsplit", "sconf [cap]", "random [cap]", "heads [cap]", "width", "sconf+groups [cap]",
-    "interf [cap]", "random~interf [cap]", "interf+groups [cap]",
-    "sconf [params]", "random [params]", "heads [params]", "sconf+groups [params]",
-    "interf [params]", "random~interf [params]", "interf+groups [params]", "top-k",
+PHASES = (  # the equal-cost rows first (5 seeds), then the parameter budget alone, then the paper's top-k
+    ("unsplit", "sconf [cap]", "random [cap]", "heads [cap]", "width", "sconf+groups [cap]",
+     "interf [cap]", "random~interf [cap]", "interf+groups [cap]"),
+    ("sconf [params]", "random [params]", "heads [params]", "sconf+groups [params]",
+     "interf [params]", "random~interf [params]", "interf+groups [params]"),
+    ("top-k",),
 )  # fmt: skip
+ROW_ORDER = tuple(row for phase in PHASES for row in phase)
 
 
 def candidate_of(row: str, entry: dict[str, Any], seed: int) -> Any:
@@ -317,21 +315,19 @@ def baseline_jobs(name: str, args: argparse.Namespace, folder: Path, twice: bool
     ]  # fmt: skip
 
 
-def queue(recipes: list[str], methods: list[str], args: argparse.Namespace, folder: Path) -> list[Job]:
-    """Most decisive first: per method (joint first), per recipe, the baselines, then every row seed by seed,
-    then the plateau check."""
+def block(name: str, method: str, args: argparse.Namespace, folder: Path) -> list[Job]:
+    """One recipe and method: the baselines, then each phase's rows seed by seed (so paired comparisons fill in
+    early), the plateau check after the first phase; identical candidates (two rows with one plan) run once."""
     feats = features()
-    jobs: list[Job] = []
-    for method in methods:
-        for name in recipes:
-            rows = load_json(folder / name / "plans.json")["rows"]
-            jobs += baseline_jobs(name, args, folder / name, twice=False)
-            for seed in range(args.seeds):
-                for row in ROW_ORDER:
-                    if row in rows and "error" not in rows[row]:
-                        cand = candidate_of(row, rows[row], seed)
-                        path = result_path(folder / name, args, method, cand, seed, feats)
-                        jobs.append(Job(name, path, cand, seed, method, args.epochs))
+    rows = load_json(folder / name / "plans.json")["rows"]
+    jobs = baseline_jobs(name, args, folder / name, twice=False)
+    for i, phase in enumerate(PHASES):
+        for seed, row in ((s, r) for s in range(args.seeds) for r in phase):
+            if row in rows and "error" not in rows[row]:
+                cand = candidate_of(row, rows[row], seed)
+                path = result_path(folder / name, args, method, cand, seed, feats)
+                jobs.append(Job(name, path, cand, seed, method, args.epochs))
+        if i == 0:
             jobs += baseline_jobs(name, args, folder / name, twice=True)
     unique: dict[Path, Job] = {}
     for job in jobs:
@@ -351,18 +347,19 @@ def main(argv: list[str] | None = None) -> None:
 
     folder = args.out / "evidence"
     recipes, methods = args.recipes.split(","), args.methods.split(",")
-    if not args.table_only:
+    if not args.table_only:  # most decisive first: per method (joint first), per recipe, one block at a time
         start = time.perf_counter()
-        for name in recipes:
-            prepare(name, args, folder / name)
-        jobs = queue(recipes, methods, args, folder)
-        print(f"{len(jobs)} runs queued, {sum(j.done() for j in jobs)} already done", flush=True)
-        for i, job in enumerate(jobs):
-            if job.done():
-                continue
-            job.run(args)
-            print(f"[{i + 1}/{len(jobs)}] {job} ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
-            evidence_table.write(args, folder, recipes, methods)
+        for method in methods:
+            for name in recipes:
+                prepare(name, args, folder / name)
+                jobs = block(name, method, args, folder)
+                print(f"[{name} {method}] {len(jobs)} runs, {sum(j.done() for j in jobs)} already done", flush=True)
+                for i, job in enumerate(jobs):
+                    if job.done():
+                        continue
+                    job.run(args)
+                    print(f"[{i + 1}/{len(jobs)}] {job} ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
+                    evidence_table.write(args, folder, recipes, methods)
     evidence_table.write(args, folder, recipes, methods)
 
 

@@ -17,6 +17,7 @@ from benchmarks.evidence import (
     load_json,
     result_path,
     settings,
+    setup_of,
     tag,
 )
 
@@ -43,14 +44,15 @@ def baselines(folder: Path, args: argparse.Namespace, tasks: list[str]) -> tuple
 
 
 def delta_m(record: dict, base: dict) -> float | None:
+    """Δm% of one run against the mean baselines, with the recipe's metric directions."""
     import recon
 
     if any(t not in base for t in record["tasks"]):
         return None
-    directions = {t: {m: "higher" for m in record["final"][t]} for t in record["tasks"]}
-    return recon.delta_m(
-        record["final"], {t: {m: v for m, v in b.items() if m != "_n"} for t, b in base.items()}, directions
-    )
+    metrics = setup_of(record["recipe"]).metrics
+    directions = {t: {m: metrics[t][m][1] for m in record["final"][t]} for t in record["tasks"]}
+    reference = {t: {m: v for m, v in b.items() if m != "_n"} for t, b in base.items()}
+    return recon.delta_m(record["final"], reference, directions)
 
 
 def reference_of(row: str, kind: str, rows: dict) -> str | None:
@@ -138,6 +140,10 @@ def recipe_section(name: str, folder: Path, args: argparse.Namespace, methods: l
             if all_runs.get(row):
                 lines.append("| " + " | ".join(row_line(row, all_runs[row], all_runs, rows, base, args, plans)) + " |")
         out += [f"### {method}", "", *lines, ""]
+        commits = {row: sorted({r["commit"] for r in runs.values()}) for row, runs in all_runs.items() if runs}
+        mixed = {row: c for row, c in commits.items() if len(c) > 1}
+        out += [f"Commits of the runs: {sorted({c for cs in commits.values() for c in cs})}"]
+        out += [f"; rows run across commits (same training semantics, see the report): {mixed}" if mixed else "", ""]
     out += plans_section(rows, plans) + plateau_section(base, plateau) + stability_section(plans["stability"])
     return out
 

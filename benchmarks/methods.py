@@ -17,6 +17,14 @@ events (tracemalloc does not see torch's allocator, and the resident set hides r
     python benchmarks/methods.py --quick    # P = 1e5 only, fewer repeats
     python benchmarks/methods.py --markdown # a markdown table (for docs/benchmarks.md)
     python benchmarks/methods.py --precision bf16 --device cuda
+    python benchmarks/methods.py --splits   # only: one training step, unsplit vs per-task vs group split
+
+``--splits`` times one whole training step (forward, ``recon.backward``, SGD step) of a K=4 MLP trunk with four
+heads, side by side: unsplit, the last two trunk layers split per task, and the same layers split by task groups
+(``{[t0, t1], [t2, t3]}`` and ``{[t0, t1, t2], [t3]}``: three usage classes, each solved with the method on its
+own group's tasks), for mean, pcgrad and cagrad; ratios to unsplit are medians of per-round ratios. The Python
+function calls of one step (``sys.setprofile``) are counted too: a measure of the interpreter's work per step
+that, unlike the times, the load of a shared machine does not disturb.
 """
 
 from __future__ import annotations
@@ -241,6 +249,111 @@ def _step_row(K: int, reps: int, precision: str, device: torch.device, width: in
     }
 
 
+SPLIT_LAYERS = ("trunk.4", "trunk.6")
+SPLIT_GROUPS = {"trunk.4": [["t0", "t1"], ["t2", "t3"]], "trunk.6": [["t0", "t1", "t2"], ["t3"]]}
+
+
+def split_rows(methods: list[str], reps: int, widths: tuple[int, ...] = (16, 256)) -> list[dict]:
+    """:func:`_split_rows` for each trunk width (16: a step is mostly Python; 256: mostly arithmetic)."""
+    return [row for width in widths for row in _split_rows(methods, reps, width)]
+
+
+def _split_rows(methods: list[str], reps: int, width: int, K: int = 4) -> list[dict]:
+    """One training step (forward, ``recon.backward`` with the shared set of the first step, as the training
+    engine does, SGD step) of an unsplit, a per-task split and a group split MLP, side by side per method."""
+    import torch.nn.functional as F
+
+    import recon
+
+    tasks = [f"t{k}" for k in range(K)]
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            layers = [torch.nn.Linear(32, width), torch.nn.ReLU()]
+            for _ in range(3):
+                layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+            self.trunk = torch.nn.Sequential(*layers)
+            self.heads = torch.nn.ModuleDict({t: torch.nn.Linear(width, 10) for t in tasks})
+
+        def forward(self, x):
+            z = self.trunk(x)
+            return {t: h(z) for t, h in self.heads.items()}
+
+    torch.manual_seed(0)
+    model = Net()
+    nets = {
+        "unsplit": model,
+        "per-task": recon.split(model, list(SPLIT_LAYERS), init="copy"),
+        "groups": recon.split(model, SPLIT_GROUPS, init="copy"),
+    }
+    x = torch.randn(64, 32)
+    ys = {t: torch.randint(0, 10, (64,)) for t in tasks}
+    rows = []
+    for name in methods:
+        fns = {}
+        for label, net in nets.items():
+            method = M.get(name)
+            opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+            shared: dict[str, tuple] = {}
+
+            def step(net=net, method=method, opt=opt, shared=shared) -> None:
+                opt.zero_grad(set_to_none=True)
+                out = net(x)
+                losses = {t: F.cross_entropy(out[t], ys[t]) for t in tasks}
+                shared["p"] = recon.backward(losses, net, method, shared=shared.get("p")).shared
+                opt.step()
+
+            fns[label] = step
+        t = timed(fns, reps)
+        row = {"method": name, "width": width, **{k: min(v) for k, v in t.items()}}
+        row["calls"] = {k: _python_calls(fn) for k, fn in fns.items()}
+        row |= {f"{k}/unsplit": paired_ratio(t[k], t["unsplit"]) for k in ("per-task", "groups")}
+        row["groups/per-task"] = paired_ratio(t["groups"], t["per-task"])
+        row["params"] = {k: sum(p.numel() for p in n.parameters()) for k, n in nets.items()}
+        rows.append(row)
+    return rows
+
+
+def _python_calls(fn: Callable[[], object]) -> int:
+    """Python function calls in one run of ``fn`` (``sys.setprofile``): the interpreter's work per step, a count
+    that the machine's load does not change."""
+    count = 0
+
+    def profile(frame: object, event: str, arg: object) -> None:
+        nonlocal count
+        if event == "call":
+            count += 1
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return count
+
+
+def report_splits(rows: list[dict], markdown: bool) -> None:
+    params = {r["width"]: r["params"] for r in rows}
+    sizes = "; ".join(f"width {w}: " + ", ".join(f"{k} {v:,}" for k, v in p.items()) for w, p in params.items())
+    title = f"one training step, K=4 (ms: best of rounds; ratios: median of per-round ratios); parameters: {sizes}"
+    header, table = _table(
+        rows,
+        [
+            ("method", lambda r: r["method"]),
+            ("width", lambda r: str(r["width"])),
+            ("unsplit ms", lambda r: _fmt(r["unsplit"], 3)),
+            ("per-task ms", lambda r: _fmt(r["per-task"], 3)),
+            ("groups ms", lambda r: _fmt(r["groups"], 3)),
+            ("per-task/unsplit", lambda r: _fmt(r["per-task/unsplit"])),
+            ("groups/unsplit", lambda r: _fmt(r["groups/unsplit"])),
+            ("groups/per-task", lambda r: _fmt(r["groups/per-task"])),
+            ("Python calls unsplit / per-task / groups", lambda r: " / ".join(str(v) for v in r["calls"].values())),
+        ],
+    )
+    _print_tables([(title, header, table)], markdown)
+
+
 def _fmt(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -309,8 +422,13 @@ def report(
             ],
         )
         tables.append((title, header4, table4))
+    _print_tables(tables, markdown)
+
+
+def _print_tables(tables: list[tuple[str, list[str], list[list[str]]]], markdown: bool) -> None:
     if markdown:
-        for _, h, t in tables:
+        for title, h, t in tables:
+            print(f"**{title}**\n")
             print("| " + " | ".join(h) + " |")
             print("|" + "|".join(" --- " for _ in h) + "|")
             for row in t:
@@ -341,8 +459,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="32", choices=["32", "bf16", "fp16"], help="of the step table")
     parser.add_argument("--device", default="cpu", help="device of the step table (cpu or cuda)")
     parser.add_argument("--no-step", action="store_true", help="skip the whole-step table")
+    parser.add_argument("--splits", action="store_true", help="only the unsplit / per-task / group split step table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.splits:
+        names = args.methods.split(",") if args.methods else ["mean", "pcgrad", "cagrad"]
+        report_splits(split_rows(names, args.reps or 15), args.markdown)
+        return
     Ks = [int(k) for k in args.tasks.split(",")]
     Ps = [100_000] if args.quick else [100_000, 1_000_000]
     reps = args.reps or (5 if args.quick else 9)

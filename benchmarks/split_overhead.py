@@ -18,11 +18,16 @@ download), which torch.fx cannot trace: recon captures it with torch.export. It 
 top, one in the middle and one at the bottom of the encoder and prints, per position, the FLOP ratio
 (``torch.utils.flop_counter``) and the measured step-time ratio of recon's split against the original, against
 the whole-backbone leaf (``leaf_modules=["bert"]``: the backbone runs once per task) and against the ideal (only
-the work downstream of the branch runs per task); then the capture + rewrite wall time of a BERT-base-size
-graph (target < 5 s).
+the work downstream of the branch runs per task); then the capture time per model family (ResNet, BERT, ViT,
+GPT-2, Swin, T5, transformers' ResNet: tiny random configs) and the capture + rewrite + eager check wall time
+of a BERT-base-size graph (target < 5 s on a quiet machine) and of its rebuild with ``recon.load_split``.
+``--command-vs main`` times the whole ``recon split --top-k 2`` command on examples/bert_tasks.py with main's
+code (a temporary git worktree) against this checkout's, alternating, in the same run. Public API only.
 
     python benchmarks/split_overhead.py --quick     # a few minutes on a laptop CPU
     python benchmarks/split_overhead.py --bert-only --quick
+    python benchmarks/split_overhead.py --capture-only
+    python benchmarks/split_overhead.py --command-vs main
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep torch.profiler's start/stop lines off the table
 
@@ -44,8 +50,8 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recon._graph import layer_tasks, shared_layers  # noqa: E402
-from recon._split import split  # noqa: E402
+import recon  # noqa: E402
+from recon import split  # noqa: E402
 
 TASK_NAMES = ("seg", "depth", "normal", "edge")
 
@@ -230,6 +236,11 @@ class ListResNet18(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- timing
+def shared_layers(model: nn.Module) -> list[str]:
+    """The layers two or more tasks use (``recon.layer_tasks``, the public API)."""
+    return [name for name, tasks in recon.layer_tasks(model).items() if len(tasks) >= 2]
+
+
 def spread(items: Sequence[str], k: int) -> list[str]:
     """``k`` items spread evenly over ``items`` (first and last included)."""
     if k <= 0:
@@ -307,8 +318,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--precision", choices=("32", "bf16", "fp16"), default="32", help="autocast of every step")
     parser.add_argument("--bert-only", action="store_true", help="only the transformers BERT part")
+    parser.add_argument("--capture-only", action="store_true", help="only capture time per model family")
+    parser.add_argument(
+        "--command-vs", metavar="REF", default=None,
+        help="time `recon split --top-k 2` on examples/bert_tasks.py with this git ref's code (a temporary "
+        "worktree) and with this checkout's, alternating, in the same run; then exit",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.command_vs:
+        command_part(args.command_vs, reps=args.reps or 3)
+        return
+    if args.capture_only:
+        capture_part()
+        return
     if args.bert_only:
         bert_part(
             quick=args.quick, reps=args.reps, clock=time.process_time if args.clock == "cpu" else time.perf_counter
@@ -335,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tasks = TASK_NAMES[:k_tasks]
         torch.manual_seed(0)
         model = resnet18(tasks)
-        candidates = [name for name in shared_layers(layer_tasks(model)) if name]
+        candidates = [name for name in shared_layers(model) if name]
         x = torch.randn(batch, 3, size, size)
         targets = {t: torch.randint(0, 10, (batch,)) for t in tasks}
         for top_k in (0, 5, 25):
@@ -378,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.manual_seed(0)
     big = resnet50(TASK_NAMES)
     params = sum(p.numel() for p in big.parameters()) / 1e6
-    big_shared = [name for name in shared_layers(layer_tasks(big)) if name]
+    big_shared = [name for name in shared_layers(big) if name]
     nodes = len(torch.fx.symbolic_trace(big).graph.nodes)
     for top_k, init in ((25, "reinit"), (25, "copy"), (len(big_shared), "copy")):
         layers = spread(big_shared, top_k)
@@ -485,7 +508,16 @@ def bert_part(*, quick: bool, reps: int | None, clock: Callable[[], float]) -> N
             flush=True,
         )
     print("FLOP and time ratios are against the original model; 'leaf' runs the whole backbone once per task.")
+    print()
+    capture_part()
+    print()
 
+    bert_base_part(tasks)
+
+
+def bert_base_part(tasks: Sequence[str]) -> None:
+    """Capture (torch.export, train and eval) + rewrite + eager check of a BERT-base-size model, and its
+    rebuild from the plan (``recon.load_split``: one capture)."""
     torch.manual_seed(0)
     base_model = BertHeads(tasks, layers=12, hidden=768, heads=12, ffn=3072)
     ids = torch.randint(0, 1000, (2, 16))
@@ -493,10 +525,159 @@ def bert_part(*, quick: bool, reps: int | None, clock: Callable[[], float]) -> N
     start = time.perf_counter()
     net = split(base_model, ["bert.encoder.layer.11.output.dense"], init="copy", example_inputs=(ids,))
     wall = time.perf_counter() - start
+    fresh = BertHeads(tasks, layers=12, hidden=768, heads=12, ffn=3072)
+    start = time.perf_counter()
+    recon.load_split(fresh, net.meta["recon"], example_inputs=(ids,))  # the plan split recorded
+    load = time.perf_counter() - start
     print(
         f"capture (torch.export, train and eval) + rewrite + eager checks, BERT-base size ({params:.0f}M params, "
-        f"{len(net.graph.nodes)} nodes after the split): {wall:.2f} s wall (target < 5 s)"
+        f"{len(net.graph.nodes)} nodes after the split): {wall:.2f} s wall (target < 5 s); "
+        f"load_split from the plan: {load:.2f} s wall  [{machine_load()}]"
     )
+
+
+def machine_load() -> str:
+    """The 1-minute load average and the core count: timings mean little on a loaded machine."""
+    try:
+        one = os.getloadavg()[0]
+    except OSError:
+        return "load unknown"
+    return f"load average {one:.2f} on {os.cpu_count()} cores"
+
+
+# ------------------------------------------------------------------------------------ capture per family
+def family_models() -> list[tuple[str, Callable[[], nn.Module], tuple]]:
+    """``(family, build, example batch)`` for the model families recon captures: tiny random configs."""
+    import transformers as tf
+
+    def heads(backbone: nn.Module, width: int, read: Callable[[Any], torch.Tensor]) -> nn.Module:
+        return _Heads(backbone, width, read)
+
+    ids = torch.randint(0, 50, (4, 16))
+    image = torch.randn(4, 3, 32, 32)
+    tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    last = lambda out: out.last_hidden_state  # noqa: E731
+    return [
+        ("ResNet-18 (fx)", lambda: resnet18(TASK_NAMES[:3]), (image,)),
+        ("BERT", lambda: heads(tf.BertModel(tf.BertConfig(vocab_size=50, **tiny)), 32, last), (ids,)),
+        ("ViT", lambda: heads(tf.ViTModel(tf.ViTConfig(image_size=32, patch_size=8, **tiny)), 32, last), (image,)),
+        (
+            "GPT-2",
+            lambda: heads(tf.GPT2Model(tf.GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2)), 32, last),
+            (ids,),
+        ),
+        (
+            "Swin (2 stages)",
+            lambda: heads(
+                tf.SwinModel(
+                    tf.SwinConfig(
+                        image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4
+                    )
+                ),  # fmt: skip
+                32,
+                last,
+            ),
+            (image,),
+        ),
+        (
+            "T5 encoder",
+            lambda: heads(
+                tf.T5EncoderModel(tf.T5Config(vocab_size=50, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)),
+                32,
+                last,
+            ),
+            (ids,),
+        ),
+        (
+            "HF ResNet",
+            lambda: heads(
+                tf.ResNetModel(tf.ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1])),
+                32,
+                lambda out: out.pooler_output.flatten(1)[:, None],
+            ),
+            (image,),
+        ),
+    ]
+
+
+class _Heads(nn.Module):
+    """A backbone shared by three linear heads (first, mean and last position of its output sequence)."""
+
+    def __init__(self, backbone: nn.Module, width: int, read: Callable[[Any], torch.Tensor]) -> None:
+        super().__init__()
+        self.backbone, self.read = backbone, read
+        self.heads = nn.ModuleDict({t: nn.Linear(width, 3) for t in TASK_NAMES[:3]})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        states = self.read(self.backbone(x))
+        reads = (states[:, 0], states.mean(1), states[:, -1])
+        return {t: head(reads[i]) for i, (t, head) in enumerate(self.heads.items())}
+
+
+def capture_part() -> None:
+    """Per model family: capture + eager check (``recon.split`` with no layer), and a one-layer split."""
+    print(f"capture time per model family (tiny random configs, K=3)  [{machine_load()}]")
+    header = f"{'family':<18} {'capture':>8} {'capture + split 1 layer':>24}  {'how':<8}"
+    print(header)
+    print("-" * len(header))
+    for family, build, x in family_models():
+        torch.manual_seed(0)
+        try:
+            model = build().eval()
+            start = time.perf_counter()
+            net = split(model, [], example_inputs=x)
+            captured = time.perf_counter() - start
+            layer = [n for n in shared_layers_of(model, x) if n][-1]
+            start = time.perf_counter()
+            split(build().eval(), [layer], init="copy", example_inputs=x)
+            both = time.perf_counter() - start
+            print(f"{family:<18} {captured:>7.2f}s {both:>23.2f}s  {net.meta['recon']['capture']:<8}", flush=True)
+        except recon.ReconError as exc:
+            print(f"{family:<18} {'FAIL':>8}  {str(exc)[:150]}", flush=True)
+
+
+def shared_layers_of(model: nn.Module, x: tuple) -> list[str]:
+    """The shared layers, through the same capture the split used (``recon.shared_parameters``)."""
+    shared = {id(p) for p in recon.shared_parameters(model, example_inputs=x)}
+    return [name for name, m in model.named_modules() if any(id(p) in shared for p in m._parameters.values())]
+
+
+# ---------------------------------------------------------------------------------- the command, before/after
+def command_part(ref: str, reps: int = 3) -> None:
+    """``recon split --top-k 2`` on examples/bert_tasks.py, with ``ref``'s code and with this checkout's,
+    alternating, on one profiled run folder (profiled once, with this checkout's code)."""
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    recon_bin = Path(sys.executable).with_name("recon")
+    with tempfile.TemporaryDirectory(prefix="recon-command-") as tmp:
+        base = Path(tmp) / "base"
+        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(base), ref], check=True,
+                       capture_output=True)  # fmt: skip
+        try:
+            run = Path(tmp) / "run"
+            env = {**os.environ, "PYTHONPATH": str(root), "RECON_BERT_BATCH": "32"}
+            recipe = str(root / "examples" / "bert_tasks.py")
+            subprocess.run([str(recon_bin), "profile", recipe, "--steps", "5", "--out", str(run)], env=env,
+                           check=True, capture_output=True)  # fmt: skip
+            times: dict[str, list[float]] = {ref: [], "this checkout": []}
+            for _ in range(reps):
+                for name, code in ((ref, base), ("this checkout", root)):
+                    start = time.perf_counter()
+                    subprocess.run([str(recon_bin), "split", "--top-k", "2", "--run", str(run), "--force"],
+                                   env={**env, "PYTHONPATH": str(code)}, check=True, capture_output=True)  # fmt: skip
+                    times[name].append(time.perf_counter() - start)
+        finally:
+            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(base)], check=False,
+                           capture_output=True)  # fmt: skip
+    before, after = statistics.median(times[ref]), statistics.median(times["this checkout"])
+    print(f"`recon split --top-k 2` on examples/bert_tasks.py, wall time of the whole command, median of {reps}, "
+          f"alternating  [{machine_load()}]")  # fmt: skip
+    print(f"{ref + ' (before)':<22} {before:>7.2f} s   runs: {', '.join(f'{t:.2f}' for t in times[ref])}")
+    print(f"{'this checkout (after)':<22} {after:>7.2f} s   runs: "
+          f"{', '.join(f'{t:.2f}' for t in times['this checkout'])}")  # fmt: skip
+    print(f"after / before: {after / before:.3f} (target <= 0.5)")
 
 
 if __name__ == "__main__":

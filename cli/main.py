@@ -44,6 +44,7 @@ def _register() -> None:
         ("cli.train", "train"),
         ("cli.methods", "methods"),
         ("cli.report", "report"),
+        ("cli.search", "search"),
     ):
         try:
             mod = __import__(module, fromlist=["_"])

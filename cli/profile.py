@@ -35,10 +35,14 @@ def profile_command(
     show: int = typer.Option(10, "--show", min=0, help="How many top layers to print."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing profile in the run folder."),
     precision: str = typer.Option("32", "--precision", help="32, bf16 or fp16 (autocast; fp16 scales the losses)."),
+    every: str = typer.Option(
+        "1", "--every", help="Record task gradients on every N-th step (N or auto: about 2x a plain epoch)."
+    ),
 ) -> None:
     """Stage 1: warm-up training that records every shared layer's layer-wise cosines, then ranks layers."""
     recipe = load_recipe(model_py)
-    spec = recon.methods.get(method).spec  # bad arguments fail before any folder is made
+    period = recon.sampling_period(every, len(recipe.tasks))  # bad arguments fail before any folder is made
+    spec = recon.methods.get(method).spec
     recon.check_precision(precision)
     dev = recon.init_distributed(resolve_device(device))  # under torchrun: join the group; rank 0 alone writes
     torch.manual_seed(seed)
@@ -49,18 +53,22 @@ def profile_command(
         folder = run.stage("profile", force=force)  # locked for this command's life
         run.record_command(method=spec)  # the warm-up method's spec, as profile.json holds it
     folder = recon.broadcast_object(folder)
+    if period > 1 and recon.is_main_process():
+        why = f" (--every auto at {len(recipe.tasks)} tasks)" if every == "auto" else ""
+        console.print(f"recording task gradients on 1 step in {period}{why}; the others train with one backward")
     leaf_modules = tuple(n for n in leaf.split(",") if n)
     try:
         prof = recon.profile(
             model, recipe.train_data, recipe.losses,
             steps=steps, epochs=epochs, S=S, method=method, seed=seed, device=dev, leaf_modules=leaf_modules,
             optimizer=recipe.make_optimizer(model.parameters()), out=folder, progress=True, precision=precision,
+            every=period,
         )  # fmt: skip
     except (KeyboardInterrupt, NonFiniteLossError) as e:
         prof = getattr(e, "profile", None)
         if prof is not None and recon.is_main_process():
             _finish(prof, folder, show)
-            warn(f"kept {prof.steps} recorded steps, marked partial, in {folder}")
+            warn(f"kept {prof.steps_text()}, marked partial, in {folder}")
         if isinstance(e, KeyboardInterrupt):
             raise typer.Exit(EXIT_INTERRUPTED) from None
         raise fail(str(e), EXIT_FAILURE) from None
@@ -94,17 +102,13 @@ def _finish(prof: recon.ConflictProfile, folder: Path, show: int) -> None:
     pairs = len(prof.pairs) * prof.steps
     title = (
         f"top {len(top)} of {len(prof.layers)} shared layers by S-conflict score "
-        f"(S = {prof.S:g}, {prof.steps} steps x {len(prof.pairs)} pairs = max {pairs}"
+        f"(S = {prof.S:g}, {prof.steps_text()} x {len(prof.pairs)} pairs = max {pairs}"
         f"{', partial' if prof.partial else ''}, discovery: {prof.discovery})"
     )
-    view = top[["score", "conflict_rate", "mean_cos", "params", "type"]].rename(
-        columns={"conflict_rate": "in conflict", "mean_cos": "mean cos"}
+    k = top.attrs["k"]
+    shown = ["score", "conflict_rate", "mean_cos", *(["interference"] if "interference" in top else []), "p_top_k"]
+    view = top[[*shown, "params", "type"]].rename(
+        columns={"conflict_rate": "in conflict", "mean_cos": "mean cos", "p_top_k": f"p(top-{k})"}
     )
-    console.print(
-        frame_table(
-            view,
-            title=title,
-            index="layer",
-            fmt={"in conflict": lambda v: f"{v:.1%}", "mean cos": "+.3f", "params": ","},
-        )
-    )
+    fmt = {"in conflict": lambda v: f"{v:.1%}", "mean cos": "+.3f", "interference": ".3g", f"p(top-{k})": ".2f"}
+    console.print(frame_table(view, title=title, index="layer", fmt={**fmt, "params": ","}))

@@ -45,10 +45,10 @@ def _print_profile(rep: recon.Report, show: int) -> None:
     if prof is None:
         console.print("[dim]no profile yet (recon profile MODEL_PY)[/]")
     elif rep.scores is None:
-        console.print("[yellow]the profile holds no shared layer or no step[/]")
+        warn("the profile holds no shared layer or no step")
     else:
         n = len(rep.scores)
-        title = f"S-conflict scores (S = {rep.S:g}, {prof.steps} steps; top {min(show, n)} of {n})"
+        title = f"S-conflict scores (S = {rep.S:g}, {prof.steps_text()}; top {min(show, n)} of {n})"
         console.print(frame_table(rep.scores.head(show), title=title, index="layer", fmt=rep.formats["scores"]))
 
 

@@ -65,6 +65,15 @@ def split_command(
 
 
 # -------------------------------------------------------------------------------------------- printing
+def _copies(parts: list[list[str]], n_tasks: int) -> str:
+    """A layer's task groups: every name up to 12 tasks; above, ``13 copies: left_odd+3 | equal | ...``."""
+    from recon.plots import MANY_TASKS, group_label
+
+    if n_tasks <= MANY_TASKS:
+        return " | ".join(",".join(g) for g in parts)
+    return f"{len(parts)} copies: " + " | ".join(group_label(g) for g in parts)
+
+
 def _print_summary(plan: recon.SplitPlan, ratio: float | None) -> None:
     """Per branched layer: its task groups, the score it removes, the parameters it adds; then the totals
     against each budget."""
@@ -95,7 +104,7 @@ def _print_summary(plan: recon.SplitPlan, ratio: float | None) -> None:
                 row.append(f"{confidence[layer]:.2f}" if layer in confidence else "")
             if removed:
                 row += [_score_text(removed.get(layer, "")), f"{added.get(layer, 0):,}"]
-            row.append(" | ".join(",".join(g) for g in groups.get(layer, [])))
+            row.append(_copies(groups.get(layer, []), len(plan.tasks)))
             table.add_row(*(Text(cell) for cell in row))  # names are data, never markup
         console.print(table)
     else:

@@ -18,10 +18,11 @@ from recon._errors import NonFiniteLossError, ReconError
 from recon._graph import TraceError, layer_tasks
 from recon._plan import plan_split
 from recon._precision import check_precision
-from recon._profile import ConflictProfile, profile, read_scores_json
+from recon._profile import ConflictProfile, profile, read_scores_json, sampling_period
 from recon._recipe import Recipe, load_recipe
 from recon._report import Report, report
 from recon._runs import Run
+from recon._search import SearchResult, search
 from recon._split import SplitPlan, load_split, shared_parameters, split, task_parameters
 from recon._split_run import split_run
 from recon._train import TrainResult, delta_m, evaluate, seed_everything, train
@@ -36,6 +37,7 @@ __all__ = [
     "ReconError",
     "Report",
     "Run",
+    "SearchResult",
     "SplitPlan",
     "TraceError",
     "TrainResult",
@@ -53,7 +55,9 @@ __all__ = [
     "plan_split",
     "profile",
     "read_scores_json",
+    "sampling_period",
     "report",
+    "search",
     "seed_everything",
     "shared_parameters",
     "split",

@@ -168,12 +168,12 @@ class TaskGradients:
 Batched = Literal["auto"] | bool
 
 
-def _wants_batched(batched: Batched, params: Sequence[Tensor]) -> bool:
+def _wants_batched(batched: Batched, params: Sequence[Tensor], group: Any = None) -> bool:
     if batched is False or not params:
         return False
     if batched == "auto" and params[0].device.type != "cuda":
         return False
-    return not _batched.failed(params)
+    return not _batched.failed(params, group)
 
 
 @dataclass
@@ -192,10 +192,11 @@ class _BatchedGradients:
     """The K task gradients in one vectorised backward pass, remembering per model whether vmap runs."""
 
     def __init__(self) -> None:
-        self._memos: dict[int, tuple[weakref.ref, _Memo]] = {}  # id(first parameter) -> (its weakref, memo)
+        # (id(first parameter), group of tasks) -> (its weakref, memo); a chunk of tasks is its own group
+        self._memos: dict[tuple[int, Any], tuple[weakref.ref, _Memo]] = {}
 
-    def _memo(self, params: Sequence[Tensor]) -> _Memo:
-        key = id(params[0])
+    def _memo(self, params: Sequence[Tensor], group: Any = None) -> _Memo:
+        key = (id(params[0]), group)
         ref, memo = self._memos.get(key, (None, None))
         if ref is None or ref() is not params[0] or memo.n_params != len(params):
             self._memos = {k: v for k, v in self._memos.items() if v[0]() is not None}  # forget dead models
@@ -203,8 +204,8 @@ class _BatchedGradients:
             self._memos[key] = (weakref.ref(params[0]), memo)
         return memo
 
-    def failed(self, params: Sequence[Tensor]) -> bool:
-        return self._memo(params).failed
+    def failed(self, params: Sequence[Tensor], group: Any = None) -> bool:
+        return self._memo(params, group).failed
 
     def gradients(
         self,
@@ -213,8 +214,9 @@ class _BatchedGradients:
         shared_idx: Sequence[int] | None,
         retain: bool,
         copies: Copies,
+        group: Any = None,
     ) -> TaskGradients:
-        memo = self._memo(params)
+        memo = self._memo(params, group)
         wanted = None if shared_idx is None else list(shared_idx)
         stale = wanted != memo.found if wanted is not None else not memo.discovered
         if memo.users is None or stale:  # learn the partition with the K passes, once
@@ -297,6 +299,7 @@ def task_gradients(
     retain_graph: bool = False,
     batched: Batched = "auto",
     copies: Copies | None = None,
+    group: Any = None,
 ) -> TaskGradients:
     """The K tasks' gradients w.r.t. ``params``: one backward pass per task, or one batched pass.
 
@@ -312,7 +315,9 @@ def task_gradients(
     CUDA and runs the K passes on other devices; ``False`` never. The first call on a model runs the K passes
     once to learn which tasks reach which parameter (batched gradients are zeros, not ``None``, where a task
     does not reach); that partition is then kept. Where vmap cannot run the backward (some in-place ops,
-    custom autograd functions), the model falls back to the K passes for good, with one warning.
+    custom autograd functions), the model falls back to the K passes for good, with one warning. ``group``
+    names which tasks ``values`` are when they are a chunk of them (:mod:`recon._chunks`): each chunk keeps its
+    own partition.
 
     ``copies``: ``{parameter index: task indices}`` of the group copies (:func:`recon._usage.group_copies`); J's
     columns are then ordered ``[global | usage class 1 | ...]`` and ``classes`` gives the classes' spans.
@@ -322,8 +327,8 @@ def task_gradients(
     copies = copies or {}
     if shared_idx is not None and copies:
         shared_idx = order_by_class(shared_idx, copies)
-    if _wants_batched(batched, params):
-        grads = _batched.gradients(values, params, shared_idx, retain_graph, copies)
+    if _wants_batched(batched, params, group):
+        grads = _batched.gradients(values, params, shared_idx, retain_graph, copies, group)
     else:
         grads = _sequential(values, params, shared_idx, retain_graph, copies)
     grads.classes = usage_classes(grads.shared_idx, copies, params)
@@ -363,44 +368,52 @@ def _sequential(
             _fill_row(J, k, row, shared_idx, params)
             rows.append(row)
     else:
-        rows = _backward_into(J, values, params, shared_idx, retain_graph)
+        rows = _backward_into(J, values, params, shared_idx, retain_graph, copies)
     own = [(i, k) for k in range(K) for i, g in enumerate(rows[k]) if g is not None]
     return TaskGradients(J, rows, own, shared_idx)
 
 
 def _backward_into(
-    J: Tensor | None, values: Sequence[Tensor], params: Sequence[Tensor], shared_idx: list[int], retain_graph: bool
+    J: Tensor | None,
+    values: Sequence[Tensor],
+    params: Sequence[Tensor],
+    shared_idx: list[int],
+    retain_graph: bool,
+    copies: Copies,
 ) -> list[list[Tensor | None]]:
-    """K ``Tensor.backward`` passes, task k's shared gradients accumulated in place into ``J[k]``."""
+    """K ``Tensor.backward`` passes, task k's shared gradients accumulated in place into ``J[k]`` (a group copy
+    that task k does not use gets no view: its zero row stays as it is)."""
     K = len(values)
     in_j = set(shared_idx)
     inputs = list(params)
     stash = [p.grad for p in params]
     rows: list[list[Tensor | None]] = []
+    shared = [params[i] for i in shared_idx]
+    sizes = [p.numel() for p in shared]
     if J is not None:
         J.zero_()
     try:
         for p in params:
             p.grad = None
         for k, v in enumerate(values):
-            views = []
-            offset = 0
-            for i in shared_idx:
-                p = params[i]
-                view = J[k, offset : offset + p.numel()].view(p.shape)
-                p.grad = view
+            pieces = J[k].split(sizes) if J is not None else ()
+            views: list[Tensor | None] = []
+            for i, p, piece in zip(shared_idx, shared, pieces, strict=True):
+                if copies and k not in copies.get(i, (k,)):
+                    views.append(None)
+                    continue
+                p.grad = view = piece.view(p.shape)
                 views.append(view)
-                offset += p.numel()
             v.backward(inputs=inputs, retain_graph=retain_graph or k < K - 1)
             row: list[Tensor | None] = [None] * len(params)
             for i, p in enumerate(params):
                 if i not in in_j:
                     row[i], p.grad = p.grad, None
-            for view, i in zip(views, shared_idx, strict=True):
-                g = params[i].grad
-                if g is not view:  # autograd replaced the buffer instead of adding in place: copy it in
-                    view.copy_(g.to_dense() if g.layout != torch.strided else g)
-                params[i].grad = None
+            for view, p, piece in zip(views, shared, pieces, strict=True):
+                g = p.grad
+                if g is not view:  # autograd replaced the buffer (or reached a copy's unviewed row): copy it in
+                    piece.view(p.shape).copy_(g.to_dense() if g.layout != torch.strided else g)
+                p.grad = None
             rows.append(row)
     finally:
         for p, g in zip(params, stash, strict=True):
@@ -437,6 +450,7 @@ def backward(
     retain_graph: bool = False,
     batched: Batched = "auto",
     precision: Any = None,
+    task_chunk: int | None = None,
 ) -> BackwardResult:
     """Fill ``.grad`` of ``net``'s parameters for one multi-task step with ``method``.
 
@@ -446,9 +460,8 @@ def backward(
     * Parameters used by exactly one task (heads, per-task branches of a split model) get that task's own
       gradient, untouched by the method.
     * Parameters used by no task are left alone.
-    * A copy of a layer split by a task partition, used by the tasks of group G, gets the method applied to G's
-      tasks alone (``mean``: G's mean gradient), one solve per usage class (:mod:`recon._usage`); parameters
-      in no copy keep the global solve over all K tasks. Copies are found in ``net``'s modules.
+    * A layer copy used by a task group G (``recon.split`` with groups) gets the method on G's tasks alone
+      (``mean``: G's mean), one solve per usage class (:mod:`recon._usage`; copies are found in ``net``).
 
     The partition is found with autograd, one backward per task over all parameters
     (``torch.autograd.grad(L_k, params, allow_unused=True)``), so it works on any module, including the
@@ -475,7 +488,7 @@ def backward(
     the combined loss (the others) before the backward passes; the gradients are unscaled before any method
     sees them and ``.grad`` ends unscaled (so ``.grad`` must be empty before the call, as with
     ``GradScaler.unscale_``). A step with inf/NaN gradients leaves ``result.finite`` False: skip its
-    optimizer step.
+    optimizer step. ``task_chunk``: task gradients made that many tasks at a time (:mod:`recon._chunks`).
     Returns a :class:`BackwardResult` (weights, shared parameters, loss values, finite).
     """
     from recon.methods import resolve  # late: recon.methods imports this module's package
@@ -488,23 +501,49 @@ def backward(
     custom = getattr(m, "custom_backward", None) is not None
     if custom or m.kind == "loss" or (m.kind == "representation" and features is not None):
         return _combined_backward(m, tasks, values, loss_values, net, features, step, retain_graph, precision)
+    _check_features(m)
+    params = _params_of(net)
+    if not params:
+        raise ReconError("recon.backward: the model has no parameter that requires grad")
+    shared_idx = _indices_of(params, shared)
+    copies = group_copies(net, tasks, params)
+    if chunked := _chunked(values, params, shared_idx, m, loss_values, task_chunk, batched, precision, copies):
+        return chunked
+    scaled = precision.scale(values) if precision is not None else values
+    grads = task_gradients(scaled, params, shared_idx=shared_idx, retain_graph=retain_graph, batched=batched,
+                           copies=copies)  # fmt: skip
+    return reduce_and_apply(grads, params, m, loss_values, precision=precision)
+
+
+def _check_features(m: Any) -> None:
+    """A representation method that needs ``features=`` and got none: say how to call it."""
     if m.kind == "representation" and m.requires_features:
         raise ReconError(
             f"method {type(m).__name__} needs the shared representation: pass features=z "
             "(the encoder's output) to recon.backward, or use 'mgda' on the shared parameters"
         )
-    params = _params_of(net)
-    if not params:
-        raise ReconError("recon.backward: the model has no parameter that requires grad")
-    shared_idx = None
-    if shared is not None:
-        ids = {id(p) for p in shared}
-        shared_idx = [i for i, p in enumerate(params) if id(p) in ids]
-    scaled = precision.scale(values) if precision is not None else values
-    copies = group_copies(net, tasks, params)
-    grads = task_gradients(scaled, params, shared_idx=shared_idx, retain_graph=retain_graph, batched=batched,
-                           copies=copies)  # fmt: skip
-    return reduce_and_apply(grads, params, m, loss_values, precision=precision)
+
+
+def _indices_of(params: Sequence[Tensor], shared: Sequence[Tensor] | None) -> list[int] | None:
+    """The indices into ``params`` of the ``shared=`` parameters given to :func:`backward` (None: discover them)."""
+    if shared is None:
+        return None
+    ids = {id(p) for p in shared}
+    return [i for i, p in enumerate(params) if id(p) in ids]
+
+
+def _chunked(
+    values: list[Tensor], params: list[Tensor], shared_idx: list[int] | None, m: Any, loss_values: Tensor,
+    task_chunk: int | None, batched: Batched, precision: Any, copies: Copies,
+) -> BackwardResult | None:  # fmt: skip
+    """:func:`backward` with task gradients in chunks (:mod:`recon._chunks`), or None where it does not apply: no
+    ``task_chunk``, the shared parameters not given, fp16 loss scaling, torchrun or group copies (they expect
+    one J)."""
+    if task_chunk is None or shared_idx is None or precision is not None or _distributed.active() or copies:
+        return None
+    from recon._chunks import chunked_backward  # late: recon._chunks imports this module
+
+    return chunked_backward(values, params, shared_idx, m, loss_values, size=task_chunk, batched=batched)
 
 
 def _combined_backward(

@@ -385,9 +385,14 @@ def branch(src: nn.Module, facts: Analysis, init: str) -> None:
     """Branching: one copy per task group at each branched layer's path (deepest first); per-task
     running statistics for the shared BatchNorms that run per task class."""
     aliases = _aliases(src)
+    made: dict[tuple[int, str], nn.Parameter] = {}  # (original parameter, copy): a tied weight's one copy
     for layer in sorted(facts.groups, key=lambda name: name.count("."), reverse=True):
         original = src.get_submodule(layer)
         copies = {g[0]: _task_copy(original, layer, g[0], init) for g in facts.groups[layer]}
+        for name, new in copies.items():
+            for key, p in original._parameters.items():
+                if p is not None:
+                    new._parameters[key] = made.setdefault((id(p), name), new._parameters[key])
         container = TaskBranches(copies, shared=dict(original._modules), route=facts.route[layer])
         container.training = original.training
         for path in aliases[id(original)]:

@@ -5,7 +5,7 @@ Three ways, tried in this order by :func:`capture` (``mode="auto"``):
 * ``"fx"``: ``torch.fx`` symbolic tracing (:func:`recon._graph.trace_modes`), with the leaves the user names;
   module-level, and it needs no example batch.
 * ``"export"``: ``torch.export.export(model, strict=False)`` on the example batch, with the batch dimension
-  dynamic (``torch.export.Dim``) and the others dynamic where the model allows (``Dim.AUTO``): it records the
+  dynamic (``Dim.AUTO``; integer inputs' other dimensions too, see :func:`_dynamic_dims`): it records the
   operations that really run (aten level), so it captures models that symbolic tracing cannot (``transformers``'
   BERT, ViT, GPT-2: Proxy iteration, item assignment). Every parameter is read through a ``get_attr`` of its own
   path, so a branched layer anywhere in the graph is branched at full granularity. The exported graph is
@@ -23,14 +23,23 @@ Three ways, tried in this order by :func:`capture` (``mode="auto"``):
 Whenever an example batch is known, the captured graph is run against the eager model in eval mode and must
 give the same outputs (:func:`check_outputs`); otherwise the next way is tried, and if none works the error
 names the first output that differs and its likely cause. No broken model is ever returned.
+
+One capture serves a whole command (:func:`capture` keeps it per model, batch and options while the model is
+unchanged); :meth:`Captured.on` moves it onto the copy that :func:`recon.split` rewrites. Forward arguments the
+batch leaves out are captured at their defaults and guarded (:func:`fixed_argument`). docs/capture.md says
+all this for users.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import inspect
 import operator
-from collections.abc import Iterable, Mapping, Sequence
+import re
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,15 +51,18 @@ from recon._errors import ReconError
 from recon._graph import (
     LeafSpec,
     TraceError,
+    _fetch,
     _layer_tasks,
     _trace,
     _user_frame,
-    adopt_hierarchy,
     first_difference,
+    graph_constants,
+    graph_module,
     leaf_names,
     node_keys,
     node_origin,
     trace_modes,
+    user_frame_here,
 )
 
 __all__ = [
@@ -60,6 +72,7 @@ __all__ = [
     "capture",
     "check_outputs",
     "example_args",
+    "fixed_argument",
     "layer_usage",
     "parameter_reach",
     "recaptured",
@@ -85,6 +98,14 @@ class Captured:
     leaves: list[str]
     example: tuple[tuple, dict] | None = None
     expected: Any = None  # the eager model's outputs on the example batch in eval mode, once checked
+    concrete_args: dict[str, Any] | None = None  # forward arguments fixed at capture (the batch leaves them out)
+
+    def on(self, root: nn.Module) -> Captured:
+        """The same graph over ``root``, a deep copy of the captured model (a fresh graph, so that a pass may
+        write into ``node.meta``): what :func:`recon.split` rewrites, without capturing the copy again."""
+        graph = copy.deepcopy(self.gm.graph)
+        gm = graph_module(root, graph, type(self.gm).__name__, graph_constants(graph, root, self.gm))
+        return dataclasses.replace(self, gm=gm)
 
     def layer_tasks(self, tasks: Sequence[str] | None, names: Sequence[str]) -> dict[str, frozenset[str]]:
         """``{layer: tasks whose output it reaches}``: from the graph, except for layers inside a leaf, which
@@ -165,13 +186,37 @@ def capture(
 
     ``mode="fx"`` only traces symbolically (with ``leaf_modules``), ``"export"`` only uses ``torch.export``
     (needs ``example_inputs``), ``"auto"`` tries fx, then export, then fx with automatic minimal leaves.
-    With ``example_inputs`` every result is checked against the eager model first (:func:`check_outputs`).
+    With ``example_inputs`` every result is checked against the eager model first (:func:`check_outputs`), and
+    the forward's arguments that the batch leaves out are fixed at their defaults (fx ``concrete_args``,
+    export's kwargs; a later call with another value fails with one line).
     The returned graph shares ``model``'s submodules (fx semantics): copy the model first to change it.
+
+    One capture serves a whole command: the result is kept (weakly, on the model) and returned again for the
+    same model, batch and options while the model's modules and tensors are unchanged (same objects, same
+    in-place versions), so profile discovery, ``plan_split``, ``split``, ownership and the checks share it.
     """
     if mode not in MODES:
         raise ReconError(f"capture mode {mode!r} is not one of {list(MODES)}")
     example = example_args(example_inputs) if example_inputs is not None else None
     leaves = leaf_names(model, leaf_modules)
+    fixed = {**_left_out(model, example), **(concrete_args or {})}
+    key = (mode, tuple(leaves), _fingerprint(model))
+    kept = _CACHE.get(model, []) if key[2] is not None else []
+    for k, ex, fx_args, captured in kept:
+        if k == key and _same(ex, example) and _same(fx_args, fixed):
+            return captured
+    captured = _capture(model, example, leaves, fixed, mode)
+    _guard_fixed(captured.gm, fixed)
+    captured.concrete_args = fixed or None
+    if key[2] is not None:
+        _CACHE[model] = [(key, example, fixed, captured), *kept][:_KEEP]
+    return captured
+
+
+def _capture(
+    model: nn.Module, example: tuple[tuple, dict] | None, leaves: list[str], fixed: dict[str, Any], mode: str
+) -> Captured:
+    concrete_args = fixed or None
     errors: list[ReconError] = []
     if mode in ("auto", "fx"):
         try:
@@ -185,7 +230,7 @@ def capture(
         raise ReconError("capturing with torch.export needs an example batch; pass example_inputs=(x,)")
     if example is not None:
         try:
-            return _checked(Captured(export_graph(model, example), "export", [], example), model)
+            return _checked(Captured(export_graph(model, example, fixed), "export", [], example), model)
         except ReconError as exc:
             if mode == "export":
                 raise
@@ -199,6 +244,93 @@ def capture(
     raise ReconError(
         "recon cannot capture this model: " + " | ".join(f"{_way(i)}: {e}" for i, e in enumerate(errors))
     ) from errors[0]
+
+
+# ------------------------------------------------------------------------------- one capture per command
+_CACHE: weakref.WeakKeyDictionary[nn.Module, list[tuple]] = weakref.WeakKeyDictionary()
+_KEEP = 2  # captures kept per model (a command uses one; two leave room for a second batch or leaf set)
+
+
+def _fingerprint(model: nn.Module) -> tuple | None:
+    """What a captured graph and the eager outputs on its batch depend on: which module sits at which path,
+    and each parameter's and buffer's identity and in-place version (an optimiser step, a loaded state_dict
+    or a BatchNorm update in train mode bumps it). None when a tensor has no version (inference tensors)."""
+    try:
+        tensors = tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
+    except RuntimeError:
+        return None
+    return tuple((name, id(m)) for name, m in model.named_modules(remove_duplicate=False)), tensors
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two batches (or argument dicts) are equal: same structure, equal tensors and values."""
+    (la, sa), (lb, sb) = pytree.tree_flatten(a), pytree.tree_flatten(b)
+    if sa != sb:
+        return False
+    for x, y in zip(la, lb, strict=True):
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+                return False
+            if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device or not torch.equal(x, y):
+                return False
+        elif type(x) is not type(y) or x != y:
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------- arguments the batch leaves out
+def _left_out(model: nn.Module, example: tuple[tuple, dict] | None) -> dict[str, Any]:
+    """``{name: default}`` for the forward's arguments that the example batch does not give."""
+    if example is None:
+        return {}
+    try:
+        signature = inspect.signature(model.forward)
+        bound = signature.bind_partial(*example[0], **example[1])
+    except (TypeError, ValueError):
+        return {}
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {
+        name: p.default
+        for name, p in signature.parameters.items()
+        if name not in bound.arguments and p.kind in named and p.default is not inspect.Parameter.empty
+    }
+
+
+def fixed_argument(value: Any, name: str, expected: Any) -> Any:
+    """The guard of a forward argument captured at a fixed value: any other value is an error."""
+    if isinstance(value, torch.Tensor) or not (value is expected or value == expected):
+        raise ReconError(
+            f"this model was captured with {name}={expected!r} (the example batch left {name!r} out), so it "
+            f"cannot be called with {name}={_short(value)}; capture it with {name} in example_inputs"
+        )
+    return value
+
+
+def _short(value: Any) -> str:
+    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)[:40]
+
+
+def _guard_fixed(gm: fx.GraphModule, fixed: Mapping[str, Any]) -> None:
+    """Check every fixed argument at the top of the graph, in place of fx's own assertion (export and fx both
+    keep its placeholder; fx may rename it ``name_1``, which is put back so callers can pass it by name)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if not placeholders:
+        return
+    last = placeholders[-1]
+    added = False
+    for name, value in fixed.items():
+        node = next((n for n in placeholders if re.fullmatch(rf"{re.escape(name)}(_\d+)?", str(n.target))), None)
+        if node is None or not isinstance(value, (bool, int, float, str, type(None))):
+            continue
+        node.target = name
+        for user in list(node.users):
+            if user.op == "call_function" and getattr(user.target, "__name__", "") == "_assert_is_none":
+                gm.graph.erase_node(user)
+        with gm.graph.inserting_after(last):
+            last = gm.graph.call_function(fixed_argument, (node, name, value))
+        added = True
+    if added:
+        gm.recompile()
 
 
 def _way(i: int) -> str:
@@ -250,7 +382,9 @@ def check_outputs(
         "likely cause: Python-level tests on traced values (isinstance(x, list) on a leaf's output, "
         "len() or tensor values steering Python branches), or data-dependent control flow"
     )
-    saved = (_set_modes(candidate, False), _set_modes(reference, False))
+    # the reference first and restored last: a captured graph shares the model's modules, and the modes the
+    # model had must come back (a profile that goes on in eval mode would use BatchNorm's running statistics)
+    saved = (_set_modes(reference, False), _set_modes(candidate, False))
     try:
         with torch.no_grad():
             want = reference(*args, **kwargs) if expected is None else expected
@@ -260,8 +394,8 @@ def check_outputs(
                 first = (str(exc).strip().splitlines() or [""])[0]
                 raise ReconError(f"{what} fails on the example batch: {type(exc).__name__}: {first}; {cause}") from exc
     finally:
-        _set_modes(candidate, saved[0])
-        _set_modes(reference, saved[1])
+        _set_modes(candidate, saved[1])
+        _set_modes(reference, saved[0])
     want_leaves, want_spec = pytree.tree_flatten_with_path(want)
     got_leaves, got_spec = pytree.tree_flatten_with_path(got)
     if want_spec != got_spec:
@@ -324,32 +458,40 @@ def by_mode(training: bool, train_value: Any, eval_value: Any) -> Any:
     return train_value if training else eval_value
 
 
-def export_graph(model: nn.Module, example: tuple[tuple, dict]) -> fx.GraphModule:
-    """``model``'s forward exported with ``torch.export`` (non-strict, batch dimension dynamic) in train and eval
-    mode, folded into one graph over ``model``'s own modules whose mode-dependent arguments follow the
-    modules' ``training`` flags (see the module docstring). Raises :class:`ReconError` with the first real
-    difference when the two graphs differ otherwise."""
-    names, kwargs, dynamic = _named_inputs(model, example)
+def export_graph(model: nn.Module, example: tuple[tuple, dict], fixed: Mapping[str, Any] = {}) -> fx.GraphModule:
+    """``model``'s forward exported with ``torch.export`` (non-strict, the batch dimension dynamic) in train and
+    eval mode, folded into one graph over ``model``'s own modules whose mode-dependent arguments follow the
+    modules' ``training`` flags (see the module docstring). ``fixed``: arguments the batch leaves out, at
+    their values. Raises :class:`ReconError` with the first real difference when the two graphs differ
+    otherwise, and names the line of a ``backward()`` called inside forward."""
+    names, kwargs, dynamic = _named_inputs(model, example, fixed)
     saved = _set_modes(model, True)
     try:
         train = _rebuild(model, _export(model, kwargs, dynamic), names)
         _set_modes(model, False)
         evaluation = _rebuild(model, _export(model, kwargs, dynamic), names)
+        for graph, _ in (train, evaluation):
+            _fold_module_calls(graph, model)
+        graph, constants = train
+        _follow_modes(graph, evaluation[0], model, constants, evaluation[1])
+        return graph_module(model, graph, type(model).__name__, constants)
+    except ReconError:
+        raise
+    except Exception as exc:  # a graph recon does not handle: one line naming the model, never a raw traceback
+        first = (str(exc).strip().splitlines() or [""])[0]
+        where = _user_frame(exc)
+        at = f" at {where[0]}:{where[1]} `{where[2]}`" if where else ""
+        name = type(model).__name__
+        raise ReconError(f"recon cannot use the exported graph of {name}{at}: {type(exc).__name__}: {first}") from exc
     finally:
         _set_modes(model, saved)
-    for graph, _ in (train, evaluation):
-        _fold_module_calls(graph, model)
-    graph, constants = train
-    _follow_modes(graph, evaluation[0], model, constants, evaluation[1])
-    for name, value in constants.items():  # tensor constants live on the model, as fx puts them
-        setattr(model, name, value)
-    gm = fx.GraphModule(model, graph, type(model).__name__)
-    adopt_hierarchy(gm, model)  # the same fix-up split applies to its result
-    return gm
 
 
-def _named_inputs(model: nn.Module, example: tuple[tuple, dict]) -> tuple[list[str], dict[str, Any], dict]:
-    """The forward's parameter names bound to the example, as keyword arguments, and their dynamic shapes."""
+def _named_inputs(
+    model: nn.Module, example: tuple[tuple, dict], fixed: Mapping[str, Any]
+) -> tuple[list[str], dict[str, Any], dict]:
+    """The forward's parameter names bound to the example (and the fixed arguments), as keyword arguments in
+    the signature's order, and their dynamic shapes: the batch dimension of the inputs that have one."""
     args, kwargs = example
     try:
         signature = inspect.signature(model.forward)
@@ -361,20 +503,28 @@ def _named_inputs(model: nn.Module, example: tuple[tuple, dict]) -> tuple[list[s
         raise ReconError(
             f"{type(model).__name__}.forward takes *args/**kwargs; torch.export capture needs named inputs"
         )
-    named = dict(bound.arguments)
-    tensors = [v for v in named.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    if not tensors:
-        raise ReconError("the example inputs hold no tensor with a batch dimension; give a batch of tensors")
-    size = tensors[0].shape[0]
-    batch = torch.export.Dim("batch")
-    dynamic = {  # the batch dimension dynamic; the others (sequence length, image size) where the model allows
-        k: ({0: batch, **dict.fromkeys(range(1, v.dim()), torch.export.Dim.AUTO)} if _batched(v, size) else None)
-        for k, v in named.items()
-    }
+    given = {**{k: v for k, v in fixed.items() if k in kinds}, **bound.arguments}
+    named = {k: given[k] for k in kinds if k in given}
     for k, v in named.items():
         if not isinstance(v, (torch.Tensor, int, float, bool, str, type(None))):
             raise ReconError(f"input {k!r} is a {type(v).__name__}; torch.export capture takes tensors and scalars")
+    sizes = [v.shape[0] for v in named.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if not sizes:
+        raise ReconError("the example inputs hold no tensor with a batch dimension; give a batch of tensors")
+    size = max(sizes, key=sizes.count)  # the batch size: the leading size most inputs share
+    dynamic = {k: _dynamic_dims(v) if _batched(v, size) else None for k, v in named.items()}
     return list(named), named, dynamic
+
+
+def _dynamic_dims(value: torch.Tensor) -> dict[int, Any]:
+    """The batch dimension, dynamic (``Dim.AUTO``: export keeps it static where the model needs that, as for
+    the flat ids and offsets of an ``nn.EmbeddingBag``); the other dimensions of integer inputs too (token
+    ids: sequences vary in length between batches), not those of float inputs, whose image or feature sizes
+    are fixed and whose symbolic shapes make export many times slower (a 2-stage Swin: 44 s against 1 s)."""
+    auto = torch.export.Dim.AUTO
+    if value.is_floating_point() or value.is_complex():
+        return {0: auto}
+    return dict.fromkeys(range(value.dim()), auto)
 
 
 def _batched(value: Any, size: int) -> bool:
@@ -382,14 +532,39 @@ def _batched(value: Any, size: int) -> bool:
 
 
 def _export(model: nn.Module, kwargs: dict[str, Any], dynamic: dict) -> fx.GraphModule:
+    name = type(model).__name__
     try:
-        return torch.export.export(model, (), kwargs, strict=False, dynamic_shapes=dynamic).module()
+        with _refuse_backward(name):
+            return torch.export.export(model, (), kwargs, strict=False, dynamic_shapes=dynamic).module()
+    except ReconError:
+        raise
     except Exception as exc:  # export raises many kinds; report where in user code it failed
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         where = _user_frame(exc)
         at = f" at {where[0]}:{where[1]} `{where[2]}`" if where else ""
-        name = type(model).__name__
         raise ReconError(f"torch.export cannot capture {name}{at}: {type(exc).__name__}: {first}") from exc
+
+
+@contextlib.contextmanager
+def _refuse_backward(name: str) -> Iterator[None]:
+    """While exporting, a ``backward()`` called inside forward (a regulariser's, as DSelect-k does in train
+    mode) is refused at its line: the graph of such a forward differs between train and eval mode."""
+    original = torch.autograd.backward
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        where = user_frame_here()
+        at = f" at {where[0]}:{where[1]} `{where[2]}`" if where else ""
+        raise ReconError(
+            f"{name}.forward calls backward(){at}, so its graph differs between train and eval mode and recon "
+            "cannot capture it; compute that loss outside forward (return it as an output, or add it to the "
+            "task losses)"
+        )
+
+    torch.autograd.backward = refuse
+    try:
+        yield
+    finally:
+        torch.autograd.backward = original
 
 
 def _rebuild(model: nn.Module, exported: fx.GraphModule, names: list[str]) -> tuple[fx.Graph, dict[str, Any]]:
@@ -411,7 +586,7 @@ def _rebuild(model: nn.Module, exported: fx.GraphModule, names: list[str]) -> tu
         elif n.op == "call_module":  # the export guards (_guards_fn): shape checks, not computation
             continue
         elif n.op == "get_attr" and str(n.target) not in owned:
-            value = getattr(exported, str(n.target))
+            value = _fetch(exported, str(n.target))  # lifted tensors live under dotted paths too
             if isinstance(value, nn.Module):
                 raise ReconError(f"the exported graph calls a submodule {n.target!r} (control flow); use fx or a leaf")
             name = f"_recon_constant{len(constants)}"
@@ -459,14 +634,18 @@ def _fold_module_calls(graph: fx.Graph, model: nn.Module) -> None:
 
 
 def _fold(graph: fx.Graph, path: str, nodes: list[fx.Node]) -> None:
+    """One ``call_module`` for the nodes of one call of ``path``, if they take one tensor and give one. Shape
+    arithmetic (``sym_size``, the batch-size checks BatchNorm makes in train mode only) is neither an input nor
+    an output: the train and eval calls of one module fold alike, whatever ATen variant each mode recorded."""
     inside = set(nodes)
     own = path + "."
     inputs: list[fx.Node] = []
     for n in nodes:
         for a in n.all_input_nodes:
-            if a not in inside and not (a.op == "get_attr" and str(a.target).startswith(own)) and a not in inputs:
+            owned = a.op == "get_attr" and str(a.target).startswith(own)
+            if a not in inside and not owned and not _scalar(a) and a not in inputs:
                 inputs.append(a)
-    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    outputs = [n for n in nodes if not _scalar(n) and any(u not in inside for u in n.users)]
     if len(inputs) != 1 or len(outputs) != 1:
         return
     out = outputs[0]
@@ -475,7 +654,14 @@ def _fold(graph: fx.Graph, path: str, nodes: list[fx.Node]) -> None:
     call.meta = dict(out.meta)
     out.replace_all_uses_with(call)
     for n in reversed(nodes):
-        graph.erase_node(n)
+        if not n.users:  # shape arithmetic that later nodes still read stays
+            graph.erase_node(n)
+
+
+def _scalar(node: fx.Node) -> bool:
+    """A node whose value is a (symbolic) number, not a tensor: shape arithmetic of an exported graph."""
+    value = node.meta.get("val")
+    return isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
 
 
 def _follow_modes(

@@ -60,8 +60,10 @@ def top_k_probability(per_step: np.ndarray, k: int, *, resamples: int = RESAMPLE
     return hits / resamples
 
 
-def unstable(chosen: dict[str, float], k: int, *, threshold: float = STABLE) -> str | None:
-    """One warning line when a chosen layer's ``p_top_k`` is below ``threshold``, else None."""
+def unstable(chosen: dict[str, float], k: int, *, threshold: float | None = None) -> str | None:
+    """One warning line when a chosen layer's ``p_top_k`` is below ``threshold`` (default :data:`STABLE`),
+    else None."""
+    threshold = STABLE if threshold is None else threshold
     weak = {layer: p for layer, p in chosen.items() if p == p and p < threshold}  # p == p: not NaN
     if not weak:
         return None

@@ -160,9 +160,10 @@ class GramSums:
 
 class StreamedArray:
     """Collects float32 rows of one shape on the device and appends them to a ``.npy`` file, valid from the
-    first byte (module docstring); ``stat`` sees every row once, on the host.
+    first byte (module docstring); ``stat`` sees every row once, on the host, a chunk at a time.
 
-    ``path=None`` keeps no file (a process other than rank 0); ``stat`` is updated either way.
+    ``path=None`` keeps no file (a process other than rank 0); ``stat`` is updated either way. Rows
+    ``[0, _written)`` of the buffer are on disk, ``[_written, _fill)`` wait on the device.
     """
 
     def __init__(
@@ -179,43 +180,46 @@ class StreamedArray:
         self.stat = stat
         self._buffer = torch.empty((max(chunk, 1), *self.shape), dtype=torch.float32, device=device)
         self._every_row = device.type == "cpu"
-        self._fill = 0
-        self._last_flush = time.monotonic()
-        self.steps = 0
+        self._fill = self._written = 0
+        self._last_write = time.monotonic()
+        self.steps = 0  # rows on disk (or, without a file, rows handed over)
         self._file = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+            self._file = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
             self._file.write(_header((0, *self.shape)))
-            self._file.flush()
 
     def append(self, row: torch.Tensor) -> None:
         self._buffer[self._fill].copy_(row, non_blocking=True)
         self._fill += 1
-        if self._every_row or self._fill == len(self._buffer) or time.monotonic() - self._last_flush > FLUSH_SECONDS:
+        if self._fill == len(self._buffer):
             self.flush()
+        elif self._every_row or time.monotonic() - self._last_write > FLUSH_SECONDS:
+            self._write()
+
+    def _write(self) -> None:
+        """Append the rows waiting on the device, whole, then rewrite the header to count them."""
+        self._last_write = time.monotonic()
+        if self._fill == self._written:
+            return
+        rows = self._buffer[self._written : self._fill].cpu().numpy()
+        self.steps += self._fill - self._written
+        self._written = self._fill
+        if self._file is not None:
+            self._file.write(rows.astype("<f4", copy=False).tobytes())
+            os.pwrite(self._file.fileno(), _header((self.steps, *self.shape)), 0)
 
     def flush(self) -> None:
-        self._last_flush = time.monotonic()
-        if not self._fill:
-            return
-        rows = self._buffer[: self._fill].cpu().numpy().astype("<f4", copy=False)
-        self.stat.update(rows)
-        self.steps += self._fill
-        self._fill = 0
-        if self._file is not None:
-            rows.tofile(self._file)  # the rows first, whole; then the header that counts them
-            self._file.flush()
-            self._file.seek(0)
-            self._file.write(_header((self.steps, *self.shape)))
-            self._file.seek(0, os.SEEK_END)
-            self._file.flush()
+        """Write what waits, hand the buffered rows to ``stat``, and start a new chunk."""
+        self._write()
+        if self._fill:
+            self.stat.update(self._buffer[: self._fill].cpu().numpy())
+        self._fill = self._written = 0
 
     def close(self) -> None:
-        if self._file is None:
+        if self._file is None or not self._file.closed:
             self.flush()
-        elif not self._file.closed:
-            self.flush()
+        if self._file is not None:
             self._file.close()
 
 

@@ -15,7 +15,8 @@ and restores the caller's setting afterwards. On other devices one ``addmm_`` pe
 than bandwidth.
 
 A parameter of a shared layer that only one task reached this step is not in ``J``; it adds its squared norm
-to that task's diagonal entry and nothing else.
+to that task's diagonal entry and nothing else. Task gradients made in chunks (:class:`recon._chunks.TaskChunks`)
+bring their per-parameter Gram matrices instead of J: a layer's is the sum of its parameters'.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor
 
 from recon._backward import TaskGradients
+from recon._chunks import TaskChunks, one_thread
 
 _BLOCK_BYTES = 1 << 21  # per-block working set on the CPU (K rows together)
 
@@ -68,23 +70,25 @@ class LayerCosines:
             self._spans, self._shared_idx = spans, list(shared_idx)
         return self._spans
 
-    def __call__(self, grads: TaskGradients, device: torch.device) -> Tensor:
+    def __call__(self, grads: TaskGradients | TaskChunks, device: torch.device) -> Tensor:
         return gram_cosines(self.grams(grads, device))
 
-    def grams(self, grads: TaskGradients, device: torch.device) -> Tensor:
+    def grams(self, grads: TaskGradients | TaskChunks, device: torch.device) -> Tensor:
         """``(layers, K, K)``: each shared layer's Gram matrix ``G_ij = <g_i, g_j>`` of the step's task gradients."""
         K = self.n_tasks
         gram = torch.zeros((self.n_layers, K, K), dtype=torch.float32, device=device)
-        J = grads.J
-        if J is not None:
+        J = grads.J if isinstance(grads, TaskGradients) else None
+        if isinstance(grads, TaskChunks):  # per-parameter Gram matrices, summed per layer
+            per_param = grads.param_grams().to(device)
+            for j, i in enumerate(grads.shared_idx):
+                layer = self._layer_of.get(i)
+                if layer is not None:
+                    gram[layer] += per_param[j]
+        elif J is not None:
             spans = self._layer_spans(grads.shared_idx)
             if J.device.type == "cpu":
-                threads = torch.get_num_threads()
-                torch.set_num_threads(1)
-                try:
+                with one_thread(J.device):
                     _cpu_grams(J, spans, gram)
-                finally:
-                    torch.set_num_threads(threads)
             else:
                 for layer, start, stop in spans:
                     block = J[:, start:stop].to(torch.promote_types(J.dtype, torch.float32))

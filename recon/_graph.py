@@ -29,6 +29,8 @@ from recon._errors import ReconError
 __all__ = [
     "TraceError",
     "adopt_hierarchy",
+    "graph_constants",
+    "graph_module",
     "layer_names",
     "layer_tasks",
     "leaf_names",
@@ -39,13 +41,21 @@ __all__ = [
     "output_tasks",
     "shared_layers",
     "task_roots",
+    "tie_groups",
+    "tied_parameters",
     "to_digraph",
     "trace",
     "trace_modes",
 ]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_THIS_FILE = os.path.abspath(__file__)
+_RECON_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _internal(filename: str) -> bool:
+    """A file of torch or of recon itself: not the user code an error should point at."""
+    path = os.path.abspath(filename)
+    return path.startswith(_TORCH_DIR) or path.startswith(_RECON_DIR)
 
 
 class TraceError(ReconError):
@@ -119,11 +129,19 @@ class _Tracer(fx.Tracer):
 
 
 def _user_frame(exc: BaseException) -> tuple[str, int, str] | None:
-    """The innermost traceback frame in user code (not torch, not recon's tracer): (file, line, source)."""
+    """The innermost traceback frame in user code (not torch, not recon): (file, line, source)."""
+    return _innermost_user(traceback.extract_tb(exc.__traceback__))
+
+
+def user_frame_here() -> tuple[str, int, str] | None:
+    """The innermost frame of the current call stack in user code (not torch, not recon)."""
+    return _innermost_user(traceback.extract_stack())
+
+
+def _innermost_user(frames: Iterable[traceback.FrameSummary]) -> tuple[str, int, str] | None:
     best = None
-    for frame in traceback.extract_tb(exc.__traceback__):
-        filename = os.path.abspath(frame.filename)
-        if filename.startswith(_TORCH_DIR) or filename == _THIS_FILE:
+    for frame in frames:
+        if _internal(frame.filename):
             continue
         best = (frame.filename, frame.lineno or 0, (frame.line or "").strip())
     if best is not None and not best[2]:
@@ -315,11 +333,12 @@ def trace_modes(
     current = model.training
     try:
         model.train(not current)
-        other = trace(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        other = _trace(model, leaf_modules, concrete_args, record_stack_traces=True)
     finally:
         for name, m in model.named_modules():
             m.training = modes.get(name, current)
     gm = _trace(model, leaf_modules, concrete_args, record_stack_traces=True)
+    _refuse_backward_nodes(model, (gm.graph, other.graph))
     a = node_keys(gm.graph, module_constants(gm, model))
     index = first_difference(a, node_keys(other.graph, module_constants(other, model)))
     if index is not None:
@@ -339,6 +358,19 @@ def trace_modes(
     return gm
 
 
+def _refuse_backward_nodes(model: nn.Module, graphs: Iterable[fx.Graph]) -> None:
+    """A ``backward()`` inside forward (a regulariser's, in train mode) is refused at its line."""
+    for graph in graphs:
+        for n in graph.nodes:
+            if (n.op == "call_method" and n.target == "backward") or n.target is torch.autograd.backward:
+                _, line = node_origin(n)
+                raise TraceError(
+                    f"{type(model).__name__}.forward calls backward()" + (f" at {line}" if line else "") + ", so "
+                    "its graph differs between train and eval mode and recon cannot capture it; compute that loss "
+                    "outside forward (return it as an output, or add it to the task losses)"
+                )
+
+
 def _last_frame(stack_trace: str) -> str:
     """``file:line `source``` of the innermost user-code frame of an fx ``node.stack_trace``."""
     lines = [ln.strip() for ln in stack_trace.strip().splitlines() if ln.strip()]
@@ -348,7 +380,7 @@ def _last_frame(stack_trace: str) -> str:
             continue
         parts = line.split('"')
         file = parts[1] if len(parts) > 2 else "?"
-        if os.path.abspath(file).startswith(_TORCH_DIR) or os.path.abspath(file) == _THIS_FILE:
+        if _internal(file):
             continue
         number = line.split("line ")[-1].split(",")[0]
         source = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
@@ -416,7 +448,8 @@ def mutated_input(node: fx.Node, modules: Mapping[str, nn.Module]) -> fx.Node | 
 
     Recognises modules with ``inplace=True`` (``nn.ReLU(inplace=True)``), functions called with
     ``inplace=True`` (``F.relu(x, inplace=True)``), trailing-underscore methods and functions
-    (``x.add_(y)``, ``torch.relu_(x)``), and the augmented-assignment operators.
+    (``x.add_(y)``, ``torch.relu_(x)``), the augmented-assignment operators, and ATen ops whose schema
+    writes an argument (``aten.add_.Tensor`` for ``out += identity`` in an exported graph).
     """
     first = node.args[0] if node.args else None
     if not isinstance(first, fx.Node):
@@ -430,6 +463,8 @@ def mutated_input(node: fx.Node, modules: Mapping[str, nn.Module]) -> fx.Node | 
         target = node.target
         if target in _INPLACE_OPERATORS:
             return first
+        if isinstance(target, torch._ops.OpOverload):  # an ATen op from torch.export: its schema says
+            return _written_argument(node, target)
         if node.kwargs.get("inplace") is True:
             return first
         if _is_inplace_name(getattr(target, "__name__", "")):
@@ -441,6 +476,16 @@ def mutated_input(node: fx.Node, modules: Mapping[str, nn.Module]) -> fx.Node | 
             except TypeError:
                 return None
             return first if bound.arguments.get("inplace") is True else None
+    return None
+
+
+def _written_argument(node: fx.Node, op: torch._ops.OpOverload) -> fx.Node | None:
+    """The input an ATen op writes into (``aten.add_.Tensor``'s ``self``, ``aten.copy_``'s ``self``): its first
+    schema argument marked as written (``Tensor(a!)``); None for a functional op."""
+    for i, arg in enumerate(op._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            return value if isinstance(value, fx.Node) else None
     return None
 
 
@@ -628,7 +673,48 @@ def _layer_tasks(gm: fx.GraphModule, tasks: Sequence[str] | None, names: list[st
             continue
         for layer in node_layers(gm, node, wanted):
             usage[layer] |= reach[node]
+    for name, group in tie_groups(gm).items():  # a tied weight is one layer, used wherever any name reads it
+        if name in usage:
+            usage[name] = set().union(*(usage.get(m, set()) for m in group))
     return {n: frozenset(usage[n]) for n in names}
+
+
+def tie_groups(model: nn.Module) -> dict[str, list[str]]:
+    """``{layer: the layers tied to it}`` for every layer that shares a parameter with another module (an LM
+    head tied to the input embedding, T5's ``shared`` and ``encoder.embed_tokens``): a tied weight is one
+    layer under all its names. Each group lists its layers in ``named_modules()`` order, itself included;
+    untied layers are left out."""
+    owner: dict[int, str] = {}
+    parent: dict[str, str] = {}
+
+    def root(name: str) -> str:
+        while parent[name] != name:
+            name = parent[name]
+        return name
+
+    for name, module in model.named_modules():
+        parent.setdefault(name, name)
+        for p in module._parameters.values():
+            if p is None:
+                continue
+            if id(p) in owner:
+                parent[root(name)] = root(owner[id(p)])
+            else:
+                owner[id(p)] = name
+    members: dict[str, list[str]] = {}
+    for name in parent:
+        members.setdefault(root(name), []).append(name)
+    return {name: group for group in members.values() if len(group) > 1 for name in group}
+
+
+def tied_parameters(model: nn.Module, layer: str) -> list[nn.Parameter]:
+    """The parameters of ``layer`` and of the layers tied to it, each once (what a branch of it copies)."""
+    seen: dict[int, nn.Parameter] = {}
+    for name in tie_groups(model).get(layer, [layer]):
+        for p in model.get_submodule(name)._parameters.values():
+            if p is not None:
+                seen.setdefault(id(p), p)
+    return list(seen.values())
 
 
 def shared_layers(usage: Mapping[str, frozenset[str]]) -> list[str]:
@@ -649,3 +735,39 @@ def adopt_hierarchy(net: fx.GraphModule, src: nn.Module) -> None:
     net._buffers.update(src._buffers)
     net._buffers.update(fx_buffers)
     net._non_persistent_buffers_set = set(src._non_persistent_buffers_set)
+
+
+def graph_constants(graph: fx.Graph, root: nn.Module, source: nn.Module) -> dict[str, Any]:
+    """``{target: tensor}`` for the ``get_attr`` reads of ``graph`` that ``root`` does not hold (the tensor
+    constants of a captured graph, which live on its ``GraphModule``, ``source``, not on the model)."""
+    constants = {}
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            try:
+                _fetch(root, str(n.target))
+            except AttributeError:
+                constants[str(n.target)] = _fetch(source, str(n.target))
+    return constants
+
+
+def graph_module(
+    root: nn.Module, graph: fx.Graph, name: str, constants: Mapping[str, Any] | None = None
+) -> fx.GraphModule:
+    """A ``GraphModule`` running ``graph`` over ``root``'s own modules (its full hierarchy, see
+    :func:`adopt_hierarchy`), with the tensor ``constants`` the graph reads registered on the result, not on
+    ``root`` (the model is left as it was)."""
+    added = []
+    for target, value in (constants or {}).items():
+        owner, _, attr = target.rpartition(".")
+        if owner:
+            raise ReconError(f"internal: tensor constant {target!r} of a captured graph is not top-level")
+        if not hasattr(root, attr):
+            object.__setattr__(root, attr, value)  # a plain attribute, just for GraphModule to copy
+            added.append(attr)
+    try:
+        gm = fx.GraphModule(root, graph, name)
+    finally:
+        for attr in added:
+            object.__delattr__(root, attr)
+    adopt_hierarchy(gm, root)
+    return gm

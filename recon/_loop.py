@@ -30,12 +30,29 @@ from torch import Tensor, nn
 
 from recon import _distributed
 from recon._backward import TaskGradients, apply_task_gradients, backward, task_gradients
+from recon._chunks import (
+    TaskChunks,
+    apply_chunked,
+    constant_weights,
+    default_task_chunk,
+    gram_only,
+    resolve_task_chunk,
+    warn_needs_matrix,
+)
 from recon._errors import ReconError, check_finite
 from recon._outputs import call_model, move_to, task_outputs
 from recon._recipe import batches, check_batch, compute_losses
 from recon._usage import group_copies
+from recon.methods._base import LossWeighting
 
-__all__ = ["FullPrecision", "Observer", "Precision", "StepEngine"]
+__all__ = ["FullPrecision", "MeanLoss", "Observer", "Precision", "StepEngine"]
+
+
+class MeanLoss(LossWeighting):
+    """Equal loss weights ``1/K``: the cheap step of a sampled profile, one backward of the mean loss."""
+
+    def forward(self, losses: Tensor, /) -> Tensor:
+        return torch.full_like(losses.detach(), 1.0 / losses.numel())
 
 
 class Precision(Protocol):
@@ -110,6 +127,11 @@ class StepEngine:
         batched: how the K task gradients are computed (:func:`recon._backward.task_gradients`).
         observers: see :class:`Observer`.
         step: the number of steps already done (a resumed run's).
+        every: sampled task gradients (issue "forty tasks"): the K task gradients, and the observers that read
+            them, only on steps ``step % every == 0``; a gradient method's other steps run one backward of the
+            mean loss (:class:`MeanLoss`), the other methods' their own backward without the observers' K passes.
+        task_chunk: the task gradients made this many tasks at a time (:mod:`recon._chunks`; ``None`` or
+            ``"auto"``: from the free memory of the device, the whole K when it fits).
     """
 
     def __init__(
@@ -127,6 +149,8 @@ class StepEngine:
         observers: Iterable[Observer] = (),
         step: int = 0,
         batched: Any = "auto",
+        every: int = 1,
+        task_chunk: int | str | None = None,
     ) -> None:
         self.model = model
         self.tasks = list(tasks)
@@ -140,6 +164,10 @@ class StepEngine:
         self.observers = list(observers)
         self.step = step
         self.batched = batched
+        self.every = every
+        self.task_chunk = resolve_task_chunk(task_chunk, len(self.tasks))
+        self._chunk: int | None = None  # the chunk size in use, once the shared set is known
+        self._mean_loss = MeanLoss().bind(self.tasks)
         self.names, self.params = [], []
         for name, p in model.named_parameters():
             if p.requires_grad:
@@ -175,10 +203,15 @@ class StepEngine:
         """The K tasks' gradients (one backward each; straight into J once the shared set is known), averaged
         across processes and unscaled."""
         scaled = self.precision.scale([values[t] for t in self.tasks])
-        grads = task_gradients(
-            scaled, self.params, shared_idx=self.shared_idx, retain_graph=keep_graph, batched=self.batched,
-            copies=self.copies,
-        )  # fmt: skip
+        size = self.chunk_size()
+        if size is not None:  # a method that needs J itself: made in chunks, held whole
+            warn_needs_matrix(self.method, size)
+            grads = TaskChunks(scaled, self.params, self.shared_idx, size=size, batched=self.batched).whole()
+        else:
+            grads = task_gradients(
+                scaled, self.params, shared_idx=self.shared_idx, retain_graph=keep_graph, batched=self.batched,
+                copies=self.copies,
+            )  # fmt: skip
         if self.shared_idx is None:
             self.shared_idx = grads.shared_idx
         _distributed.average_(grads.tensors())
@@ -195,12 +228,44 @@ class StepEngine:
         check_finite(self.tasks, row, self.step)
         return loss_vector, row
 
+    def chunk_size(self) -> int | None:
+        """Tasks per chunk of task gradients, or None for all K at once: before the shared set is known, under
+        torchrun, fp16 loss scaling or with group copies (their averaging, unscaling and per-class solves expect
+        one J), or when the whole K fits (:func:`recon._chunks.default_task_chunk`)."""
+        if self.shared_idx is None or _distributed.active() or getattr(self.precision, "scaling", False):
+            return None
+        if self.copies:
+            return None
+        if self._chunk is None:
+            n_params = sum(self.params[i].numel() for i in self.shared_idx)
+            K = len(self.tasks)
+            self._chunk = self.task_chunk or default_task_chunk(K, n_params, self.device)
+        return self._chunk if self._chunk < len(self.tasks) else None
+
+    def records(self) -> bool:
+        """Whether this step computes the K task gradients for the observers (always before the shared set is
+        known: the first step of a run)."""
+        return self.every == 1 or self.shared_idx is None or self.step % self.every == 0
+
     def update(self, values: Mapping[str, Tensor], loss_vector: Tensor) -> None:
         """Fill ``.grad`` with the method's update (observers see the task gradients first) and step, unless the
-        precision hook found overflowing gradients (``step_ok`` False)."""
-        observing = [o for o in self.observers if o.wants_gradients]
+        precision hook found overflowing gradients (``step_ok`` False). On a step that does not record
+        (:meth:`records`) the observers are skipped and a gradient method takes the cheap path."""
+        recording = self.records()
+        observing = [o for o in self.observers if o.wants_gradients] if recording else []
         self.step_ok = True
-        if self._through_j:
+        size = self.chunk_size()
+        if self._through_j and not recording:
+            self._mean_loss_step(values)
+        elif self._through_j and size is not None and gram_only(self.method):
+            chunks = TaskChunks(
+                [values[t] for t in self.tasks], self.params, self.shared_idx, size=size, batched=self.batched,
+                weights=constant_weights(self.method, len(self.tasks), loss_vector),
+            )  # fmt: skip
+            for o in observing:
+                o.on_gradients(self, chunks)
+            apply_chunked(chunks, self.method, loss_vector)
+        elif self._through_j:
             grads = self.task_gradients(values)
             if self.step_ok:  # an overflowing fp16 step is skipped whole: no cosines, no update
                 for o in observing:
@@ -225,6 +290,21 @@ class StepEngine:
                 self.precision.update(False)  # type: ignore[attr-defined]  # only a scaling precision overflows
         if self.step_ok:
             self.precision.step(self.optimizer)
+
+    def _mean_loss_step(self, values: Mapping[str, Tensor]) -> None:
+        """One backward of the mean loss, then the parameters outside J (heads, branches) scaled by K: the same
+        ``.grad`` a gradient method's mean update gives (the mean of the task gradients on the shared
+        parameters, each task's own gradient on the others) at the cost of one backward, not K."""
+        scaling = getattr(self.precision, "scaling", False)
+        result = backward(
+            dict(values), self.model, self._mean_loss, step=self.step, precision=self.precision if scaling else None
+        )
+        self.step_ok = result.finite
+        shared = set(self.shared_idx or ())
+        K = float(len(self.tasks))
+        for i, p in enumerate(self.params):
+            if i not in shared and p.grad is not None:
+                p.grad.mul_(K)
 
     def run_step(self, batch: Any) -> list[float]:
         """One whole step on one global batch; returns the K loss values."""

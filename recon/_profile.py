@@ -135,9 +135,9 @@ class ConflictProfile:
     def gram_array(self) -> np.ndarray:
         """``(steps, layers, K + pairs)`` float32 (memory-mapped): per step and shared layer, the K squared
         gradient norms ``<g_i, g_i>``, then the pairs' dot products ``<g_i, g_j>`` in :attr:`pairs` order."""
-        if not self.has_gram or self.folder is None:
+        if not self.has_gram:
             raise ReconError(_NO_GRAM)
-        return open_array(self.folder / GRAM_FILE)
+        return open_array(self._cosine_file().parent / GRAM_FILE)  # no folder: the rank-0 message
 
     def _gram(self) -> GramSums:
         if self._gram_sums is None:
@@ -151,14 +151,31 @@ class ConflictProfile:
         return self._n_steps
 
     @property
+    def total_steps(self) -> int:
+        """Training steps the profile ran; :attr:`steps` of them recorded cosines (all unless sampled)."""
+        return int(self.meta.get("total_steps", self.steps))
+
+    @property
+    def every(self) -> int:
+        """The sampling period: cosines were recorded on every ``every``-th step (1: every step)."""
+        return int(self.meta.get("every", 1))
+
+    def steps_text(self) -> str:
+        """``"40 steps"``, or ``"2 recorded of 40 steps (1 in 39)"`` for a sampled profile."""
+        if self.every == 1 and self.total_steps == self.steps:
+            return f"{self.steps} steps"
+        return f"{self.steps} recorded of {self.total_steps} steps (1 in {self.every})"
+
+    @property
     def cosines(self) -> pd.DataFrame:
         """Every record: columns ``step, layer, task_a, task_b, cos`` (NaN = skipped, zero gradient)."""
         arr = np.asarray(self.cosine_array)
         T, L, P = arr.shape
         pairs = self.pairs
+        steps = np.asarray(self.meta.get("recorded", np.arange(T)))[:T]  # training steps of a sampled profile
         return pd.DataFrame(
             {
-                "step": np.repeat(np.arange(T), L * P),
+                "step": np.repeat(steps, L * P),
                 "layer": pd.Categorical(np.tile(np.repeat(np.array(self.layers, dtype=object), P), T)),
                 "task_a": np.tile(np.array([a for a, _ in pairs], dtype=object), T * L),
                 "task_b": np.tile(np.array([b for _, b in pairs], dtype=object), T * L),
@@ -220,10 +237,11 @@ class ConflictProfile:
         raise the summed task losses and per-task copies of the layer remove (positive: splitting lowers the
         summed losses to first order; negative: the layer carries positive transfer a split would lose).
 
-        Columns: ``score``; ``interference`` when the profile has Gram matrices; ``conflict_rate`` (share of
-        recorded pairs with cos < S), ``mean_cos``; ``p_top_k``: the bootstrap probability that the layer is
-        among the ``k`` highest by ``score`` (:meth:`confidence`; ``k`` defaults to 4, or the number of layers
-        when fewer; ``frame.attrs["k"]`` says which); ``params``, ``type`` and ``tasks``.
+        Columns: ``score``, ``conflict_rate`` (share of recorded pairs with cos < S), ``mean_cos``, ``params``,
+        ``type``, ``tasks``; ``interference`` when the profile has Gram matrices (and ``s_conflict``, the count,
+        when ranking by interference); ``p_top_k``: the bootstrap probability that the layer is among the ``k``
+        highest by ``score`` (:meth:`confidence`; ``k`` defaults to 4, or the number of layers when fewer;
+        ``frame.attrs["k"]`` says which).
         """
         S = self.S if S is None else check_threshold(S)
         if check_score(score) == "interference" and not self.has_gram:
@@ -232,21 +250,21 @@ class ConflictProfile:
         with np.errstate(invalid="ignore", divide="ignore"):
             rate = np.where(valid > 0, below / np.maximum(valid, 1), np.nan)
             mean = np.where(valid > 0, total / np.maximum(valid, 1), np.nan)
-        columns: dict[str, Any] = {"score": below.astype(int)}
+        info = [self.layer_info.get(n, {}) for n in self.layers]
+        columns: dict[str, Any] = {
+            "score": below.astype(int),
+            "conflict_rate": rate,
+            "mean_cos": mean,
+            "params": [int(i.get("params", 0)) for i in info],
+            "type": [i.get("type", "") for i in info],
+            "tasks": [",".join(i.get("tasks", self.tasks)) for i in info],
+        }
         if self.has_gram:
             columns["interference"] = self.interference().sum(axis=1)
             if score == "interference":
-                columns["score"], columns["s_conflict"] = columns["interference"], columns["score"]
+                columns["s_conflict"], columns["score"] = columns["score"], columns["interference"]
         k = min(CONFIDENCE_K if k is None else k, len(self.layers))
-        info = [self.layer_info.get(n, {}) for n in self.layers]
-        columns.update(
-            conflict_rate=rate,
-            mean_cos=mean,
-            p_top_k=self.confidence(k, S, score=score).to_numpy(),
-            params=[int(i.get("params", 0)) for i in info],
-            type=[i.get("type", "") for i in info],
-            tasks=[",".join(i.get("tasks", self.tasks)) for i in info],
-        )
+        columns["p_top_k"] = self.confidence(k, S, score=score).to_numpy()
         frame = pd.DataFrame(columns, index=pd.Index(self.layers, name="layer"))
         frame = frame.sort_values("score", ascending=False, kind="stable")
         frame.attrs.update(score=score, k=k, S=S)
@@ -397,6 +415,41 @@ def layer_usage_fx(model: nn.Module, tasks: Sequence[str], leaf_modules: Sequenc
     return captured.layer_tasks(list(tasks), layer_names(model))
 
 
+def layer_usage_captured(
+    model: nn.Module, tasks: Sequence[str], leaf_modules: Sequence[str], data: Any
+) -> tuple[dict[str, frozenset], str]:
+    """``(usage, how)``: per layer, the tasks whose output it reaches in the captured graph, and how it was
+    captured (``"fx"`` or ``"export"``). Where the data can be read twice (a function or a re-iterable
+    loader) its first batch is at hand and the model is captured as ``recon split`` captures it: torch.fx
+    with the arguments the batch leaves out at their defaults, else torch.export. With leaves (the graph cannot
+    tell which task reaches a parameter inside one) a ReconError: autograd discovers them on the first step."""
+    from recon._capture import capture
+    from recon._graph import layer_names
+    from recon._outputs import move_to
+
+    inputs = _first_inputs(data)
+    if inputs is None:
+        return layer_usage_fx(model, tasks, leaf_modules), "fx"
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    captured = capture(model, example_inputs=move_to(inputs, device), leaf_modules=tuple(leaf_modules))
+    if captured.leaves:
+        raise ReconError(f"leaves {captured.leaves}: discover the shared layers with autograd")
+    return captured.layer_tasks(list(tasks), layer_names(model)), captured.how
+
+
+def _first_inputs(data: Any) -> Any:
+    """The inputs of the first batch, when reading it does not use up the data (None otherwise)."""
+    try:
+        source = data() if callable(data) else data
+        iterator = iter(source)
+        if iterator is source:  # a one-shot iterator: peeking would lose a batch
+            return None
+        batch = next(iterator)
+    except Exception:  # noqa: BLE001 - no batch at hand: autograd discovery, as before
+        return None
+    return batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else None
+
+
 def layer_usage_autograd(names: Sequence[str], users: Sequence[Sequence[str]]) -> dict[str, frozenset]:
     """Per layer, the tasks that give any of its parameters a gradient (autograd fallback for any module);
     ``users[i]``: the tasks whose gradient reached parameter ``names[i]``."""
@@ -455,6 +508,7 @@ class _Profiler(Observer):
         self.recorder: CosineRecorder | None = None
         self.gram_recorder: GramRecorder | None = None
         self.loss_log: list[list[float]] = []
+        self.recorded: list[int] = []  # the engine steps whose cosines were recorded
 
     @property
     def n_pairs(self) -> int:
@@ -487,6 +541,7 @@ class _Profiler(Observer):
         gram = self.cosines.grams(grads, engine.device)
         self.recorder.append(gram_cosines(gram))
         self.gram_recorder.append(gram_rows(gram))
+        self.recorded.append(engine.step)
 
     def on_step(self, engine: StepEngine, losses: list[float]) -> None:
         self.loss_log.append(losses)
@@ -533,6 +588,9 @@ class _Profiler(Observer):
             for ln in self.layers
         }
         meta = dict(self.meta)
+        meta["total_steps"] = len(self.loss_log)
+        if meta.get("every", 1) > 1:
+            meta["recorded"] = self.recorded[: self.recorder.steps]
         if getattr(engine.precision, "scaling", False):
             meta["skipped_steps"] = engine.precision.skipped  # fp16 steps skipped for overflowing gradients
         prof = ConflictProfile(
@@ -545,7 +603,18 @@ class _Profiler(Observer):
         return prof
 
 
-def _check_profile_args(loss_fns: dict, tasks: Sequence[str] | None, S: float, steps: int | None, epochs: int):
+def _discover(model: nn.Module, tasks: list[str], leaf_modules: Sequence[str], data: Any) -> tuple[Mapping | None, str]:
+    """The shared layers from the captured graph (:func:`layer_usage_captured`), or None to find them with
+    autograd on the first step."""
+    try:
+        return layer_usage_captured(model, tasks, leaf_modules, data)
+    except (ReconError, ImportError):  # TraceError is a ReconError
+        return None, "autograd"
+
+
+def _check_profile_args(
+    loss_fns: dict, tasks: Sequence[str] | None, S: float, steps: int | None, epochs: int, every: int | str
+):
     task_names = validate_tasks(tasks if tasks is not None else list(loss_fns), "profile")
     missing = [t for t in task_names if t not in loss_fns]
     if missing:
@@ -556,7 +625,7 @@ def _check_profile_args(loss_fns: dict, tasks: Sequence[str] | None, S: float, s
         raise ReconError(f"steps = {steps} must be at least 1")
     if epochs < 1:
         raise ReconError(f"epochs = {epochs} must be at least 1")
-    return task_names, check_threshold(S)
+    return task_names, check_threshold(S), sampling_period(every, len(task_names))
 
 
 def profile(
@@ -578,6 +647,8 @@ def profile(
     chunk: int = 256,
     precision: str | int | Precision = "32",
     batched: bool | str = "auto",
+    every: int | str = 1,
+    task_chunk: int | str = "auto",
 ) -> ConflictProfile:
     """Warm-up training that records every shared layer's pairwise layer-wise cosines (Recon, stage 1).
 
@@ -597,6 +668,9 @@ def profile(
             for the K task passes; a step whose gradients overflow is skipped and records no cosines).
         batched: the K task gradients in one vectorised backward (``True``), K passes (``False``) or batched on
             CUDA only (``"auto"``); see docs/scaling.md.
+        every: record task gradients and cosines on every N-th step only (the first always; the others train
+            with one backward of the mean loss); ``"auto"``: :func:`auto_every`. Scores count recorded steps.
+        task_chunk: tasks per chunk of task gradients (:mod:`recon._chunks`); ``"auto"``: all K when they fit.
 
     On Ctrl-C or a non-finite loss, what was recorded is kept: the exception is re-raised with the partial
     profile attached as ``exc.profile``.
@@ -604,7 +678,7 @@ def profile(
     if callable(losses) and not isinstance(losses, Mapping):
         losses = losses()
     loss_fns = dict(losses)
-    task_names, S = _check_profile_args(loss_fns, tasks, S, steps, epochs)
+    task_names, S, n_every = _check_profile_args(loss_fns, tasks, S, steps, epochs, every)
 
     torch.manual_seed(seed)
     if device is not None:
@@ -617,17 +691,13 @@ def profile(
     opt = optimizer if optimizer is not None else torch.optim.Adam(params, lr=1e-3)
     engine = StepEngine(
         model, loss_fns, task_names, method=_warmup_method(method, task_names), optimizer=opt, device=dev,
-        precision=Precision.of(precision, dev), batched=batched,
+        precision=Precision.of(precision, dev), batched=batched, every=n_every, task_chunk=task_chunk,
     )  # fmt: skip
     data = _distributed.shard_data(data, "data")
-    try:
-        usage, discovery = layer_usage_fx(model, task_names, leaf_modules), "fx"
-    except (ReconError, ImportError):  # TraceError is a ReconError: fall back to autograd on the first step
-        usage, discovery = None, "autograd"
-
+    usage, discovery = _discover(model, task_names, leaf_modules, data)
     tmp, folder = _home(out) if main else (None, None)
     meta = {"method": spec_of(method), "seed": seed, "leaf_modules": list(leaf_modules), "discovery": discovery}
-    meta["precision"] = engine.precision.mode
+    meta.update(precision=engine.precision.mode, every=n_every, every_auto=every == "auto")
     n = batch_count(data)
     total = steps if steps is not None else (None if n is None else n * epochs)
     meta["steps_asked"] = total  # a profile that stops short of it is partial (docs/run-folder.md)
@@ -638,6 +708,24 @@ def profile(
     with progress_bar(total, "profiling", enabled=progress and main) as bar:
         engine.observers.append(ProgressObserver(bar))
         return profiler.run(engine, data, epochs=epochs if steps is None else None, max_steps=steps)
+
+
+def auto_every(n_tasks: int) -> int:
+    """The sampling period of ``every="auto"``: ``K - 1``. A recorded step costs one forward and K backward
+    passes, another step one of each, so a period N costs ``1 + (K - 1) / N`` plain backward passes per step on
+    average: at most twice a plain training step (less, counting the forward pass)."""
+    return max(1, n_tasks - 1)
+
+
+def sampling_period(every: int | str, n_tasks: int) -> int:
+    """``every`` as a period: a positive integer, or ``"auto"`` (:func:`auto_every`)."""
+    if every == "auto":
+        return auto_every(n_tasks)
+    if isinstance(every, str) and every.isdigit():
+        every = int(every)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ReconError(f"every = {every!r} must be a positive integer or 'auto' (record every N-th step)")
+    return every
 
 
 def _home(out: str | os.PathLike | None) -> tuple[tempfile.TemporaryDirectory | None, Path]:

@@ -167,26 +167,33 @@ def _plain_int(v: Any) -> str:
     return "" if v is None or pd.isna(v) else str(int(v))
 
 
-def _scores_table(profile: ConflictProfile, S: float, branched: list[str]) -> pd.DataFrame:
-    scores = profile.scores(S)
-    return pd.DataFrame(
-        {
-            "rank": np.arange(1, len(scores) + 1),
-            "score": scores["score"],
-            "in conflict": scores["conflict_rate"],
-            "mean cos": scores["mean_cos"],
-            "params": scores["params"],
-            "type": scores["type"],
-            "branched": ["yes" if name in branched else "" for name in scores.index],
-        },
-        index=scores.index,
-    ).rename_axis("layer")
+def _scores_table(
+    profile: ConflictProfile, S: float, branched: list[str], score: str = "s-conflict", k: int | None = None
+) -> pd.DataFrame:
+    scores = profile.scores(S, score=score, k=k)
+    columns = {
+        "rank": np.arange(1, len(scores) + 1),
+        "score": scores["score"],
+        "in conflict": scores["conflict_rate"],
+        "mean cos": scores["mean_cos"],
+    }
+    if score == "interference":
+        columns["S-conflict"] = scores["s_conflict"]
+    elif "interference" in scores:
+        columns["interference"] = scores["interference"]
+    columns[f"p(top-{scores.attrs['k']})"] = scores["p_top_k"]
+    columns.update(params=scores["params"], type=scores["type"])
+    columns["branched"] = ["yes" if name in branched else "" for name in scores.index]
+    return pd.DataFrame(columns, index=scores.index).rename_axis("layer")
 
 
-def _plan_table(plan: Mapping[str, Any], profile: ConflictProfile | None, S: float, tasks: list[str]) -> pd.DataFrame:
+def _plan_table(
+    plan: Mapping[str, Any], profile: ConflictProfile | None, S: float, tasks: list[str], score: str = "s-conflict"
+) -> pd.DataFrame:
     """The branched layers in plan order, with their score and the parameters the copies (per task or group) add."""
     layers = list(plan.get("layers", []))
-    scores = profile.scores(S) if profile is not None else None
+    scores = profile.scores(S, score=score) if profile is not None else None
+    confidence = plan.get("p_top_k") or {}
     info = profile.layer_info if profile is not None else {}
     rows = []
     for i, name in enumerate(layers, 1):
@@ -198,7 +205,8 @@ def _plan_table(plan: Mapping[str, Any], profile: ConflictProfile | None, S: flo
             {
                 "layer": name,
                 "order": i,
-                "score": int(scores.loc[name, "score"]) if known else None,
+                "score": scores.loc[name, "score"] if known else None,
+                **({f"p(top-{plan.get('confidence_k')})": confidence.get(name)} if confidence else {}),
                 "type": scores.loc[name, "type"] if known else "",
                 "params": params,
                 "copies": copies,
@@ -397,11 +405,15 @@ class Report:
         run_dir: the run folder.
         tasks: the run's task names.
         S: the threshold the scores were computed at.
-        scores: one row per shared layer (index ``layer``): rank, S-conflict score, share of cosines below S
-            (``in conflict``), mean cosine, parameters, module type, whether the plan branches it. None without a
-            profile that holds steps and layers.
-        branched: the split plan's layers in order (index ``layer``), with score, copies and the parameters the
-            copies add. None without a plan; empty when the plan branches nothing.
+        scores: one row per shared layer (index ``layer``): rank, score (``score``: the plan's, S-conflict by
+            default), share of cosines below S (``in conflict``), mean cosine, the other score when the profile
+            has Gram matrices (``interference`` or ``S-conflict``), ``p(top-k)`` (bootstrap over the profiled
+            steps, :meth:`recon.ConflictProfile.confidence`; k: the plan's ``confidence_k``, else 4), parameters,
+            module type, whether the plan branches it. None without a profile that holds steps and layers.
+        branched: the split plan's layers in order (index ``layer``), with score, ``p(top-k)`` (when the plan
+            records it), copies and the parameters the copies add. None without a plan; empty when the plan
+            branches nothing.
+        score: what ranks the layers: the plan's ``score`` (``"s-conflict"`` or ``"interference"``).
         variants: one row per ``train/<label>/`` (index ``label``): method, branched layers, seed, epochs,
             parameters, final metric per task (``"<task> <metric> ↑"``), ``Δm% ↓`` (:func:`recon.delta_m` against the
             ``single-<task>`` baselines) and ``cos<0``. Single-task baselines first, then joint, then the others.
@@ -421,6 +433,7 @@ class Report:
     S: float
     scores: pd.DataFrame | None = None
     branched: pd.DataFrame | None = None
+    score: str = "s-conflict"
     variants: pd.DataFrame | None = None
     seeds: pd.DataFrame | None = None
     formats: dict[str, Fmt] = field(default_factory=dict)
@@ -481,11 +494,12 @@ def _profile_section(w: _Writer, rep: Report, cosines: Mapping[str, Any], from_p
         return
     K = len(prof.pairs)
     w.md += [
-        f"{prof.steps} profiled steps" + _partial_note(prof)
+        f"{prof.steps_text()} profiled" + _partial_note(prof)
         + f", warm-up method `{prof.meta.get('method', 'joint')}`, {len(prof.layers)} shared layers, "
         f"{len(prof.tasks)} tasks ({K} pairs), S = {S:g}: a layer's S-conflict score counts its cosines below S, "
         f"at most {prof.steps * K}.",
         "",
+        *_score_prose(rep),
     ]  # fmt: skip
     table = rep.scores
     w.md += [markdown_table(table.head(MAX_MD_LAYERS), rep.formats["scores"]), ""]
@@ -499,10 +513,11 @@ def _profile_section(w: _Writer, rep: Report, cosines: Mapping[str, Any], from_p
     )
     w.figure(
         "scores.png",
-        lambda: plots.score_bars(prof, k=(rep.plan or {}).get("top_k"), S=S, branched=branched or None),
-        "S-conflict scores per shared layer, highest first; the branched layers are marked."
-        if branched
-        else "S-conflict scores per shared layer, highest first.",
+        lambda: plots.score_bars(
+            prof, k=(rep.plan or {}).get("top_k"), S=S, branched=branched or None, score=rep.score
+        ),
+        f"{_SCORE_NAMES[rep.score]} per shared layer, highest first"
+        + ("; the branched layers are marked." if branched else "."),
     )
     w.figure(
         "cosine_time.png",
@@ -513,12 +528,30 @@ def _profile_section(w: _Writer, rep: Report, cosines: Mapping[str, Any], from_p
     if curve is not None:
         w.figure(
             "budget_curve.png",
-            lambda: plots.budget_curve_figure(curve, chosen=_chosen_point(rep.plan)),
-            "The most S-conflict score a split removes for each parameter cost (exact Pareto front), with one "
-            "copy per task and with task groups; where it flattens, more capacity stops removing conflict.",
+            lambda: plots.budget_curve_figure(curve, chosen=_chosen_point(rep.plan), score=rep.score),
+            f"The most {_SCORE_NAMES[rep.score]} a split removes for each parameter cost (exact Pareto front), "
+            "with one copy per task and with task groups; where it flattens, more capacity stops removing conflict.",
         )
     if from_profile_only:
         _distribution_figure(w, cosines, S)
+
+
+_SCORE_NAMES = {"s-conflict": "S-conflict score", "interference": "interference"}
+
+
+def _score_prose(rep: Report) -> list[str]:
+    """What the scores table's columns mean, and the plan's stability warning."""
+    k = next((c for c in rep.scores if c.startswith("p(top-")), "p(top-k)") if rep.scores is not None else "p(top-k)"
+    lines = [
+        "`interference` is the mean over steps of the sum over task pairs of `-<g_i, g_j>` on the layer: positive, "
+        "per-task copies lower the summed losses to first order; negative, the layer carries positive transfer. "
+        f"`{k}` is the share of 1,000 bootstrap resamples of the profiled steps in which the layer ranks in the "
+        f"top {k[6:-1]} by {_SCORE_NAMES[rep.score]}. The table is sorted by {_SCORE_NAMES[rep.score]}.",
+        "",
+    ]
+    if rep.plan and rep.plan.get("unstable"):
+        lines += [f"**Warning:** {rep.plan['unstable']}.", ""]
+    return lines
 
 
 def _budget_curves(rep: Report) -> dict[str, pd.DataFrame] | None:
@@ -527,8 +560,10 @@ def _budget_curves(rep: Report) -> dict[str, pd.DataFrame] | None:
     from recon._recipe import load_recipe
 
     try:
-        model = load_recipe(Run.open(rep.run_dir).recipe).build_model()
-        return {g: budget_curve(rep.profile, model, groups=g, S=rep.S) for g in ("none", "auto")}
+        recipe = load_recipe(Run.open(rep.run_dir).recipe)
+        model, batch = recipe.build_model(), recipe.example_args()  # the batch: export where fx cannot trace
+        how = {"S": rep.S, "score": rep.score, "example_inputs": batch}
+        return {g: budget_curve(rep.profile, model, groups=g, **how) for g in ("none", "auto")}
     except (ReconError, OSError, AttributeError, KeyError):
         return None
 
@@ -555,7 +590,8 @@ def _partial_note(prof: ConflictProfile) -> str:
     if not prof.partial:
         return ""
     asked = prof.meta.get("steps_asked")
-    return f" (**partial**: stopped after {prof.steps} of {asked})" if asked else " (**partial**: interrupted)"
+    done = prof.total_steps
+    return f" (**partial**: stopped after {done} of {asked} steps)" if asked else " (**partial**: interrupted)"
 
 
 def _plan_section(w: _Writer, rep: Report) -> None:
@@ -656,12 +692,21 @@ def _tables(got: _Contents, S: float) -> Report:
     tasks = got.run.tasks
     prof = got.profile
     rep = Report(got.run.dir, tasks, S, profile=prof, plan=got.plan, problems=list(got.problems))
+    rep.score = (got.plan or {}).get("score", "s-conflict")
+    if rep.score == "interference" and prof is not None and not prof.has_gram:
+        rep.problems.append("the plan ranked by interference but profile/ has no gram.npy: showing S-conflict")
+        rep.score = "s-conflict"
+    score_format = _plain_int if rep.score == "s-conflict" else _num
     if prof is not None and prof.layers and prof.steps:
-        rep.scores = _scores_table(prof, S, list((got.plan or {}).get("layers", [])))
-        rep.formats["scores"] = {"in conflict": _pct, "mean cos": "+.3f", "params": ","}
+        k = (got.plan or {}).get("confidence_k")
+        rep.scores = _scores_table(prof, S, list((got.plan or {}).get("layers", [])), rep.score, k)
+        p_format = dict.fromkeys([c for c in rep.scores if c.startswith("p(top-")], ".2f")
+        rep.formats["scores"] = {"in conflict": _pct, "mean cos": "+.3f", "params": ",", "interference": _num}
+        rep.formats["scores"].update(score=score_format, **p_format)
     if got.plan is not None:
-        rep.branched = _plan_table(got.plan, prof, S, tasks)
-        rep.formats["branched"] = {"params": _int, "added params": _int, "score": _plain_int}
+        rep.branched = _plan_table(got.plan, prof, S, tasks, rep.score)
+        p_format = dict.fromkeys([c for c in rep.branched if c.startswith("p(top-")], ".2f")
+        rep.formats["branched"] = {"params": _int, "added params": _int, "score": score_format, **p_format}
     if got.variants:
         rep.variants, rep.formats["variants"], rep.delta_m_computed = _variants_table(got.variants, tasks)
         rep.seeds = _seeds_table(rep.variants, got.variants)

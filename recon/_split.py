@@ -46,7 +46,7 @@ from recon._branches import (
 from recon._capture import capture as capture_graph
 from recon._capture import check_outputs, recaptured
 from recon._errors import ReconError
-from recon._graph import LeafSpec, adopt_hierarchy, layer_names, output_tasks
+from recon._graph import LeafSpec, graph_constants, graph_module, layer_names, output_tasks
 from recon._split_analysis import analyse
 from recon._split_emit import emit
 from recon._split_plan import INITS, META_KEY, SplitPlan, plan_of
@@ -147,31 +147,29 @@ def split(
     if not isinstance(model, nn.Module):
         raise ReconError(f"recon.split expects an nn.Module, got {type(model).__name__}")
     prior = _prior(model)
-    src = copy.deepcopy(model, _skip_tensors(model, list(layers)))
-    if isinstance(src, fx.GraphModule):
+    if isinstance(model, fx.GraphModule):
+        src = copy.deepcopy(model, _skip_tensors(model, list(layers)))
         captured = recaptured(src, prior, example_inputs)
         if tasks is None and prior:
             tasks = prior["tasks"]
-    else:
+    else:  # capture the model itself (once per command: the capture is shared), then rewrite a copy of it
         captured = capture_graph(
-            src, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, mode=capture
+            model, example_inputs=example_inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, mode=capture
         )
+        src = copy.deepcopy(model, _skip_tensors(model, list(layers)))
+        captured = captured.on(src)
     gm, leaves = captured.gm, captured.leaves
     model_class = prior["model_class"] if prior else type(model).__name__
-    facts = analyse(gm, src, tasks, layers, model_class, captured)
-    branch(src, facts, init)
-    graph = emit(gm, facts)
-
+    facts, graph = _rewrite(gm, src, tasks, layers, model_class, captured, init)
     names = list(facts.groups)
-    net = fx.GraphModule(src, graph, f"{model_class}Split" if names else model_class)
-    adopt_hierarchy(net, src)
+    net = graph_module(src, graph, f"{model_class}Split" if names else model_class, graph_constants(graph, src, gm))
     net.meta[META_KEY] = {  # what plan_of and a later split read back
         "tasks": facts.tasks,
         "layers": (list(prior["layers"]) if prior else []) + names,
         "groups": {**(prior.get("groups", {}) if prior else {}), **facts.groups},
         "init": init,
         "leaf_modules": leaves,
-        "concrete_args": concrete_args,
+        "concrete_args": captured.concrete_args if prior is None else prior.get("concrete_args"),
         "model_class": model_class,
         "branches": {layer: [g[0] for g in gs] for layer, gs in facts.groups.items()},
         "task_stats": {name: list(bn_tasks) for _, name, bn_tasks, _ in facts.stats_bns.values()},
@@ -181,6 +179,21 @@ def split(
     if captured.example is not None and init == "copy":  # never hand over a model that computes otherwise
         check_outputs(net, model, captured.example, what="the split model", expected=captured.expected)
     return net
+
+
+def _rewrite(gm: fx.GraphModule, src: nn.Module, tasks: Any, layers: Any, model_class: str, captured: Any, init: str):
+    """The three passes; an error that is not a :class:`ReconError` is reported as one, naming the module."""
+    try:
+        facts = analyse(gm, src, tasks, layers, model_class, captured)
+        branch(src, facts, init)
+        return facts, emit(gm, facts)
+    except ReconError:
+        raise
+    except Exception as exc:  # a bug or a graph recon does not handle: one line, never a raw traceback
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ReconError(
+            f"recon cannot split {model_class} (captured with {captured.how}): {type(exc).__name__}: {first}"
+        ) from exc
 
 
 # -------------------------------------------------------------------------------------------- rebuild
@@ -255,7 +268,8 @@ def parameter_tasks(
 
     Usage is read off the graph that really runs: the fx or exported graph, and for parameters inside a leaf
     (a module the graph records as one call), autograd on the example batch (the one :func:`split` was given,
-    or ``example_inputs``): a parameter belongs to the tasks whose outputs reach it.
+    or ``example_inputs``): a parameter belongs to the tasks whose outputs reach it. A frozen parameter
+    (``requires_grad=False``) belongs to no task.
     """
     if isinstance(net, fx.GraphModule):
         meta = net.meta.get(META_KEY) or {}
@@ -280,7 +294,9 @@ def parameter_tasks(
         for p in module._parameters.values():
             if p is not None:
                 by_param.setdefault(id(p), set()).update(usage.get(name, ()))
-    return task_list, [(n, p, frozenset(by_param.get(id(p), ()))) for n, p in net.named_parameters()]
+    # a frozen parameter (requires_grad=False) is trained by no task: neither shared nor a task's own
+    rows = [(n, p, frozenset(by_param.get(id(p), ()) if p.requires_grad else ())) for n, p in net.named_parameters()]
+    return task_list, rows
 
 
 def shared_parameters(

@@ -17,7 +17,15 @@ from torch import nn
 
 from recon._branches import _STATS, TaskStatsBatchNorm, _check_tasks_as_names, _tracks_stats
 from recon._errors import ReconError, did_you_mean
-from recon._graph import layer_names, modules_in_call, mutated_input, node_tasks, output_tasks, to_digraph
+from recon._graph import (
+    layer_names,
+    modules_in_call,
+    mutated_input,
+    node_tasks,
+    output_tasks,
+    tie_groups,
+    to_digraph,
+)
 
 __all__ = ["NODE_KEY", "Analysis", "NodeFacts", "analyse"]
 
@@ -132,6 +140,16 @@ def _normalise_groups(
     return out
 
 
+def _with_ties(groups: Groups, ties: Mapping[str, list[str]]) -> Groups:
+    """Every layer tied to a branched one is branched with the same groups: a tied weight is one layer, and its
+    copies keep the tie within each group (:func:`recon._branches.branch` shares their parameters)."""
+    out = dict(groups)
+    for layer, part in groups.items():
+        for member in ties.get(layer, ()):
+            out.setdefault(member, [list(g) for g in part])
+    return out
+
+
 def _routes(groups: Groups) -> dict[str, dict[str, str]]:
     return {layer: {t: g[0] for g in gs for t in g} for layer, gs in groups.items()}
 
@@ -152,7 +170,7 @@ def analyse(
     reach = node_tasks(gm, tasks, digraph)
     task_list = list(output_tasks(gm, tasks))
     usage = captured.layer_tasks(task_list, layer_names(src))
-    groups = _normalise_groups(layers, usage, task_list, model)
+    groups = _with_ties(_normalise_groups(layers, usage, task_list, model), tie_groups(gm))
     route = _routes(groups)
     branched = frozenset(groups)
     if branched:

@@ -83,7 +83,7 @@ def profile_partial(folder: Path, *, required: bool = False) -> dict[str, int | 
     if not file.exists():
         return None
     meta = json.loads(file.read_text())
-    steps, asked = int(meta.get("steps", 0)), meta.get("steps_asked")
+    steps, asked = int(meta.get("total_steps", meta.get("steps", 0))), meta.get("steps_asked")  # training steps
     if not meta.get("partial") and (asked is None or steps >= int(asked)):
         return None
     partial = {"steps": steps, "of": None if asked is None else int(asked)}
@@ -109,10 +109,12 @@ def _split(
     inputs, _ = recipe.first_batch()  # the example batch: capture with torch.export where fx cannot, and check
     how = choose_layers(
         run.dir / "profile", **choice, budget_params=budgets[0], budget_flops=budgets[1], model=model,
-        example_inputs=inputs if budgets[1] is not None else None,
+        example_inputs=example_args(inputs),
     )  # fmt: skip
     leaves = list(leaf_modules) or how.leaf_modules  # default: the leaves the profile was traced with
+    # one capture serves the plan, the split and the figure (recon._capture keeps it for this model and batch)
     net = split(model, how.layers, tasks=tasks, init=init, leaf_modules=leaves, example_inputs=example_args(inputs))
+    figure = _network_figure(model, net, tasks, inputs, leaves)  # before timing, which moves BatchNorm stats
     sizes = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in net.parameters()))
     ratio = time_ratio(model, net, recipe, torch.device(device))
     plan = _record(how, net, model, choice["top_k"], init, budgets, sizes, ratio)
@@ -122,7 +124,7 @@ def _split(
     run.record_command()
     plan.save(folder / "plan.json")
     _io.write_text(folder / "model.py", generated_code(net, plan, recipe.path))
-    _network_figure(model, net, tasks, inputs, leaves, folder / "network.png")
+    _io.save_figure(folder / "network.png", figure, dpi=110)
     return run, plan
 
 
@@ -130,13 +132,14 @@ def _budget(value: str | float | None, flag: str) -> float | None:
     return parse_budget(value, flag) if isinstance(value, str) else (None if value is None else float(value))
 
 
-def _network_figure(model, net, tasks: list[str], inputs: Any, leaves: list[str], path: Path) -> None:
+def _network_figure(model, net, tasks: list[str], inputs: Any, leaves: list[str]) -> Any:
     from recon import plots
 
     usage = layer_usage(model, tasks, example_inputs=example_args(inputs), leaf_modules=leaves)
     modules = {n: m for n, m in model.named_modules()}
-    fig = plots.network_figure(usage, tasks, net.meta["recon"]["branches"], modules, groups=net.meta["recon"]["groups"])
-    _io.save_figure(path, fig, dpi=110)
+    return plots.network_figure(
+        usage, tasks, net.meta["recon"]["branches"], modules, groups=net.meta["recon"]["groups"]
+    )
 
 
 def _record(how, net, model, top_k, init, budgets, sizes: tuple[int, int], ratio: float | None) -> SplitPlan:
@@ -154,6 +157,7 @@ def _record(how, net, model, top_k, init, budgets, sizes: tuple[int, int], ratio
         budget_params=budgets[0],
         budget_flops=budgets[1],
         leaf_modules=list(meta["leaf_modules"]),
+        concrete_args=meta["concrete_args"],
         model_class=type(model).__name__,
         capture=meta["capture"],
         extra={

@@ -306,6 +306,7 @@ def train(
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
     precision: str | int | Precision = "32",
     batched: bool | str = "auto",
+    task_chunk: int | str = "auto",
 ) -> TrainResult:
     """Train ``net`` from its current parameters with a gradient method (Recon, stage 3).
 
@@ -325,8 +326,8 @@ def train(
         record_cosines: measure the shared layers' layer-wise cosines every step (free for gradient methods,
             which compute the per-task gradients anyway; one more backward per task for the others): the history
             gets ``conflict_share`` (share of cosines < 0) and the result ``cosines``.
-        precision, batched: as in :func:`recon.profile`; fp16's loss scale is in the checkpoint. Under torchrun
-            each process loads only its shard of the data where it can, metrics are reduced (docs/scaling.md).
+        precision, batched, task_chunk: as in :func:`recon.profile`; fp16's loss scale is in the checkpoint.
+            Under torchrun each process loads only its shard of the data, metrics are reduced (docs/scaling.md).
     """
     loss_fns, task_names = _check_train_args(losses, tasks, epochs, resume, out)
 
@@ -352,7 +353,7 @@ def train(
     engine = StepEngine(
         net, loss_fns, task_names, method=agg, optimizer=optimizer, device=dev, output_tasks=list(loss_fns),
         where="train_data", observers=[o for o in (meter, _Epochs(run, history)) if o is not None],
-        step=start_epoch * (steps_per_epoch or 0), precision=amp, batched=batched,
+        step=start_epoch * (steps_per_epoch or 0), precision=amp, batched=batched, task_chunk=task_chunk,
     )  # fmt: skip
     total = None if steps_per_epoch is None else steps_per_epoch * (epochs - start_epoch)
     net.train()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import itertools
 import math
 import random
 import statistics
@@ -39,6 +40,7 @@ __all__ = [
     "CostModel",
     "PairedBatches",
     "PairedDifference",
+    "ShortEpochs",
     "TrialResult",
     "TrialSetup",
     "deeper_heads",
@@ -84,6 +86,8 @@ class TrialSetup:
     losses: Mapping[str, Callable]
     metrics: Mapping[str, Mapping[str, tuple[Callable, str]]]
     example_inputs: Any
+    #: ``optimizer(params)``, e.g. a recipe's; None: Adam (lr 1e-3)
+    make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None
 
     @classmethod
     def from_recipe(cls, recipe: Any) -> TrialSetup:
@@ -163,6 +167,18 @@ class PairedBatches:
             return len(self.data())  # type: ignore[arg-type]
         finally:
             _set_state(outer)
+
+
+class ShortEpochs:
+    """``train_data`` cut to its first ``steps`` batches per call: trials shorter than an epoch. Under
+    :class:`PairedBatches` each call draws a new data order, so a shuffling loader gives each short epoch a new
+    random subset (a loader with a fixed generator gives the same first batches each time)."""
+
+    def __init__(self, data: Callable[[], Iterable], steps: int) -> None:
+        self.data, self.steps = data, steps
+
+    def __call__(self) -> Iterable:
+        return itertools.islice(self.data(), self.steps)
 
 
 class _Epoch:
@@ -416,6 +432,7 @@ def run_trial(
     lr_schedule: str = "cosine",
     time_steps: bool = True,
     fingerprints: list[str] | None = None,
+    eval_each_epoch: bool = True,
 ) -> TrialResult:
     """Train ``candidate`` for ``seed`` (paired: :func:`paired_model`, :class:`PairedBatches`) with ``method``
     for ``epochs``; ``tasks`` restricts training to some tasks (one task: a single-task baseline).
@@ -424,7 +441,8 @@ def run_trial(
     (Loshchilov & Hutter, SGDR, ICLR 2017, eq. 5 without restarts): the last epoch's metrics are then those of
     a settled model rather than one point of a noisy curve. Δm% against ``baselines`` when given; the step
     time ratio is measured against the unsplit model of the same seed (1.0 for the unsplit model itself).
-    ``fingerprints``: a list that receives a hash of every training batch, in order (to check the pairing)."""
+    ``fingerprints``: a list that receives a hash of every training batch, in order (to check the pairing);
+    ``eval_each_epoch=False`` evaluates once, after the last epoch (short trials), instead of after every epoch."""
     import recon
 
     names = list(tasks) if tasks is not None else setup.tasks
@@ -435,15 +453,19 @@ def run_trial(
     if time_steps and (candidate.spec or candidate.build):
         batch = next(iter(PairedBatches(setup.train_data, seed)()))  # the first training batch
         ratio = step_time_ratio(paired_model(setup, Candidate("unsplit"), seed), net, batch, setup.losses, method)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    if setup.make_optimizer is not None:
+        optimizer = setup.make_optimizer(net.parameters())
+    else:
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     schedule = _schedule(optimizer, epochs, lr_schedule)
     data = PairedBatches(setup.train_data, seed, record=fingerprints is not None)
     start = time.perf_counter()
     result = recon.train(
         net, data, setup.losses, method=method, epochs=epochs,
-        optimizer=optimizer, val_data=setup.val_data, metrics=setup.metrics, seed=seed, tasks=names,
-        on_epoch=lambda *_: schedule.step() if schedule is not None else None,
+        optimizer=optimizer, val_data=setup.val_data if eval_each_epoch else None, metrics=setup.metrics, seed=seed,
+        tasks=names, on_epoch=lambda *_: schedule.step() if schedule is not None else None,
     )  # fmt: skip
+    final = result.final if eval_each_epoch else recon.evaluate(net, setup.val_data(), names, setup.metrics)
     if fingerprints is not None:
         fingerprints.extend(data.fingerprints or [])
     history = [
@@ -452,9 +474,9 @@ def run_trial(
     dm = None
     if baselines is not None:
         directions = {t: {m: d for m, (_, d) in setup.metrics[t].items()} for t in names}
-        dm = recon.delta_m(result.final, baselines, directions)
+        dm = recon.delta_m(final, baselines, directions)
     return TrialResult(
-        candidate.name, candidate.key(), seed, recon.methods.spec_of(method), epochs, names, result.final,
+        candidate.name, candidate.key(), seed, recon.methods.spec_of(method), epochs, names, final,
         history, params, flops, ratio, time.perf_counter() - start, dm,
     )  # fmt: skip
 

@@ -54,9 +54,18 @@ class UsageClass:
         return block[list(self.tasks)]
 
 
-_BY_MODEL: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, ...], dict[int, tuple[int, ...]]]] = (
-    weakref.WeakKeyDictionary()
-)
+@dataclass
+class _Found:
+    """What :func:`group_copies` learnt about one model: for a task list, the copies by parameter id, and the
+    answer for the last parameter list it was asked about."""
+
+    tasks: tuple[str, ...]
+    by_id: dict[int, tuple[int, ...]]
+    params: tuple[int, ...] = ()
+    copies: dict[int, tuple[int, ...]] | None = None
+
+
+_BY_MODEL: weakref.WeakKeyDictionary[nn.Module, _Found] = weakref.WeakKeyDictionary()
 
 
 def _copy_groups(net: nn.Module, tasks: Sequence[str]) -> dict[int, tuple[int, ...]]:
@@ -86,14 +95,17 @@ def group_copies(net: Any, tasks: Sequence[str], params: Sequence[Tensor]) -> di
     if not isinstance(net, nn.Module):
         return {}
     key = tuple(tasks)
-    cached = _BY_MODEL.get(net)
-    if cached is None or cached[0] != key:
-        cached = (key, _copy_groups(net, key))
-        _BY_MODEL[net] = cached
-    by_id = cached[1]
-    if not by_id:
+    found = _BY_MODEL.get(net)
+    if found is None or found.tasks != key:
+        found = _Found(key, _copy_groups(net, key))
+        _BY_MODEL[net] = found
+    if not found.by_id:
         return {}
-    return {i: by_id[id(p)] for i, p in enumerate(params) if id(p) in by_id}
+    ids = tuple(map(id, params))
+    if found.copies is None or ids != found.params:
+        by_id = found.by_id
+        found.params, found.copies = ids, {i: by_id[pid] for i, pid in enumerate(ids) if pid in by_id}
+    return found.copies
 
 
 def order_by_class(shared_idx: Sequence[int], copies: Copies) -> list[int]:
@@ -191,6 +203,10 @@ def solve_classes(
         else:
             updates[n] = solve(solver, block, loss_values[list(c.tasks)])[0]
     for members in stacked.values():
+        if len(members) == 1:  # nothing to stack with
+            n = members[0]
+            updates[n] = solve(solvers[n], blocks[n], loss_values[list(classes[n].tasks)])[0]
+            continue
         solved = _gram_updates([solvers[n] for n in members], [blocks[n] for n in members])
         for n, u in zip(members, solved, strict=True):
             updates[n] = u

@@ -11,7 +11,8 @@ Colours are colour-blind safe: the Okabe-Ito palette for overlaid runs (with dis
 - :func:`cosine_over_time`: layers x training steps, the layer-wise cosine (mean over pairs, or one pair).
 - :func:`cosine_distribution`: the distribution of layer-wise cosines over shared layers, several runs overlaid
   (the paper's Figures 1 and 3); :func:`cosine_distributions`: one such panel per method.
-- :func:`score_bars`: S-conflict scores per layer with the branched (top-k) layers marked.
+- :func:`score_bars`: S-conflict (or interference) scores per layer with the branched (top-k) layers marked and
+  each layer's bootstrap ``p_top_k``.
 - :func:`training_curves`: per-task train loss and validation metrics per epoch, several runs overlaid.
 - :func:`conflict_share_curves`: the share of shared-layer cosines below 0 per epoch, several runs overlaid.
 - :func:`save_figure`: write a figure atomically and close it.
@@ -415,17 +416,19 @@ def score_bars(
     *,
     branched: Sequence[str] | None = None,
     max_layers: int = 40,
+    score: str = "s-conflict",
 ) -> Figure:
-    """S-conflict score of every shared layer, highest first, with the branched layers marked.
+    """S-conflict score (or ``score="interference"``) of every shared layer, highest first, with the branched
+    layers marked and each bar labelled with its ``p_top_k`` (:meth:`recon.ConflictProfile.confidence`).
 
     The branched layers are ``branched`` when given (e.g. a split plan's layers), else the top ``k``. With
     more than ``max_layers`` layers, the highest-scoring ``max_layers`` are drawn (plus any branched ones).
     """
     S = profile.S if S is None else S
-    title = f"S-conflict scores (S = {S:g})"
+    title = f"S-conflict scores (S = {S:g})" if score == "s-conflict" else "interference scores"
     if not profile.layers:
         return _empty("no shared layers", title)
-    scores = profile.scores(S)
+    scores = profile.scores(S, score=score, k=k or None)
     marked = list(branched) if branched is not None else list(scores.index[: k or 0])
     ranked = list(scores.index)
     shown = ranked[:max_layers] + [name for name in ranked[max_layers:] if name in marked]
@@ -439,15 +442,22 @@ def score_bars(
     ax.set_yticks(y, frame.index, fontsize=8)
     ax.invert_yaxis()
     top = int(profile.steps * len(profile.pairs))
-    for yi, v in zip(y, frame["score"], strict=True):
-        ax.text(v, yi, f" {int(v)}", va="center", fontsize=7)
+    p_name = f"p(top-{scores.attrs['k']})"
+    for yi, v, p in zip(y, frame["score"], frame["p_top_k"], strict=True):
+        text = f" {int(v)}" if score == "s-conflict" else f" {v:.3g}"
+        ax.text(v, yi, f"{text}  {p_name} {p:.2f}", va="center", fontsize=7)
     if branched is None and k and k < n:
         ax.axhline(k - 0.5, color="#000000", ls="--", lw=1.0)
-    ax.set_xlim(0, max(top, 1) * 1.08)
-    ax.axvline(top, color="#000000", ls=":", lw=0.8)
-    ax.set_xlabel(
-        f"S-conflict score: count of cos < {S:g} over {profile.steps} steps x {len(profile.pairs)} pairs (max {top})"
-    )
+    if score == "s-conflict":
+        ax.set_xlim(0, max(top, 1) * 1.35)
+        ax.axvline(top, color="#000000", ls=":", lw=0.8)
+        what = f"count of cos < {S:g} over {profile.steps} steps x {len(profile.pairs)} pairs (max {top})"
+        ax.set_xlabel(f"S-conflict score: {what}")
+    else:
+        low, high = min(0.0, float(frame["score"].min())), max(0.0, float(frame["score"].max()))
+        ax.set_xlim(low - 0.05 * (high - low), high + 0.35 * (high - low) + 1e-12)
+        ax.axvline(0, color="#000000", lw=0.8)
+        ax.set_xlabel(f"interference: mean over {profile.steps} steps of sum over pairs of -<g_i, g_j>")
     ax.set_ylabel("shared layer (by score)")
     label = f"branched ({len(marked)})" if branched is not None else f"top-{k} (branched)"
     handles = [Patch(color=_BRANCHED, label=label), Patch(color=_KEPT, label="kept shared")]
@@ -616,11 +626,15 @@ def network_figure(
     One grey bar across the tasks that share a layer, one orange cell per task for a branched layer, a blue
     cell for a layer only one task uses. A layer branched into task groups (``groups``, as in
     ``net.meta["recon"]["groups"]``) shows each group's cells in its own shade, labelled with the copy's name.
+    Above :data:`MANY_TASKS` tasks a column per task is unreadable: each layer is then one bar of its users,
+    cut into its copies (:func:`_network_summary`).
     """
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch, Rectangle
 
     layers = [name for name, used in usage.items() if used][:max_layers]
+    if len(tasks) > MANY_TASKS:
+        return _network_summary(usage, tasks, branches, modules, layers, groups or {})
     height = min(0.22 * len(layers) + 1.4, 40.0)
     fig = Figure(figsize=(2.6 + 1.1 * len(tasks), height))
     ax = fig.add_subplot()
@@ -672,6 +686,59 @@ def network_figure(
 
 
 _GROUP_SHADES = ("#E69F00", "#B5651D", "#F0C05A", "#8C4A0B", "#D55E00")
+MANY_TASKS = 12  # above this many tasks the network figure summarises groups instead of a column per task
+
+
+def group_label(group: Sequence[str]) -> str:
+    """A task group in a few characters: ``left_odd`` or ``left_odd+3`` (its first task and how many more)."""
+    return group[0] if len(group) == 1 else f"{group[0]}+{len(group) - 1}"
+
+
+def _network_summary(
+    usage: dict[str, frozenset[str]], tasks: list[str], branches: dict[str, list[str]], modules: dict[str, Any],
+    layers: list[str], groups: Mapping[str, Sequence[Sequence[str]]],
+) -> Figure:  # fmt: skip
+    """The network figure for many tasks: per layer one bar as long as the number of tasks using it, cut into
+    one segment per copy (a task group's segment as wide as the group, labelled with :func:`group_label`)."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    fig = Figure(figsize=(10.0, min(0.22 * len(layers) + 1.6, 40.0)))
+    ax = fig.add_subplot()
+    order = {t: i for i, t in enumerate(tasks)}
+    for row, name in enumerate(layers):
+        users = sorted((t for t in usage[name] if t in order), key=order.get)
+        if name in branches:
+            parts = groups.get(name) or [[t] for t in branches[name]]
+        else:
+            parts = [users]
+        x = 0.0
+        for g, group in enumerate(parts):
+            shade = "#bbbbbb" if name not in branches else _GROUP_SHADES[g % len(_GROUP_SHADES)]
+            shade = "#56B4E9" if len(users) == 1 else shade
+            ax.add_patch(Rectangle((x + 0.05, row + 0.1), len(group) - 0.1, 0.8, color=shade, linewidth=0))
+            if len(group) >= 3:
+                ax.text(x + len(group) / 2, row + 0.55, group_label(group), ha="center", va="center", fontsize=5)
+            x += len(group)
+        copies = f"{len(parts)} copies" if name in branches else ("shared" if len(users) > 1 else users[0])
+        ax.text(len(tasks) + 0.5, row + 0.55, copies, va="center", fontsize=6)
+    ax.set_xlim(0, len(tasks) + 6)
+    ax.set_ylim(len(layers), 0)
+    ax.set_xticks([0, len(tasks)], ["0", f"{len(tasks)} tasks"], fontsize=7)
+    labels = [f"{name}  ({type(modules[name]).__name__})" if name in modules else name for name in layers]
+    ax.set_yticks([i + 0.5 for i in range(len(layers))], labels, fontsize=7)
+    ax.tick_params(length=0)
+    for side in ("right", "top", "left"):
+        ax.spines[side].set_visible(False)
+    handles = [
+        Patch(color="#bbbbbb", label="shared by the tasks that use it (one copy)"),
+        Patch(color=_GROUP_SHADES[0], label="branched: one segment per copy, as wide as its task group"),
+        Patch(color="#56B4E9", label="used by one task"),
+    ]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.04), ncol=1, fontsize=7, frameon=False)
+    ax.set_title(f"layers with parameters, in model order ({len(tasks)} tasks: bars, not columns)", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def budget_curve_figure(
@@ -679,11 +746,13 @@ def budget_curve_figure(
     *,
     chosen: tuple[float, float] | None = None,
     title: str | None = None,
+    score: str = "s-conflict",
 ) -> Figure:
     """Score removed against parameters added: the best split at each parameter cost (the Pareto front of
     :func:`recon._plan.budget_curve`), as a step curve; several curves (``{label: frame}``, e.g. per-task
     copies against task groups) share the axes. ``chosen`` marks a plan as (params added in %, score removed).
-    Where the curve flattens, more capacity stops removing conflict."""
+    Where the curve flattens, more capacity stops removing conflict. ``score``: what the curve removes
+    (``"s-conflict"`` or ``"interference"``), for the axis label."""
     curves = dict(curve) if isinstance(curve, Mapping) else {"": curve}
     if not curves or all(len(c) == 0 for c in curves.values()):
         return _empty("no shared layer to branch", title or "budget curve")
@@ -697,7 +766,7 @@ def budget_curve_figure(
     if chosen is not None:
         ax.plot([chosen[0]], [chosen[1]], "*", markersize=12, color="black", label="chosen plan")
     ax.set_xlabel("parameters added (% of the model)")
-    ax.set_ylabel("S-conflict score removed")
+    ax.set_ylabel("S-conflict score removed" if score == "s-conflict" else "interference removed")
     ax.grid(alpha=0.3)
     if len(curves) > 1 or chosen is not None:
         ax.legend(fontsize=8, frameon=False)

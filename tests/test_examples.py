@@ -28,3 +28,24 @@ def test_three_task_recipe_is_valid(monkeypatch):
     check_recipe(recipe)
     _, targets = next(iter(recipe.train_data()))
     assert (targets["total"] == targets["left"] + targets["right"]).all()
+
+
+def test_forty_task_recipe_is_valid_and_labels_follow_the_digits(monkeypatch):
+    monkeypatch.setenv("RECON_DIGITS_TRAIN", "128")
+    recipe = load_recipe(ROOT / "examples" / "digits40.py")
+    assert len(recipe.tasks) == 40 and len(set(recipe.tasks)) == 40
+    check_recipe(recipe)
+    import digits40
+    from multidigits import make_pairs
+
+    x, y = make_pairs("val", 256)
+    labels = digits40.attributes(x, y)
+    column = {t: labels[:, k] for k, t in enumerate(digits40.TASKS)}
+    a, b = y[:, 0], y[:, 1]
+    assert (column["left_odd"] == a % 2).all() and (column["right_large"] == (b >= 5).long()).all()
+    assert (column["equal"] == (a == b).long()).all()
+    assert (column["same_parity"] == (column["left_odd"] == column["right_odd"]).long()).all()
+    rates = labels.float().mean(0)
+    assert ((rates > 0.05) & (rates < 0.95)).all()  # every attribute varies: no constant task
+    out = recipe.build_model()(x[:4])
+    assert set(out) == set(recipe.tasks) and out["left_zero"].shape == (4, 2)

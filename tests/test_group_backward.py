@@ -152,6 +152,24 @@ def test_unsplit_and_per_task_splits_have_no_usage_class_and_keep_the_global_sol
     assert torch.equal(torch.cat([p.grad.reshape(-1) for p in shared]), expected)
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # a fallback to the K passes would warn
+def test_batched_task_gradients_give_group_copies_the_same_update() -> None:
+    """The vectorised backward (one pass for the K tasks) fills J's group-copy columns as the K passes do."""
+    case = CASES["mlp-4"]
+    grads = {}
+    for batched in (False, True):
+        net, x = build(case)
+        shared = None
+        for _ in range(2):  # the second step takes the batched path (the first one learns the partition)
+            net.zero_grad()
+            shared = recon.backward(
+                task_losses(net(x), case.tasks), net, "cagrad", shared=shared, batched=batched
+            ).shared
+        grads[batched] = [p.grad for p in net.parameters()]
+    for a, b in zip(grads[False], grads[True], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_classes_with_the_same_number_of_tasks_share_one_host_transfer(monkeypatch) -> None:
     import recon._usage as usage
 
@@ -161,7 +179,7 @@ def test_classes_with_the_same_number_of_tasks_share_one_host_transfer(monkeypat
     case = CASES["resnet-4"]  # classes {seg, normal}, {depth, edge} (2 tasks) and {seg, depth, normal} (3 tasks)
     net, x = build(case)
     recon.backward(task_losses(net(x), case.tasks), net, "cagrad")
-    assert sorted(calls) == [(1, 3, 3), (2, 2, 2)]
+    assert calls == [(2, 2, 2)]  # the two 2-task classes in one transfer; the lone 3-task one by its method
 
 
 @pytest.mark.parametrize("name", ["gradvac", "nashmtl"])
@@ -338,3 +356,17 @@ def test_torchrun_trains_group_copies_as_one_process_does(tmp_path) -> None:
     expected = PCGrad()(task_matrix(losses, copy_params, ("b", "c")))  # (two tasks: no dependence on the order)
     recon.backward(losses, net, "pcgrad", retain_graph=True)
     assert_update(copy_params, expected, 1e-5)
+
+
+def test_the_split_step_benchmark_runs_and_prints_its_table() -> None:
+    """Smoke test of ``benchmarks/methods.py --splits`` (no timing asserted)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    argv = ["--splits", "--reps", "1", "--threads", "1", "--methods", "mean", "--markdown"]
+    out = subprocess.check_output([sys.executable, "benchmarks/methods.py", *argv], cwd=ROOT, text=True, timeout=300)
+    rows = [line for line in out.splitlines() if line.startswith("| mean |")]
+    assert [row.split("|")[2].strip() for row in rows] == ["16", "256"]
+    assert "groups/per-task" in out

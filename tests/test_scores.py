@@ -140,6 +140,12 @@ def test_the_planner_stays_in_budget_and_never_picks_a_non_positive_interference
         return
     assert plan.extra["score"] == "interference"
     assert sum(plan.extra["params_added"].values()) <= budget * base
+    ranked = list(prof.scores(score="interference").index)  # confidence: over the band the plan draws from
+    k = max(ranked.index(layer) for layer in plan.layers) + 1
+    assert plan.extra["confidence_k"] == k
+    assert plan.extra["p_top_k"] == {
+        n: round(float(prof.confidence(k, score="interference")[n]), 4) for n in plan.layers
+    }
     for layer, part in plan.groups.items():
         removed = removed_score(matrices[layer], part, prof.tasks)
         assert removed > 0 and removed == pytest.approx(plan.extra["removed"][layer])

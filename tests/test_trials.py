@@ -184,3 +184,10 @@ def test_paired_interval_matches_scipy():
     assert paired_difference([2.0, 2.1, 1.9], [0.0, 0.1, 0.0]).resolved
     with pytest.raises(recon.ReconError, match="pair them"):
         paired_difference([1.0], [1.0, 2.0])
+
+
+def test_a_candidates_key_is_its_architecture_not_its_name():
+    assert Candidate("a", ["fc", "stem.0"]).key() == Candidate("b", {"stem.0": None, "fc": None}).key()
+    assert Candidate("unsplit").key() == Candidate("heads", []).key()
+    assert Candidate("a", ["fc"]).key() != Candidate("a", {"fc": [["left"], ["right", "total"]]}).key()
+    assert Candidate("w", build={"hidden": 80}).key() != Candidate("unsplit").key()

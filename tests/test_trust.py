@@ -250,7 +250,7 @@ def test_split_on_a_partial_profile_warns_records_and_can_refuse(home) -> None:
     plan = json.loads((home / "runs/r/split/plan.json").read_text())
     assert plan["profile_partial"] == {"steps": 4, "of": 10}
     markdown = recon.report("runs/r", write=False).markdown
-    assert "4 profiled steps (**partial**: stopped after 4 of 10)" in markdown
+    assert "4 steps profiled (**partial**: stopped after 4 of 10 steps)" in markdown
     assert "**Planned from a partial profile**: 4 of 10 steps." in markdown
 
 
