@@ -697,10 +697,9 @@ def profile(
     usage, discovery = _discover(model, task_names, leaf_modules, data)
     tmp, folder = _home(out) if main else (None, None)
     meta = {"method": spec_of(method), "seed": seed, "leaf_modules": list(leaf_modules), "discovery": discovery}
-    meta.update(precision=engine.precision.mode, every=n_every, every_auto=every == "auto")
     n = batch_count(data)
-    total = steps if steps is not None else (None if n is None else n * epochs)
-    meta["steps_asked"] = total  # a profile that stops short of it is partial (docs/run-folder.md)
+    total = steps if steps is not None else (None if n is None else n * epochs)  # fewer steps done: partial
+    meta.update(precision=engine.precision.mode, every=n_every, every_auto=every == "auto", steps_asked=total)
     profiler = _Profiler(model, task_names, S=S, folder=folder, chunk=chunk, meta=meta, tmp=tmp, save=out is not None)
     if usage is not None:
         profiler.setup(engine, usage)

@@ -342,8 +342,7 @@ def train(
     if sparse is not None:  # masks come from the fresh weights, so a resumed run re-derives the same ones
         sparse = _attach_sparse(sparse, net, data, task_names, loss_fns, dev, optimizer)
 
-    folder = Path(out) if out is not None else None
-    meta = {**dict(meta or {}), "method": spec_of(method), "tasks": list(task_names)}  # what --resume checks
+    folder, meta = (Path(out) if out is not None else None), {**dict(meta or {}), **_provenance(method, task_names)}
     start_epoch, history = _start(folder, resume, writes, net, optimizer, agg, amp, meta)
     data, val_data = _distributed.shard_data(data, "train_data", start_epoch), _distributed.shard_data(val_data)
 
@@ -364,6 +363,11 @@ def train(
         sparse.remove()  # the returned network carries no hooks
     run.meta = {**dict(meta or {}), **amp.summary()}
     return _finish(run, history, net, method, epochs, seed)
+
+
+def _provenance(method: Any, tasks: Sequence[str]) -> dict[str, Any]:
+    """What a checkpoint records of its run for ``--resume`` to compare (with the caller's digests)."""
+    return {"method": spec_of(method), "tasks": list(tasks)}
 
 
 def _start(folder, resume, writes, net, optimizer, agg, precision, meta) -> tuple[int, list[dict[str, Any]]]:
