@@ -15,7 +15,7 @@ events (tracemalloc does not see torch's allocator, and the resident set hides r
 
     python benchmarks/methods.py            # K in {2, 4, 8, 16}, P in {1e5, 1e6}
     python benchmarks/methods.py --quick    # P = 1e5 only, fewer repeats
-    python benchmarks/methods.py --markdown # a markdown table (for the README)
+    python benchmarks/methods.py --markdown # a markdown table (for docs/benchmarks.md)
     python benchmarks/methods.py --precision bf16 --device cuda
     python benchmarks/methods.py --splits   # only: one training step, unsplit vs per-task vs group split
 

@@ -15,7 +15,7 @@ top-k layers' as closely as possible: the same added capacity, no conflict guida
 conflict-guided choice beats it.
 
 Default flags: 2048 training pairs, 4 epochs per model, 3 seeds (about 40 minutes on 2 quiet CPU cores for
-both recipes); the README's table used ``--seeds 2 --epochs 3`` to fit 30 minutes beside other work.
+both recipes); docs/benchmarks.md's table used ``--seeds 2 --epochs 3`` to fit 30 minutes beside other work.
 ``--quick`` shrinks everything to a smoke test.
 
     python benchmarks/reproduce.py [--quick] [--out benchmarks/results]

@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 import typer
+import typer.core
 
 from cli._common import STATE, guarded
+
+
+def _flags_take_no_value() -> None:
+    """Typer's help shows ``<bool>`` beside an on/off flag, as if it took a value; show flags bare."""
+    shown = typer.core.TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):  # noqa: ANN001, ANN202 (typer's signature)
+        return None if self.is_flag and self.metavar is None else shown(self, ctx)
+
+    typer.core.TyperOption.display_type_rich = display_type_rich
+
+
+_flags_take_no_value()
 
 app = typer.Typer(
     name="recon",

@@ -11,11 +11,13 @@ import recon
 from cli._common import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
+    command,
     console,
-    err_console,
     fail,
     frame_table,
     resolve_device,
+    say,
+    warn,
 )
 from recon import NonFiniteLossError, Run, load_recipe
 
@@ -39,18 +41,17 @@ def profile_command(
 ) -> None:
     """Stage 1: warm-up training that records every shared layer's layer-wise cosines, then ranks layers."""
     recipe = load_recipe(model_py)
-    period = recon.sampling_period(every, len(recipe.tasks))  # a bad --every fails before any work
-    spec = recon.methods.get(method).spec  # an unknown method fails before any work
+    period = recon.sampling_period(every, len(recipe.tasks))  # bad arguments fail before any folder is made
+    spec = recon.methods.get(method).spec
+    recon.check_precision(precision)
     dev = recon.init_distributed(resolve_device(device))  # under torchrun: join the group; rank 0 alone writes
     torch.manual_seed(seed)
     model = recipe.check(device=dev)
     folder = None
     if recon.is_main_process():
         run = Run.create(recipe=model_py, tasks=recipe.tasks, seed=seed, out=out)
-        folder = run.stage("profile", force=force)
-        run.record_command()
-        run.info["commands"][-1]["method"] = spec  # the warm-up method's spec, as profile.json holds it
-        run.save()
+        folder = run.stage("profile", force=force)  # locked for this command's life
+        run.record_command(method=spec)  # the warm-up method's spec, as profile.json holds it
     folder = recon.broadcast_object(folder)
     if period > 1 and recon.is_main_process():
         why = f" (--every auto at {len(recipe.tasks)} tasks)" if every == "auto" else ""
@@ -67,13 +68,25 @@ def profile_command(
         prof = getattr(e, "profile", None)
         if prof is not None and recon.is_main_process():
             _finish(prof, folder, show)
-            err_console.print(f"[yellow]kept {prof.steps_text()}, marked partial, in {folder}[/]")
+            warn(f"kept {prof.steps_text()}, marked partial, in {folder}")
         if isinstance(e, KeyboardInterrupt):
             raise typer.Exit(EXIT_INTERRUPTED) from None
         raise fail(str(e), EXIT_FAILURE) from None
     if recon.is_main_process():
         _finish(prof, folder, show)
-        console.print(f"profile written to [bold]{folder}[/]  ·  next: [bold]recon split --top-k 4[/]")
+        if prof.partial:
+            warn(f"the profile stopped after {prof.steps} of {prof.meta.get('steps_asked')} steps; marked partial")
+        say(f"profile written to {folder}")
+        say(f"next: {_next_split(prof, model_py, out)}")
+
+
+def _next_split(prof: recon.ConflictProfile, model_py: Path, out: Path | None) -> str:
+    """The split command to paste: top-k of the layers that conflict at all (at most 4), on this run."""
+    conflicting = int((prof.scores()["score"] > 0).sum()) if prof.layers and prof.steps else 0
+    if conflicting == 0:
+        train = command("train", model_py, out=out, split="none")
+        return f"no shared layer conflicts at S = {prof.S:g}, so train unsplit: {train}"
+    return command("split", top_k=min(4, conflicting), run=out)
 
 
 def _finish(prof: recon.ConflictProfile, folder: Path, show: int) -> None:
@@ -83,7 +96,7 @@ def _finish(prof: recon.ConflictProfile, folder: Path, show: int) -> None:
     if prof.layers and prof.steps:
         save_figure(conflict_heatmap(prof), folder / "heatmap.png", dpi=120)
     if not prof.layers:
-        console.print("[yellow]no shared layers: every layer with parameters is used by one task only[/]")
+        warn("no shared layers: every layer with parameters is used by one task only")
         return
     top = prof.scores().head(show)
     pairs = len(prof.pairs) * prof.steps

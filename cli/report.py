@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.text import Text
 
 import recon
-from cli._common import console, err_console, frame_table
+from cli._common import command, console, frame_table, say, warn
 
 
 def report_command(
@@ -30,13 +31,13 @@ def report_command(
 ) -> None:
     """Figures and tables of what a run holds: conflict profile, branched layers, trained variants, Δm%."""
     rep = recon.report(run, out=out, S=S, dpi=dpi)
-    console.rule(f"[bold]recon report[/]  {rep.run_dir}")
+    console.rule(Text(f"recon report  {rep.run_dir}", style="bold"))
     _print_profile(rep, show)
     _print_plan(rep)
     _print_variants(rep)
     for p in rep.problems:
-        err_console.print(f"[yellow]warning:[/] {p}")
-    console.print(f"report written to [bold]{rep.folder / 'report.md'}[/] ({len(rep.figures)} figures)")
+        warn(p)
+    say(f"report written to {rep.folder / 'report.md'} ({len(rep.figures)} figures)")
 
 
 def _print_profile(rep: recon.Report, show: int) -> None:
@@ -44,7 +45,7 @@ def _print_profile(rep: recon.Report, show: int) -> None:
     if prof is None:
         console.print("[dim]no profile yet (recon profile MODEL_PY)[/]")
     elif rep.scores is None:
-        console.print("[yellow]the profile holds no shared layer or no step[/]")
+        warn("the profile holds no shared layer or no step")
     else:
         n = len(rep.scores)
         what = "S-conflict scores" if rep.score == "s-conflict" else "interference scores (the plan's)"
@@ -66,6 +67,11 @@ def _print_variants(rep: recon.Report) -> None:
         return
     title = "trained variants (final validation metrics)"
     console.print(frame_table(rep.variants, title=title, index="label", fmt=rep.formats["variants"]))
+    if rep.variants["Δm% ↓"].isna().all():
+        baseline = command("train", recon.Run.open(rep.run_dir).recipe, single_task=True, split="none", out=rep.run_dir)
+        say(f"Δm% is empty: it needs the single-task baselines: {baseline}")
+    if "partial" in rep.variants.columns:
+        say("partial: interrupted runs, shown but left out of the mean ± std over seeds")
     seeds = rep.seeds_text()
     if seeds is not None:
         console.print(frame_table(seeds, title="mean ± std over seeds", index="variant"))

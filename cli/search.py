@@ -8,7 +8,7 @@ import pandas as pd
 import typer
 
 import recon
-from cli._common import console, frame_table
+from cli._common import command, console, frame_table, say, warn
 from recon import ConflictProfile, ReconError, Run, load_recipe
 
 
@@ -59,10 +59,11 @@ def search_command(
     )  # fmt: skip
     _print(result)
     if result.plan is None:
-        console.print("[bold]no split[/]: keep the model as it is (`recon train ... --split none`)")
+        say(f"no split: keep the model as it is ({command('train', model_py, split='none', out=out)})")
         return
     result.plan.save(plan_file)
-    console.print(f"plan written to [bold]{plan_file}[/]  ·  next: [bold]recon train {model_py} --split latest[/]")
+    say(f"plan written to {plan_file}")
+    say("next: " + command("train", model_py, split="latest", out=out))
 
 
 def _print(result: recon.SearchResult) -> None:
@@ -76,7 +77,7 @@ def _print(result: recon.SearchResult) -> None:
     fmt = {c: ".4g" for c in frame.columns if "/" in c}
     fmt.update({"params": ",", "params +%": "+.1f", "FLOPs x": ".2f", "step time x": ".2f", "Δm% (↓)": "+.2f"})
     console.print(frame_table(frame, title=f"leaderboard in {result.folder}", index="candidate", fmt=fmt))
-    console.print("[yellow]short trials: a ranking of candidates, not final accuracies[/]")
+    warn("short trials: a ranking of candidates, not final accuracies")
     for note in result.notes:
-        console.print(f"note: {note}", style="dim")
-    console.print(result.verdict)
+        say(f"note: {note}", style="dim")
+    say(result.verdict)

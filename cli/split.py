@@ -5,14 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 
 import recon
-from cli._common import console, resolve_device
+from cli._common import command, console, resolve_device, say, warn
+
+#: A split model this many times slower per step than the original gets a warning unless a FLOP budget bounds it.
+SLOW = 2.0
 
 
 def split_command(
-    top_k: int | None = typer.Option(None, "--top-k", "-k", min=0, help="Branch the K layers with the highest scores."),
+    top_k: int | None = typer.Option(None, "--top-k", "-k", min=1, help="Branch the K layers with the highest scores."),
     S: float | None = typer.Option(
         None, "--S", "-S", help="Rescore the stored profile at this threshold, -1 < S <= 0."
     ),
@@ -37,22 +39,29 @@ def split_command(
     run_dir: Path | None = typer.Option(None, "--run", help="Run folder (default: the latest in ./runs)."),
     device: str = typer.Option("cpu", "--device", help="Where to time the split model: auto, cpu, cuda or cuda:N."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing split in the run folder."),
+    require_complete: bool = typer.Option(
+        False, "--require-complete", help="Refuse a profile that stopped early (default: warn and record it)."
+    ),
 ) -> None:
     """Stage 2: rewrite the model with torch.fx so that the chosen layers become per-task branches."""
     leaves = [n for n in (s.strip() for s in leaf.split(",")) if n]
     run, plan = recon.split_run(
         run_dir, top_k=top_k, S=S, layers=layers, scores=scores, budget_params=budget_params,
         budget_flops=budget_flops, groups=groups, init=init, leaf_modules=leaves, device=resolve_device(device),
-        force=force, score=score,
+        force=force, score=score, require_complete=require_complete,
     )  # fmt: skip
+    partial = plan.extra.get("profile_partial")
+    if partial is not None:
+        warn(
+            f"planned from a partial profile ({partial['steps']} of {partial['of'] or '?'} steps); recorded in "
+            "plan.json (pass --require-complete to refuse)"
+        )
     _print_summary(plan, plan.extra["time_ratio"])
     warning = plan.extra.get("unstable")
     if warning:
-        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
-    console.print(
-        f"plan and code written to [bold]{run.dir / 'split'}[/]  ·  "
-        f"next: [bold]recon train {run.recipe.name} --split latest[/]"
-    )
+        warn(warning)
+    say(f"plan and code written to {run.dir / 'split'}")
+    say("next: " + command("train", run.recipe, split="latest", out=run_dir))
 
 
 # -------------------------------------------------------------------------------------------- printing
@@ -69,6 +78,7 @@ def _print_summary(plan: recon.SplitPlan, ratio: float | None) -> None:
     """Per branched layer: its task groups, the score it removes, the parameters it adds; then the totals
     against each budget."""
     from rich.table import Table
+    from rich.text import Text
 
     extra = plan.extra
     removed, added = extra.get("removed") or {}, extra.get("params_added") or {}
@@ -95,7 +105,7 @@ def _print_summary(plan: recon.SplitPlan, ratio: float | None) -> None:
             if removed:
                 row += [_score_text(removed.get(layer, "")), f"{added.get(layer, 0):,}"]
             row.append(_copies(groups.get(layer, []), len(plan.tasks)))
-            table.add_row(*row)
+            table.add_row(*(Text(cell) for cell in row))  # names are data, never markup
         console.print(table)
     else:
         console.print("no layer branched: the split model is the original one")
@@ -113,6 +123,8 @@ def _print_summary(plan: recon.SplitPlan, ratio: float | None) -> None:
         console.print(f"forward FLOPs on the first batch: {f0:,.0f} -> {f1:,.0f} ({f1 / max(f0, 1):.2f}x){budget}")
     if ratio is not None:
         console.print(f"forward+backward time, split / original on the first batch: {ratio:.2f}x")
+        if ratio > SLOW and plan.budget_flops is None:
+            warn(f"the split model takes {ratio:.2f}x the time per step; bound it with --budget-flops (e.g. 1.3)")
 
 
 def _score_text(value: object) -> str:

@@ -9,7 +9,7 @@ layers with ``recon.split`` (or the layers given with ``--layers``), then trains
 ``--log-dir``, default ``runs/lightning``); the validation accuracy per task is printed at the end.
 
 ``--devices 2 --strategy ddp`` runs one process per device (on CPU, gloo): recon.backward averages the
-per-task gradients across processes before the method aggregates them (see README, "PyTorch Lightning").
+per-task gradients across processes before the method aggregates them (see docs/training.md, "PyTorch Lightning").
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from recon._distributed import broadcast_object, init_distributed, is_main_proce
 from recon._errors import NonFiniteLossError, ReconError
 from recon._graph import TraceError, layer_tasks
 from recon._plan import plan_split
+from recon._precision import check_precision
 from recon._profile import ConflictProfile, profile, read_scores_json, sampling_period
 from recon._recipe import Recipe, load_recipe
 from recon._report import Report, report
@@ -42,6 +43,7 @@ __all__ = [
     "TrainResult",
     "backward",
     "broadcast_object",
+    "check_precision",
     "delta_m",
     "evaluate",
     "init_distributed",

@@ -412,7 +412,7 @@ def broadcast_object(obj: Any) -> Any:
 def init_distributed(device: torch.device | str) -> torch.device:
     """Join the process group ``torchrun`` describes (a no-op outside torchrun) and return this process's device.
 
-    NCCL on CUDA (each process on ``cuda:LOCAL_RANK`` when ``device`` has no index), gloo on CPU; see README,
+    NCCL on CUDA (each process on ``cuda:LOCAL_RANK`` when ``device`` has no index), gloo on CPU; see docs/scaling.md,
     "Running on several processes or GPUs". Call it before building the model; ``recon.train`` and
     ``recon.profile`` then shard each batch across the processes.
     """

@@ -6,6 +6,8 @@ without a traceback and exits with code 2. Failures during the work itself are o
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class ReconError(ValueError):
     """Bad input from the user (recipe, flag, layer or method name): one line, what is wrong and the fix."""
@@ -28,3 +30,14 @@ def check_finite(tasks: list[str], values: list[float], step: int) -> None:
     for task, value in zip(tasks, values, strict=True):
         if not math.isfinite(value):
             raise NonFiniteLossError(task, step, value)
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a mistyped ``name``, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name).lower(), [str(c).lower() for c in choices], n=1, cutoff=0.6)
+    if not close:
+        return ""
+    original = {str(c).lower(): str(c) for c in choices}
+    return f" (did you mean {original[close[0]]!r}?)"

@@ -22,7 +22,7 @@ identity.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -39,7 +39,7 @@ from recon._chunks import (
     resolve_task_chunk,
     warn_needs_matrix,
 )
-from recon._errors import check_finite
+from recon._errors import ReconError, check_finite
 from recon._outputs import call_model, move_to, task_outputs
 from recon._recipe import batches, check_batch, compute_losses
 from recon._usage import group_copies
@@ -326,6 +326,11 @@ class StepEngine:
         """Epochs ``start_epoch .. epochs - 1`` over ``data`` (endless with ``epochs=None``), stopping once
         ``self.step`` reaches ``max_steps`` or when a pass yields no batch (a used-up one-shot iterator).
         Returns the number of steps taken."""
+        if isinstance(data, Iterator) and epochs is not None and epochs - start_epoch > 1:
+            raise ReconError(
+                f"{self.where} is a one-shot iterator (a generator) but {epochs - start_epoch} epochs were asked; "
+                "give a list or a DataLoader, or a function that returns a fresh iterator"
+            )
         first = self.step
         epoch = start_epoch
         while epochs is None or epoch < epochs:
@@ -335,6 +340,12 @@ class StepEngine:
                     return self.step - first
                 self.run_step(batch)
                 n += 1
+            if n == 0 and epoch > start_epoch and epochs is not None:
+                raise ReconError(
+                    f"{self.where} yielded no batch in epoch {epoch + 1} of {epochs}: it is a one-shot iterator "
+                    "(a generator) used up by the first pass; give a list or a DataLoader, or a function that "
+                    "returns a fresh iterator"
+                )
             for o in self.observers:
                 o.on_epoch_end(self, epoch, n)
             if n == 0:

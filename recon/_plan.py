@@ -448,15 +448,18 @@ def plan_split(
     budget_flops = _check_budget(budget_flops, "budget_flops (--budget-flops)", 1.0)
     S = profile.S if S is None else S
     budgeted = budget_params is not None or budget_flops is not None
-    if top_k is not None and (budgeted or groups != "none"):
+    if top_k is not None and budgeted:
         raise ReconError("top_k (--top-k) is the paper's unbudgeted rule; give it alone, or give budgets instead")
+    leaves = list(leaf_modules if leaf_modules is not None else profile.meta.get("leaf_modules", []))
     if top_k is not None:
-        return _top_k_plan(profile, top_k, S, init, score)
+        plan = _top_k_plan(profile, top_k, S, init, score)
+        if groups == "auto":
+            return _with_best_groups(plan, profile, _capture_for_plan(model, example_inputs, leaves), model, score)
+        return plan
     if not budgeted:
         raise ReconError("say how to choose: top_k=K, or budget_params=F and/or budget_flops=R")
     if budget_flops is not None and example_inputs is None:
         raise ReconError("budget_flops needs example_inputs (the recipe's first batch) to count FLOPs on")
-    leaves = list(leaf_modules if leaf_modules is not None else profile.meta.get("leaf_modules", []))
     captured = _capture_for_plan(model, example_inputs, leaves)
     gm, options = _layer_options(profile, captured, groups, S, score=score)
     base = sum(p.numel() for p in model.parameters())
@@ -538,8 +541,8 @@ def chosen_confidence(profile: Any, layers: Sequence[str], S: float, score: str)
 def _top_k_plan(profile: Any, top_k: int, S: float, init: str, score: str = "s-conflict") -> SplitPlan:
     """The paper's rule: the k highest-scoring shared layers, one copy per task (the root's own excluded; with
     interference, only layers whose interference is positive)."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ReconError(f"top_k = {top_k!r} must be a non-negative integer")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ReconError(f"top_k = {top_k!r} must be a positive integer; to train unsplit, do not split")
     scores = layer_scores(profile, S, score)
     ranked, worth = ranked_candidates(scores, score)
     if top_k > len(ranked):
@@ -547,6 +550,24 @@ def _top_k_plan(profile: Any, top_k: int, S: float, init: str, score: str = "s-c
     layers = worth[:top_k]
     extra = {"score": score, **chosen_confidence(profile, layers, S, score)}
     return SplitPlan(tasks=list(profile.tasks), layers=layers, init=init, S=S, top_k=top_k, scores=scores, extra=extra)
+
+
+def _with_best_groups(plan: SplitPlan, profile: Any, captured: Any, model: nn.Module, score: str) -> SplitPlan:
+    """``top_k`` with ``groups="auto"``: the same k layers, each branched into its best partition, the one with
+    the fewest groups among those removing the most score (tasks that never conflict on it share a copy)."""
+    _, options = _layer_options(profile, captured, "auto", plan.S, score=score)
+    best = {opts[-1].layer: opts[-1] for opts in options if opts}  # options grow in groups and strictly in score
+    chosen = [best[layer] for layer in plan.layers if layer in best]
+    base = sum(p.numel() for p in model.parameters())
+    plan.groups = {o.layer: [list(g) for g in o.groups] for o in chosen}
+    plan.extra.update(
+        removed={o.layer: o.score for o in chosen},
+        params_added={o.layer: o.params for o in chosen},
+        params_before=base,
+        params_after=base + sum(o.params for o in chosen),
+        groups_mode="auto",
+    )
+    return plan
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
@@ -700,10 +721,12 @@ def choose_layers(
             raise ReconError(_nothing_fits([], 0, None, None, score))
         how.confidence = chosen_confidence(prof, how.layers, S, score)
         return how
-    if top_k is not None:
+    if top_k is not None and (budget_params is not None or budget_flops is not None):
         raise ReconError("--top-k is the paper's unbudgeted rule; give it alone, or give --budget-* instead")
+    if top_k is not None:
+        _top(ranked_candidates(how.scores, score)[0], top_k, f"the profile in {profile_dir}")  # same errors
     how.plan = plan_split(
-        prof, model, budget_params=budget_params, budget_flops=budget_flops, groups=groups,
+        prof, model, top_k=top_k, budget_params=budget_params, budget_flops=budget_flops, groups=groups,
         example_inputs=example_inputs, S=S, leaf_modules=how.leaf_modules, score=score,
     )  # fmt: skip
     how.layers = how.plan.layer_spec()
@@ -714,6 +737,8 @@ def choose_layers(
 def _top(ranked: list[str], k: int | None, where: str) -> list[str]:
     # the root module's own parameters ("") cannot be branched: they have no path of their own
     candidates = [name for name in ranked if name]
+    if k is not None and k < 1:
+        raise ReconError(f"--top-k {k} branches nothing; give K >= 1, or train unsplit with --split none")
     if k is None or k > len(candidates):
         raise ReconError(
             f"--top-k {k} exceeds the {len(candidates)} shared layers in {where}; choose K <= {len(candidates)} "

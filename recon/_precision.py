@@ -29,12 +29,23 @@ import torch
 from torch import Tensor
 
 from recon._backward import TaskGradients
-from recon._errors import ReconError
+from recon._errors import ReconError, did_you_mean
 
-__all__ = ["PRECISIONS", "Precision"]
+__all__ = ["PRECISIONS", "Precision", "check_precision"]
 
 PRECISIONS = ("32", "bf16", "fp16")
 _DTYPES = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision: str | int) -> str:
+    """``precision`` as one of ``"32"``, ``"bf16"``, ``"fp16"``, or a :class:`ReconError` (checked before any
+    folder is made)."""
+    mode = str(precision)
+    if mode not in PRECISIONS:
+        raise ReconError(
+            f"precision {mode!r} is unknown{did_you_mean(mode, PRECISIONS)}; choose one of {', '.join(PRECISIONS)}"
+        )
+    return mode
 
 
 class Precision:
@@ -58,7 +69,7 @@ class Precision:
     ) -> None:
         mode = str(mode)
         if mode not in PRECISIONS:
-            raise ReconError(f"precision {mode!r} is unknown; choose one of {', '.join(PRECISIONS)}")
+            check_precision(mode)
         self.mode = mode
         self.device_type = device_type
         self.dtype = _DTYPES[mode]

@@ -43,7 +43,7 @@ from recon._cosines import (
     open_cosines,
     read_shape,
 )
-from recon._errors import NonFiniteLossError, ReconError
+from recon._errors import NonFiniteLossError, ReconError, did_you_mean
 from recon._gram import LayerCosines, gram_cosines
 from recon._loop import Observer, ProgressObserver, StepEngine
 from recon._precision import Precision
@@ -60,7 +60,7 @@ LOSSES_FILE = "losses.csv"
 
 
 def check_threshold(S: float) -> float:
-    """The S-conflict threshold must satisfy ``-1 < S <= 0`` (Definition 3 of the Recon paper; see README)."""
+    """The S-conflict threshold must satisfy ``-1 < S <= 0`` (Definition 3 of the Recon paper; docs/cli.md)."""
     S = float(S)
     if not (-1.0 < S <= 0.0):
         raise ReconError(f"S = {S} is out of range; the S-conflict threshold must satisfy -1 < S <= 0")
@@ -284,7 +284,8 @@ class ConflictProfile:
         3 of the paper, for a per-task split; none for one group)."""
         S = self.S if S is None else check_threshold(S)
         if layer not in self.layers:
-            raise ReconError(f"unknown layer {layer!r}; the profiled shared layers are {self.layers}")
+            hint = did_you_mean(layer, self.layers)
+            raise ReconError(f"unknown layer {layer!r}{hint}; the profiled shared layers are {self.layers}")
         column = np.asarray(self.cosine_array[:, self.layers.index(layer), :], dtype=np.float32)
         below = (column < S).sum(axis=0)  # NaN compares False: skipped pairs never count
         valid = (~np.isnan(column)).sum(axis=0)
@@ -564,7 +565,8 @@ class _Profiler(Observer):
         if done == 0:
             self.close()
             raise ReconError("the data yielded no batch; give at least one (inputs, targets) batch")
-        return self.result(engine, partial=False)
+        asked = self.meta.get("steps_asked")
+        return self.result(engine, partial=asked is not None and engine.step < asked)
 
     def result(self, engine: StepEngine, *, partial: bool) -> ConflictProfile:
         """Close the record (an empty but valid one if no step completed), make the profile, save it when
@@ -665,7 +667,7 @@ def profile(
         precision: ``"32"``, ``"bf16"`` or ``"fp16"`` (autocast on the model's device; fp16 with one loss scale
             for the K task passes; a step whose gradients overflow is skipped and records no cosines).
         batched: the K task gradients in one vectorised backward (``True``), K passes (``False``) or batched on
-            CUDA only (``"auto"``); see README, "Mixed precision, batched task gradients, sharded data".
+            CUDA only (``"auto"``); see docs/scaling.md.
         every: record task gradients and cosines on every N-th step only (the first always; the others train
             with one backward of the mean loss); ``"auto"``: :func:`auto_every`. Scores count recorded steps.
         task_chunk: tasks per chunk of task gradients (:mod:`recon._chunks`); ``"auto"``: all K when they fit.
@@ -695,13 +697,13 @@ def profile(
     usage, discovery = _discover(model, task_names, leaf_modules, data)
     tmp, folder = _home(out) if main else (None, None)
     meta = {"method": spec_of(method), "seed": seed, "leaf_modules": list(leaf_modules), "discovery": discovery}
-    meta.update(precision=engine.precision.mode, every=n_every, every_auto=every == "auto")
+    n = batch_count(data)
+    total = steps if steps is not None else (None if n is None else n * epochs)  # fewer steps done: partial
+    meta.update(precision=engine.precision.mode, every=n_every, every_auto=every == "auto", steps_asked=total)
     profiler = _Profiler(model, task_names, S=S, folder=folder, chunk=chunk, meta=meta, tmp=tmp, save=out is not None)
     if usage is not None:
         profiler.setup(engine, usage)
     engine.observers.append(profiler)
-    n = batch_count(data)
-    total = steps if steps is not None else (None if n is None else n * epochs)
     with progress_bar(total, "profiling", enabled=progress and main) as bar:
         engine.observers.append(ProgressObserver(bar))
         return profiler.run(engine, data, epochs=epochs if steps is None else None, max_steps=steps)

@@ -297,15 +297,18 @@ def _variants_table(variants: list[Variant], tasks: list[str]) -> tuple[pd.DataF
                 notes.append(v.label)
         row["Δm% ↓"] = dm
         row["cos<0"] = s.get("conflict_share")
+        row["partial"] = f"{s.get('epochs_done', '?')} of {s.get('epochs', '?')} epochs" if s.get("partial") else None
         rows.append(row)
-    frame = pd.DataFrame(rows).set_index("label").dropna(axis=1, how="all")
+    frame = pd.DataFrame(rows).set_index("label")
+    empty = [c for c in frame.columns if c != "Δm% ↓" and frame[c].isna().all()]  # Δm% stays: it says what's missing
+    frame = frame.drop(columns=empty)
     fmt: dict[str, Any] = {"params": _int, "params +%": "+.1f", "Δm% ↓": "+.2f", "cos<0": _pct}
     fmt["seed"] = fmt["epochs"] = _plain_int
     fmt.update({col: _num for _, _, col in metric_cols})
     return frame, fmt, notes
 
 
-_NOT_AVERAGED = {"method", "seed", "branched", "epochs", "params", "params +%"}
+_NOT_AVERAGED = {"method", "seed", "branched", "epochs", "params", "params +%", "partial"}
 
 
 def _seeds_table(frame: pd.DataFrame, variants: list[Variant]) -> pd.DataFrame | None:
@@ -318,8 +321,8 @@ def _seeds_table(frame: pd.DataFrame, variants: list[Variant]) -> pd.DataFrame |
     if frame.empty:
         return None
     groups: dict[tuple, list[str]] = {}
-    for v in variants:
-        if v.label in frame.index:
+    for v in variants:  # an interrupted run is shown, marked, but stays out of the mean
+        if v.label in frame.index and not (v.summary or {}).get("partial"):
             groups.setdefault((v.method, tuple(v.branched or ()), v.single_task), []).append(v.label)
     if all(len(g) < 2 for g in groups.values()):
         return None
@@ -492,7 +495,7 @@ def _profile_section(w: _Writer, rep: Report, cosines: Mapping[str, Any], from_p
         return
     K = len(prof.pairs)
     w.md += [
-        f"{prof.steps_text()} profiled" + (" (**partial**: interrupted)" if prof.partial else "")
+        f"{prof.steps_text()} profiled" + _partial_note(prof)
         + f", warm-up method `{prof.meta.get('method', 'joint')}`, {len(prof.layers)} shared layers, "
         f"{len(prof.tasks)} tasks ({K} pairs), S = {S:g}: a layer's S-conflict score counts its cosines below S, "
         f"at most {prof.steps * K}.",
@@ -598,6 +601,14 @@ def _distribution_figure(w: _Writer, cosines: Mapping[str, Any], S: float) -> No
     )
 
 
+def _partial_note(prof: ConflictProfile) -> str:
+    if not prof.partial:
+        return ""
+    asked = prof.meta.get("steps_asked")
+    done = prof.total_steps
+    return f" (**partial**: stopped after {done} of {asked} steps)" if asked else " (**partial**: interrupted)"
+
+
 def _plan_section(w: _Writer, rep: Report) -> None:
     w.md += ["## Branched layers", ""]
     if rep.plan is None:
@@ -608,7 +619,12 @@ def _plan_section(w: _Writer, rep: Report) -> None:
         w.md += ["_The split plan branches no layer._", ""]
         return
     added = table["added params"].dropna()
-    w.md += [f"{len(table)} layers branched into per-task copies ({rep.plan_summary}).", ""]
+    grouped = any(len(g) < len(rep.tasks) for g in (rep.plan.get("groups") or {}).values())
+    copies = "copies per task or per task group" if grouped else "per-task copies"
+    w.md += [f"{len(table)} layers branched into {copies} ({rep.plan_summary}).", ""]
+    partial = rep.plan.get("profile_partial")
+    if partial:
+        w.md += [f"**Planned from a partial profile**: {partial['steps']} of {partial.get('of') or '?'} steps.", ""]
     if len(added):
         w.md += [f"The copies add {int(added.sum()):,} parameters.", ""]
     w.md += [markdown_table(table, rep.formats["branched"]), ""]
@@ -618,6 +634,29 @@ def _plan_section(w: _Writer, rep: Report) -> None:
         w.md += [f"![network]({link})", "", "*The split network: shared, branched and task-only layers.*", ""]
 
 
+#: What each optional column of the variants table means, in the order the prose gives them.
+_COLUMN_PROSE = {
+    "params +%": "`params +%` is the increase over the unsplit model",
+    "Δm% ↓": "`Δm% ↓` is the mean relative drop against the single-task baselines over all (task, metric) pairs "
+    "(lower is better)",
+    "cos<0": "`cos<0` is the share of shared-layer task-pair cosines below 0 during training",
+    "partial": "`partial` marks a run that was interrupted (left out of the means over seeds)",
+}
+
+
+def _variants_prose(variants: pd.DataFrame) -> str:
+    """The sentence above the variants table: only the columns it has, and how to get a missing Δm%."""
+    parts = ["Final validation metrics per task (↑ higher is better, ↓ lower is better)"]
+    parts += [text for col, text in _COLUMN_PROSE.items() if col in variants.columns]
+    prose = "; ".join(parts) + "."
+    if variants["Δm% ↓"].isna().all():
+        prose += " " + DELTA_M_HINT
+    return prose
+
+
+DELTA_M_HINT = "Δm% is empty: it needs the single-task baselines, `recon train MODEL_PY --single-task --split none`."
+
+
 def _train_section(w: _Writer, rep: Report, variants: list[Variant]) -> None:
     from recon import plots
 
@@ -625,15 +664,7 @@ def _train_section(w: _Writer, rep: Report, variants: list[Variant]) -> None:
     if rep.variants is None:
         w.md += ["_No trained variant yet: run `recon train MODEL_PY --method M`._", ""]
         return
-    w.md += [
-        "Final validation metrics per task (↑ higher is better, ↓ lower is better); `params +%` is the increase "
-        "over the unsplit model; Δm% is the mean relative drop against the single-task baselines over all "
-        "(task, metric) pairs (lower is better); `cos<0` is the share of shared-layer task-pair cosines below 0 "
-        "during training.",
-        "",
-        markdown_table(rep.variants, rep.formats["variants"]),
-        "",
-    ]
+    w.md += [_variants_prose(rep.variants), "", markdown_table(rep.variants, rep.formats["variants"]), ""]
     if rep.delta_m_computed:
         labels = ", ".join(rep.delta_m_computed)
         w.md += [f"Δm% of {labels}: computed by the report from the single-task baselines' summaries.", ""]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recon import _io
+from recon import _io, _lock
 from recon._errors import ReconError
 
 RUNS_ROOT = Path("runs")
@@ -38,7 +38,7 @@ def versions() -> dict[str, str]:
     for name in OPTIONAL_PACKAGES:
         try:
             out[name] = version(name)
-        except PackageNotFoundError:  # not installed: an optional extra (README, "Install")
+        except PackageNotFoundError:  # not installed: an optional extra (README, "Install extras and tests")
             continue
     return out
 
@@ -72,24 +72,26 @@ class Run:
             while run_dir.exists():
                 n += 1
                 run_dir = root / f"{stem}-{stamp}-{n}"
-        if (run_dir / RUN_FILE).exists():
-            run = cls.open(run_dir)
-            if run.info.get("tasks") != list(tasks):
-                raise ReconError(
-                    f"{run_dir} holds a run for tasks {run.info.get('tasks')}, not {list(tasks)}; pass another --out"
-                )
-            return run
-        info = {
-            "recipe": str(Path(recipe).resolve()),
-            "tasks": list(tasks),
-            "seed": seed,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "created_unix": time.time(),
-            "versions": versions(),
-            "commands": [],
-        }
-        run = cls(run_dir, info)
-        run.save()
+        with _lock.updating(run_dir / RUN_FILE):  # two commands creating one run folder: one creates, one opens
+            if (run_dir / RUN_FILE).exists():
+                run = cls.open(run_dir)
+                if run.info.get("tasks") != list(tasks):
+                    raise ReconError(
+                        f"{run_dir} holds a run for tasks {run.info.get('tasks')}, not {list(tasks)}; "
+                        "pass another --out"
+                    )
+                return run
+            info = {
+                "recipe": str(Path(recipe).resolve()),
+                "tasks": list(tasks),
+                "seed": seed,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "created_unix": time.time(),
+                "versions": versions(),
+                "commands": [],
+            }
+            run = cls(run_dir, info)
+            run.save()
         return run
 
     @classmethod
@@ -101,11 +103,7 @@ class Run:
         file = path / RUN_FILE
         if not file.exists():
             raise ReconError(f"{path} is not a run folder (no {RUN_FILE}); pass a folder made by `recon profile`")
-        try:
-            info = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ReconError(f"{file} is not valid JSON ({e}); repair or remove it") from None
-        return cls(path, info)
+        return cls(path, _read_info(file))
 
     @classmethod
     def for_recipe(
@@ -118,13 +116,20 @@ class Run:
         root: str | Path = RUNS_ROOT,
     ) -> Run:
         """``out`` if given, else the latest run under ``root`` made from the same recipe, else a new run."""
+        found = cls.find(recipe, out=out, root=root)
+        if found is not None and out is None:
+            return cls.open(found)
+        return cls.create(recipe=recipe, tasks=tasks, seed=seed, out=out, root=root)
+
+    @staticmethod
+    def find(recipe: str | Path, *, out: str | Path | None = None, root: str | Path = RUNS_ROOT) -> Path | None:
+        """The run folder :meth:`for_recipe` would use if it exists (``out``, else the latest run of the recipe),
+        without creating anything; None when there is none yet."""
         if out is not None:
-            return cls.create(recipe=recipe, tasks=tasks, seed=seed, out=out)
+            return Path(out) if (Path(out) / RUN_FILE).exists() else None
         target = Path(recipe).resolve()
         mine = [(key, d) for key, d, info in _runs_under(root) if Path(info.get("recipe", "")) == target]
-        if mine:
-            return cls.open(max(mine)[1])
-        return cls.create(recipe=recipe, tasks=tasks, seed=seed, root=root)
+        return max(mine)[1] if mine else None
 
     @property
     def recipe(self) -> Path:
@@ -137,17 +142,31 @@ class Run:
     def save(self) -> None:
         _io.write_json(self.dir / RUN_FILE, self.info)
 
-    def record_command(self, argv: list[str] | None = None) -> None:
-        """Append the command line that writes into this run to ``run.json``."""
+    def record_command(self, argv: list[str] | None = None, **details: Any) -> None:
+        """Append the command line that writes into this run (and ``details``, e.g. the method's spec) to
+        ``run.json``: re-read under its lock, so two commands writing into one run both stay recorded."""
         argv = list(sys.argv if argv is None else argv)
         if argv:
             argv[0] = Path(argv[0]).name
-        self.info.setdefault("commands", []).append({"argv": argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        self.save()
+        entry = {"argv": argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **details}
+        with _lock.updating(self.dir / RUN_FILE):
+            file = self.dir / RUN_FILE
+            if file.exists():
+                self.info = _read_info(file)
+            self.info.setdefault("commands", []).append(entry)
+            self.save()
+
+    def hold(self, folder: str | Path) -> None:
+        """Lock ``folder`` (inside this run) for the rest of the command, as :meth:`stage` does, keeping what it
+        holds (``--resume``)."""
+        _lock.hold(folder)
 
     def stage(self, *parts: str, force: bool = False) -> Path:
-        """The folder of a stage (``profile``, ``split``, ``train/<label>``), guarded against overwrite."""
+        """The folder of a stage (``profile``, ``split``, ``train/<label>``), guarded against overwrite and locked
+        for the rest of the command: a second command on the same stage gets a :class:`ReconError` naming the
+        holder (docs/run-folder.md, "One writer per folder")."""
         folder = self.dir.joinpath(*parts)
+        _lock.hold(folder)
         if folder.exists() and any(folder.iterdir()):
             if not force:
                 raise ReconError(
@@ -184,17 +203,30 @@ class Run:
         return {file.parent.name: json.loads(file.read_text()) for file in files}
 
 
+def _read_info(file: Path) -> dict[str, Any]:
+    """``run.json`` as a dict, or a :class:`ReconError` naming the file and the fix."""
+    try:
+        info = json.loads(file.read_text())
+        float(info.get("created_unix", 0.0))
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
+        reason = f"not valid run.json: {e}"
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+    else:
+        return info
+    raise ReconError(
+        f"{file} cannot be read ({reason}); repair or remove {file.parent}, or pass another run folder explicitly"
+    ) from None
+
+
 def _runs_under(root: str | Path) -> list[tuple[tuple[float, str], Path, dict[str, Any]]]:
-    """Every run folder under ``root``: ((creation time, name), folder, run.json); unreadable run.json reads as {}."""
+    """Every run folder under ``root``: ((creation time, name), folder, run.json). An unreadable run.json is an
+    error naming it, never skipped: skipping it would silently send "latest" to an older run."""
     root = Path(root)
     found = []
-    for file in root.glob(f"*/{RUN_FILE}") if root.is_dir() else []:
-        try:
-            info = json.loads(file.read_text())
-            created = float(info.get("created_unix", 0.0))
-        except (json.JSONDecodeError, OSError, ValueError, AttributeError):
-            info, created = {}, 0.0
-        found.append(((created, file.parent.name), file.parent, info))
+    for file in sorted(root.glob(f"*/{RUN_FILE}")) if root.is_dir() else []:
+        info = _read_info(file)
+        found.append(((float(info.get("created_unix", 0.0)), file.parent.name), file.parent, info))
     return found
 
 

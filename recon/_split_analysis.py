@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch import nn
 
 from recon._branches import _STATS, TaskStatsBatchNorm, _check_tasks_as_names, _tracks_stats
-from recon._errors import ReconError
+from recon._errors import ReconError, did_you_mean
 from recon._graph import (
     layer_names,
     modules_in_call,
@@ -45,7 +45,8 @@ def _validate_layers(layers: Sequence[str], usage: Mapping[str, frozenset[str]],
                 f"the model's own (root) parameters cannot be branched; move them into a submodule; {valid}"
             )
         if layer not in usage:
-            raise ReconError(f"unknown layer {layer!r} (not a module that owns parameters); {valid}")
+            hint = did_you_mean(layer, usage)
+            raise ReconError(f"unknown layer {layer!r}{hint} (not a module that owns parameters); {valid}")
         if len(usage[layer]) < 2:
             used = sorted(usage[layer])
             who = f"only task {used[0]!r}" if used else "no task"

@@ -6,6 +6,7 @@ plan, the generated code and the network figure land in ``<run>/split/`` (docs/r
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -13,13 +14,13 @@ from typing import Any
 
 import torch
 
-from recon import _io
+from recon import _io, _lock
 from recon._capture import example_args, layer_usage
 from recon._codegen import generated_code
 from recon._errors import ReconError
 from recon._outputs import call_model, move_to, task_outputs
 from recon._plan import choose_layers, parse_budget
-from recon._profile import check_score, check_threshold
+from recon._profile import PROFILE_FILE, check_score, check_threshold
 from recon._recipe import Recipe, compute_losses, load_recipe
 from recon._runs import Run
 from recon._split import INITS, SplitPlan, split
@@ -40,6 +41,7 @@ def split_run(
     device: torch.device | str = "cpu",
     force: bool = False,
     score: str = "s-conflict",
+    require_complete: bool = False,
 ) -> tuple[Run, SplitPlan]:
     """Branch a run's layers and write ``split/plan.json``, ``split/model.py`` and ``split/network.png``.
 
@@ -50,8 +52,10 @@ def split_run(
     the score and each chosen layer's ``p_top_k`` (bootstrap over the profile's steps).
     ``leaf_modules`` defaults to those the profile was traced with. The plan's ``extra`` records the parameter
     counts before and after and ``time_ratio``: the median forward+backward time of the split model over the
-    original's on the first training batch, on ``device``. Returns the run and the plan it wrote (docs/cli.md,
-    ``recon split``).
+    original's on the first training batch, on ``device``. A profile that stopped early (interrupted, or fewer
+    steps than asked) is recorded in the plan as ``"profile_partial": {"steps": done, "of": asked}`` and
+    returned in ``plan.extra``; with ``require_complete`` it is a :class:`ReconError`. The split folder is
+    locked while it is written. Returns the run and the plan it wrote (docs/cli.md, ``recon split``).
     """
     if init not in INITS:
         raise ReconError(f"--init {init!r} is not one of {list(INITS)}")
@@ -60,8 +64,42 @@ def split_run(
     check_score(score)
     run = Run.open(run_dir)
     folder = run.dir / "split"
-    if folder.exists() and any(folder.iterdir()) and not force:
-        raise ReconError(f"{folder} already holds results; pass --force to overwrite them or --run for another run")
+    _lock.hold(folder)  # one writer: a second split of this run is refused until this one ends
+    try:
+        if folder.exists() and any(folder.iterdir()) and not force:
+            raise ReconError(f"{folder} already holds results; pass --force to overwrite them or --run for another run")
+        partial = profile_partial(run.dir / "profile", required=require_complete and layers is None)
+        choice = dict(top_k=top_k, S=S, layers=layers, scores=scores, groups=groups, score=score)
+        budgets = (_budget(budget_params, "--budget-params"), _budget(budget_flops, "--budget-flops"))
+        return _split(run, partial, choice, budgets, init=init, leaf_modules=leaf_modules, device=device, force=force)
+    finally:
+        _lock.release(folder)
+
+
+def profile_partial(folder: Path, *, required: bool = False) -> dict[str, int | None] | None:
+    """``{"steps": done, "of": asked}`` when the profile in ``folder`` stopped early, else None; with
+    ``required`` a partial profile is a :class:`ReconError` (``--require-complete``)."""
+    file = folder / PROFILE_FILE
+    if not file.exists():
+        return None
+    meta = json.loads(file.read_text())
+    steps, asked = int(meta.get("total_steps", meta.get("steps", 0))), meta.get("steps_asked")  # training steps
+    if not meta.get("partial") and (asked is None or steps >= int(asked)):
+        return None
+    partial = {"steps": steps, "of": None if asked is None else int(asked)}
+    if required:
+        raise ReconError(
+            f"{folder} is a partial profile ({steps} of {partial['of'] or '?'} steps); profile again to the end, "
+            "or drop --require-complete"
+        )
+    return partial
+
+
+def _split(
+    run: Run, partial: dict | None, choice: dict[str, Any], budgets: tuple[float | None, float | None], *,
+    init: str, leaf_modules, device, force: bool,
+) -> tuple[Run, SplitPlan]:  # fmt: skip
+    """Choose (``choice``: the flags that say which layers), branch, time, and write the split folder."""
     recipe = load_recipe(run.recipe)
     tasks = list(recipe.tasks)
     torch.manual_seed(int(run.info.get("seed", 0)))
@@ -69,10 +107,9 @@ def split_run(
     if not isinstance(model, torch.nn.Module):
         raise ReconError(f"{recipe.path}: build_model() returned {type(model).__name__}; return an nn.Module")
     inputs, _ = recipe.first_batch()  # the example batch: capture with torch.export where fx cannot, and check
-    budgets = (_budget(budget_params, "--budget-params"), _budget(budget_flops, "--budget-flops"))
     how = choose_layers(
-        run.dir / "profile", top_k=top_k, S=S, layers=layers, scores=scores, budget_params=budgets[0],
-        budget_flops=budgets[1], groups=groups, model=model, example_inputs=example_args(inputs), score=score,
+        run.dir / "profile", **choice, budget_params=budgets[0], budget_flops=budgets[1], model=model,
+        example_inputs=example_args(inputs),
     )  # fmt: skip
     leaves = list(leaf_modules) or how.leaf_modules  # default: the leaves the profile was traced with
     # one capture serves the plan, the split and the figure (recon._capture keeps it for this model and batch)
@@ -80,7 +117,9 @@ def split_run(
     figure = _network_figure(model, net, tasks, inputs, leaves)  # before timing, which moves BatchNorm stats
     sizes = (sum(p.numel() for p in model.parameters()), sum(p.numel() for p in net.parameters()))
     ratio = time_ratio(model, net, recipe, torch.device(device))
-    plan = _record(how, net, model, top_k, init, budgets, sizes, ratio)
+    plan = _record(how, net, model, choice["top_k"], init, budgets, sizes, ratio)
+    if partial is not None and choice["layers"] is None and choice["scores"] is None:
+        plan.extra["profile_partial"] = partial
     folder = run.stage("split", force=force)
     run.record_command()
     plan.save(folder / "plan.json")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,7 +26,7 @@ from torch import nn
 
 from recon import _distributed, _io
 from recon._backward import TaskGradients
-from recon._errors import ReconError
+from recon._errors import NonFiniteLossError, ReconError
 from recon._gram import LayerCosines
 from recon._loop import Observer, ProgressObserver, StepEngine
 from recon._outputs import call_model, move_to, task_outputs
@@ -125,12 +126,12 @@ class _Epochs(Observer):
                 record.update({f"val_{t}_{k}": v for k, v in scores[t].items()})
         record["seconds"] = time.perf_counter() - self.t0
         self.history.append(record)
-        if run.folder is not None:
-            _io.write_text(run.folder / METRICS, pd.DataFrame(self.history).to_csv(index=False, float_format="%.6g"))
+        if run.folder is not None:  # checkpoint first: after a kill, metrics.csv never runs ahead of it
             _save_checkpoint(
                 run.folder, epoch + 1, engine.model, engine.optimizer, run.method, self.history, run.meta,
                 engine.precision,
             )  # fmt: skip
+            _io.write_text(run.folder / METRICS, pd.DataFrame(self.history).to_csv(index=False, float_format="%.6g"))
         if run.on_epoch is not None:
             run.on_epoch(epoch + 1, record)
         engine.model.train()
@@ -326,7 +327,7 @@ def train(
             which compute the per-task gradients anyway; one more backward per task for the others): the history
             gets ``conflict_share`` (share of cosines < 0) and the result ``cosines``.
         precision, batched, task_chunk: as in :func:`recon.profile`; fp16's loss scale is in the checkpoint.
-            Under torchrun each process loads only its shard of the data, metrics are reduced (README).
+            Under torchrun each process loads only its shard of the data, metrics are reduced (docs/scaling.md).
     """
     loss_fns, task_names = _check_train_args(losses, tasks, epochs, resume, out)
 
@@ -341,8 +342,8 @@ def train(
     if sparse is not None:  # masks come from the fresh weights, so a resumed run re-derives the same ones
         sparse = _attach_sparse(sparse, net, data, task_names, loss_fns, dev, optimizer)
 
-    folder = Path(out) if out is not None else None
-    start_epoch, history = _start(folder, resume, writes, net, optimizer, agg, amp)
+    folder, meta = (Path(out) if out is not None else None), {**dict(meta or {}), **_provenance(method, task_names)}
+    start_epoch, history = _start(folder, resume, writes, net, optimizer, agg, amp, meta)
     data, val_data = _distributed.shard_data(data, "train_data", start_epoch), _distributed.shard_data(val_data)
 
     meter = ConflictMeter(task_names) if record_cosines and len(task_names) > 1 else None
@@ -357,17 +358,22 @@ def train(
     net.train()
     with progress_bar(total, f"training {spec_of(method)}", enabled=progress and writes) as bar:
         engine.observers.append(ProgressObserver(bar))
-        engine.run(data, epochs=epochs, start_epoch=start_epoch)
+        _run_marked(engine, data, epochs, start_epoch, run, history, seed)
     if sparse is not None:
         sparse.remove()  # the returned network carries no hooks
     run.meta = {**dict(meta or {}), **amp.summary()}
     return _finish(run, history, net, method, epochs, seed)
 
 
-def _start(folder, resume, writes, net, optimizer, agg, precision) -> tuple[int, list[dict[str, Any]]]:
+def _provenance(method: Any, tasks: Sequence[str]) -> dict[str, Any]:
+    """What a checkpoint records of its run for ``--resume`` to compare (with the caller's digests)."""
+    return {"method": spec_of(method), "tasks": list(tasks)}
+
+
+def _start(folder, resume, writes, net, optimizer, agg, precision, meta) -> tuple[int, list[dict[str, Any]]]:
     """The epoch to start from and the history so far: a resumed checkpoint's, or 0 and a fresh folder."""
     if resume:
-        return _load_checkpoint(folder, net, optimizer, agg, precision)
+        return _load_checkpoint(folder, net, optimizer, agg, precision, meta)
     if folder is not None and writes:
         folder.mkdir(parents=True, exist_ok=True)
     return 0, []
@@ -414,6 +420,35 @@ def _finish(run: _TrainRun, history: list[dict[str, Any]], net: nn.Module, metho
     return TrainResult(frame, final, summary, cosines)
 
 
+def _run_marked(engine: StepEngine, data, epochs: int, start_epoch: int, run: _TrainRun, history, seed: int) -> None:
+    """The epochs; an interrupted run leaves a summary.json marked partial."""
+    try:
+        engine.run(data, epochs=epochs, start_epoch=start_epoch)
+    except (KeyboardInterrupt, NonFiniteLossError):
+        if run.folder is not None:
+            _write_partial(run, history, engine.model, epochs, seed)
+        raise
+
+
+def _write_partial(run: _TrainRun, history: list[dict[str, Any]], net: nn.Module, epochs: int, seed: int) -> None:
+    """summary.json of an interrupted run: marked partial with the epochs done, the last finished epoch's
+    metrics (none before the first); ``recon report`` shows the mark and keeps it out of means over seeds."""
+    directions = {t: {n: d for n, (_, d) in (run.metrics or {}).get(t, {}).items()} for t in run.tasks}
+    frame = pd.DataFrame(history)
+    summary = {
+        **dict(run.meta or {}),
+        "epochs": epochs,
+        "epochs_done": len(history),
+        "partial": True,
+        "seed": seed,
+        "tasks": run.tasks,
+        "params": sum(p.numel() for p in net.parameters()),
+        "final": _final_metrics(frame, run.tasks, directions) if history else {},
+        "directions": directions,
+    }
+    _io.write_json(run.folder / SUMMARY, summary)
+
+
 def _final_metrics(frame: pd.DataFrame, tasks: Sequence[str], directions) -> dict[str, dict[str, float]]:
     last = frame.iloc[-1]
     return {t: {m: float(last[f"val_{t}_{m}"]) for m in directions[t] if f"val_{t}_{m}" in last} for t in tasks}
@@ -435,12 +470,41 @@ def _save_checkpoint(folder, epoch, net, optimizer, agg, history, meta, precisio
     )
 
 
-def _load_checkpoint(folder, net, optimizer, agg, precision=None) -> tuple[int, list[dict[str, Any]]]:
+#: What a checkpoint must share with the command resuming it, and how a mismatch names it.
+RESUME_CHECKS = {"method": "method", "tasks": "tasks", "plan_digest": "split plan", "recipe_digest": "recipe file"}
+
+
+def check_resume(path: Path, saved: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    """One line naming what differs between the checkpoint's provenance and this run's (keys both record)."""
+    differs = [
+        f"{name} (checkpoint: {saved[key]}, now: {meta[key]})"
+        for key, name in RESUME_CHECKS.items()
+        if key in saved and key in meta and saved[key] != meta[key]
+    ]
+    if differs:
+        raise ReconError(
+            f"cannot resume {path}: {'; '.join(differs)}; resume with the checkpoint's, or start over without "
+            "--resume (--force)"
+        )
+
+
+def _load_checkpoint(folder, net, optimizer, agg, precision=None, meta=None) -> tuple[int, list[dict[str, Any]]]:
     path = Path(folder) / CHECKPOINT
     if not path.exists():
         raise ReconError(f"{path} does not exist; nothing to resume, train without --resume")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    net.load_state_dict(ckpt["model"])
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ReconError(f"{path} cannot be read ({reason}); start over without --resume (--force)") from None
+    check_resume(path, json.loads(ckpt.get("meta") or "{}"), meta or {})
+    try:
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ReconError(
+            f"{path} does not fit this model ({str(e).splitlines()[0]}); resume with the split it was trained "
+            "with, or start over without --resume (--force)"
+        ) from None
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("method") is not None:
         agg.load_state_dict(ckpt["method"])

@@ -23,7 +23,8 @@ on its heads and branches) followed by ``optimizer.step()``; the per-task losses
             return torch.optim.Adam(self.parameters(), lr=1e-3)  # includes a learnable method's weights
 
 This module imports neither ``lightning`` nor ``pytorch_lightning``: the mixin works with either, and
-``import recon`` never needs them. See README ("PyTorch Lightning") for what Lightning's DDP strategy does with it.
+``import recon`` never needs them. See docs/training.md ("PyTorch Lightning") for what Lightning's DDP strategy
+does with it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class ReconMixin:
     work; fp16 ``16-mixed`` on CUDA needs a loss scaler that per-task gradients bypass, and is refused.
 
     Under Lightning's DDP strategy, :func:`recon.backward` all-reduces the per-task gradients itself (DDP's
-    reducer is armed only by ``manual_backward``, which the mixin does not call): see README.
+    reducer is armed only by ``manual_backward``, which the mixin does not call): see docs/training.md.
     """
 
     recon_method: Any

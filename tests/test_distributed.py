@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,9 +119,8 @@ FAILING_RECIPE = textwrap.dedent(
 )
 
 
-def test_a_failing_process_stops_all_with_its_message(tmp_path):
-    recipe = tmp_path / "model.py"
-    recipe.write_text(FAILING_RECIPE)
+def torchrun_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node 2 -m cli.main ARGS`` on the CPU (gloo), output captured."""
     torchrun = [
         sys.executable,
         "-m",
@@ -130,12 +130,17 @@ def test_a_failing_process_stops_all_with_its_message(tmp_path):
         "--master-port",
         str(free_port()),
     ]
-    start = time.monotonic()
-    res = subprocess.run(
-        [*torchrun, "-m", "cli.main", "profile", str(recipe), "--out", "runs/r", "--device", "cpu"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=240,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    return subprocess.run(
+        [*torchrun, "-m", "cli.main", *args], cwd=cwd, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})},
     )  # fmt: skip
+
+
+def test_a_failing_process_stops_all_with_its_message(tmp_path):
+    recipe = tmp_path / "model.py"
+    recipe.write_text(FAILING_RECIPE)
+    start = time.monotonic()
+    res = torchrun_cli("profile", str(recipe), "--out", "runs/r", "--device", "cpu", cwd=tmp_path)
     elapsed = time.monotonic() - start
     assert res.returncode != 0
     assert "rank one broke on purpose" in res.stderr + res.stdout

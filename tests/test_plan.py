@@ -275,3 +275,21 @@ def test_attributes_recipe_is_valid(monkeypatch) -> None:
     assert by_task["left_odd"].tolist() == [1, 1, 0] and by_task["right_prime"].tolist() == [1, 1, 0]
     assert by_task["equal"].tolist() == [1, 0, 0] and by_task["sum_large"].tolist() == [0, 0, 1]
     assert by_task["left_greater"].tolist() == [0, 1, 0] and by_task["both_odd"].tolist() == [1, 0, 0]
+
+
+def test_top_k_with_groups_auto_gives_each_top_layer_its_best_partition(deep) -> None:
+    """The top-k layers of the paper's rule, each split into the fewest groups that remove all its score
+    (brute force over every partition of its tasks is the oracle)."""
+    prof, model, _ = deep
+    plan = recon.plan_split(prof, model, top_k=2, groups="auto")
+    assert plan.layers == prof.top_layers(2) and plan.top_k == 2
+    for layer in plan.layers:
+        counts = prof.conflict_matrix(layer, counts=True).loc[list(TASKS4), list(TASKS4)].to_numpy()
+        per_task = removed_score(counts, [[t] for t in TASKS4], TASKS4)
+        fewest = min(len(p) for p in _partitions(list(TASKS4)) if removed_score(counts, p, TASKS4) == per_task)
+        groups = plan.groups[layer]
+        assert sorted(t for g in groups for t in g) == sorted(TASKS4)
+        assert removed_score(counts, groups, TASKS4) == per_task == plan.extra["removed"][layer]
+        assert len(groups) == max(fewest, 2)
+    with pytest.raises(ReconError, match="unbudgeted rule"):
+        recon.plan_split(prof, model, top_k=2, groups="auto", budget_params=0.5)

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
-from recon._errors import ReconError
+from recon._errors import ReconError, did_you_mean
 from recon.methods._base import GradientMethod, Method
 from recon.methods._gradient import (
     IMTLG,
@@ -235,7 +235,7 @@ def get(name: str, **hparams: Any) -> Method:
     base, spec_hparams = _parse_spec(name) if ":" in name else (name, {})
     key = _canonical(base)
     if key not in REGISTRY:
-        raise ReconError(f"unknown method {base!r}; valid methods: {', '.join(REGISTRY)}")
+        raise ReconError(f"unknown method {base!r}{did_you_mean(base, REGISTRY)}; valid methods: {', '.join(REGISTRY)}")
     info = REGISTRY[key]
     merged = {**spec_hparams, **hparams}
     if info.kind == "model":
