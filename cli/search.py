@@ -8,7 +8,7 @@ import pandas as pd
 import typer
 
 import recon
-from cli._common import command, console, frame_table, say, warn
+from cli._common import command, console, frame_table, say
 from recon import ConflictProfile, ReconError, Run, load_recipe
 
 
@@ -77,7 +77,7 @@ def _print(result: recon.SearchResult) -> None:
     fmt = {c: ".4g" for c in frame.columns if "/" in c}
     fmt.update({"params": ",", "params +%": "+.1f", "FLOPs x": ".2f", "step time x": ".2f", "Δm% (↓)": "+.2f"})
     console.print(frame_table(frame, title=f"leaderboard in {result.folder}", index="candidate", fmt=fmt))
-    warn("short trials: a ranking of candidates, not final accuracies")
+    say("short trials: a ranking of candidates, not final accuracies")
     for note in result.notes:
         say(f"note: {note}", style="dim")
     say(result.verdict)
