@@ -427,9 +427,12 @@ def layer_usage_captured(
     from recon._graph import layer_names
     from recon._outputs import move_to
 
-    inputs = _first_inputs(data)
-    if inputs is None:
+    try:  # fx needs no batch: reading one has side effects on real loaders (workers, samplers, counters)
         return layer_usage_fx(model, tasks, leaf_modules), "fx"
+    except ReconError:
+        inputs = _first_inputs(data)
+        if inputs is None:
+            raise
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     captured = capture(model, example_inputs=move_to(inputs, device), leaf_modules=tuple(leaf_modules))
     if captured.leaves:

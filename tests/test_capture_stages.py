@@ -26,13 +26,15 @@ transformers = pytest.importorskip("transformers")
 
 # ------------------------------------------------------------------------------------------- helpers
 def _count_captures(monkeypatch) -> list[int]:
-    """A spy on the uncached capture: one entry per real capture (fx or torch.export)."""
+    """A spy on the uncached capture: one entry per capture that produced a graph (fx or torch.export); a
+    symbolic trace that fails at once (profile tries fx before reading a batch) makes no graph to reuse."""
     calls: list[int] = []
     real = capture_module._capture
 
     def spy(*args, **kwargs):
+        captured = real(*args, **kwargs)
         calls.append(1)
-        return real(*args, **kwargs)
+        return captured
 
     monkeypatch.setattr(capture_module, "_capture", spy)
     return calls
