@@ -81,7 +81,19 @@ class RunningStat(Protocol):
     def update(self, rows: np.ndarray) -> None: ...
 
 
-class ConflictCounts:
+class _PerStepRows:
+    """Per-step rows appended chunk by chunk to ``_per_step``, joined into one array when read."""
+
+    _per_step: list[np.ndarray]
+
+    @property
+    def per_step(self) -> np.ndarray:
+        if len(self._per_step) > 1:
+            self._per_step = [np.concatenate(self._per_step)]
+        return self._per_step[0]
+
+
+class ConflictCounts(_PerStepRows):
     """Running counts over recorded cosines at one threshold S, per layer and task pair.
 
     ``below[l, p]``: records with ``cos < S`` (strict; NaN, a skipped pair, never counts), ``valid[l, p]``: the
@@ -109,12 +121,6 @@ class ConflictCounts:
         self._per_step.append(below.sum(axis=2, dtype=np.int64))
         self.steps += chunk.shape[0]
 
-    @property
-    def per_step(self) -> np.ndarray:
-        if len(self._per_step) > 1:
-            self._per_step = [np.concatenate(self._per_step)]
-        return self._per_step[0]
-
     @classmethod
     def of(cls, array: np.ndarray, S: float, block: int = 4096) -> ConflictCounts:
         """The counts of a whole (memory-mapped) array, read once in blocks of steps."""
@@ -124,7 +130,7 @@ class ConflictCounts:
         return counts
 
 
-class GramSums:
+class GramSums(_PerStepRows):
     """Running sums over recorded Gram rows ``(steps, layers, K + pairs)``: the K squared norms, then the pairs'
     dot products ``<g_i, g_j>`` in the cosines' pair order.
 
@@ -143,12 +149,6 @@ class GramSums:
         self.dots += dots.sum(axis=0)
         self._per_step.append(-dots.sum(axis=2))
         self.steps += dots.shape[0]
-
-    @property
-    def per_step(self) -> np.ndarray:
-        if len(self._per_step) > 1:
-            self._per_step = [np.concatenate(self._per_step)]
-        return self._per_step[0]
 
     @classmethod
     def of(cls, array: np.ndarray, n_tasks: int, block: int = 4096) -> GramSums:
